@@ -1,0 +1,270 @@
+"""The native stack, for machines without Docker: ``python -m scripts.native run``.
+
+Starts (or checks) PostgreSQL and RabbitMQ with its management plugin, runs SeaweedFS as the
+S3 endpoint, applies the migrations, then runs gateway, storage and indexer in the foreground
+until Ctrl-C / SIGTERM, and stops everything it started. Tests and benchmarks use ``Stack``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("gateway", "storage", "indexer")
+
+
+def wait_for(what: str, check: object, timeout: float = 60.0, every: float = 0.2) -> None:
+    """Poll ``check()`` until it returns truthy or raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception as exc:
+            last = exc
+        time.sleep(every)
+    raise TimeoutError(f"timed out waiting for {what}" + (f": {last}" if last else ""))
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _psql(sql: str, db: str = "postgres") -> str:
+    cmd = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-tAc", sql]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def ensure_postgres() -> None:
+    if port_open(5432):
+        return
+    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if not versions:
+        raise RuntimeError("PostgreSQL is not installed: run scripts/setup.sh")
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main",
+                    "start"], check=False)
+    wait_for("PostgreSQL on 127.0.0.1:5432", lambda: port_open(5432), 60)
+
+
+def ensure_rabbitmq() -> None:
+    if not port_open(5672):
+        subprocess.run(["rabbitmq-server", "-detached"], check=False)
+        wait_for("RabbitMQ on 127.0.0.1:5672", lambda: port_open(5672), 120, 0.5)
+    if not port_open(15672):
+        subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_management"], check=False,
+                       capture_output=True)
+        wait_for("RabbitMQ management on :15672", lambda: port_open(15672), 60, 0.5)
+
+
+def ensure_database(name: str, role: str = "minipacs") -> str:
+    if _psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'") != "1":
+        _psql(f"CREATE ROLE {role} LOGIN")
+    if _psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'") != "1":
+        _psql(f"CREATE DATABASE {name} OWNER {role}")
+    return f"postgresql://{role}@127.0.0.1:5432/{name}"
+
+
+def drop_database(name: str) -> None:
+    _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def ensure_vhost(vhost: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], capture_output=True, check=False)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*",
+                    ".*"], capture_output=True, check=True)
+
+
+def drop_vhost(vhost: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True,
+                   check=False)
+
+
+def weed_binary() -> str:
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else (shutil.which("weed") or "weed")
+
+
+@dataclass
+class StackConfig:
+    base_dir: Path
+    gateway_port: int = 11112
+    gateway_aet: str = "MINIPACS"
+    s3_port: int = 8333
+    database: str = "minipacs"
+    vhost: str = "/"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_to_files: bool = False
+
+
+class Stack:
+    """SeaweedFS + migrations + the minipacs services as child processes."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: dict[str, IO[bytes]] = {}
+        self.env: dict[str, str] = {}
+
+    # -- the environment every service gets ----------------------------------------------
+    def service_env(self) -> dict[str, str]:
+        c = self.config
+        vhost = "%2F" if c.vhost == "/" else c.vhost
+        env = {
+            **os.environ,
+            "MINIPACS_AMQP_URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
+            "MINIPACS_DATABASE_URL": f"postgresql://minipacs@127.0.0.1:5432/{c.database}",
+            "MINIPACS_S3_ENDPOINT": f"127.0.0.1:{c.s3_port}",
+            "MINIPACS_S3_ACCESS_KEY": "minipacs",
+            "MINIPACS_S3_SECRET_KEY": "minipacs-secret",
+            "MINIPACS_S3_BUCKET": "minipacs",
+            "MINIPACS_SPOOL_DIR": str(c.base_dir / "spool"),
+            "MINIPACS_GATEWAY_PORT": str(c.gateway_port),
+            "MINIPACS_GATEWAY_AET": c.gateway_aet,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.update(c.extra_env)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
+        if self.config.log_to_files:
+            log = (self.config.base_dir / f"{name}.log").open("ab")
+            self._logs[name] = log
+            proc = subprocess.Popen(argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=ROOT)
+        else:
+            proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)
+            threading.Thread(target=_prefix, args=(name, proc.stdout), daemon=True).start()
+        self.procs[name] = proc
+
+    def log_text(self, name: str) -> str:
+        path = self.config.base_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- start / stop ---------------------------------------------------------------------
+    def start_s3(self) -> None:
+        c = self.config
+        data = c.base_dir / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        p = c.s3_port
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "minipacs",
+               "AWS_SECRET_ACCESS_KEY": "minipacs-secret"}
+        self._spawn("s3", [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1",
+                           "-ip.bind=127.0.0.1", f"-s3.port={p}", f"-master.port={p + 1}",
+                           f"-volume.port={p + 2}", f"-filer.port={p + 3}",
+                           f"-admin.port={p + 4}", f"-s3.port.iceberg={p + 5}",
+                           f"-s3.metricsPort={p + 6}", "-admin.ui=false", "-webdav=false"], env)
+        wait_for("SeaweedFS S3", lambda: _http_up(f"http://127.0.0.1:{p}/"), 90)
+
+    def prepare(self) -> None:
+        c = self.config
+        c.base_dir.mkdir(parents=True, exist_ok=True)
+        ensure_postgres()
+        ensure_rabbitmq()
+        ensure_database(c.database)
+        if c.vhost != "/":
+            ensure_vhost(c.vhost)
+        self.env = self.service_env()
+        self.start_s3()
+        subprocess.run([sys.executable, "-m", "services.migrate", "up"], env=self.env,
+                       check=True, cwd=ROOT)
+
+    def start_service(self, name: str) -> None:
+        self._spawn(name, [sys.executable, "-m", f"services.{name}"], self.env)
+
+    def start(self) -> Stack:
+        self.prepare()
+        for name in SERVICES:
+            self.start_service(name)
+        wait_for("gateway port", lambda: port_open(self.config.gateway_port), 60)
+        return self
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        proc.wait(30)
+
+    def stop(self) -> None:
+        for name in [n for n in self.procs if n != "s3"] + (["s3"] if "s3" in self.procs else []):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in list(self.procs.items()):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self.procs.clear()
+        for log in self._logs.values():
+            log.close()
+
+
+def _http_up(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1)  # noqa: S310 - loopback only
+    except urllib.error.HTTPError:
+        return True  # S3 answers 403 to an anonymous GET: it is up
+    return True
+
+
+def _prefix(name: str, stream: IO[bytes] | None) -> None:
+    if stream is None:
+        return
+    for line in iter(stream.readline, b""):
+        sys.stdout.write(f"{name:8} | {line.decode(errors='replace')}")
+        sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.native")
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("--data", default=os.environ.get("MINIPACS_DATA", str(ROOT / ".data")))
+    args = parser.parse_args(argv)
+    stack = Stack(StackConfig(base_dir=Path(args.data),
+                              gateway_port=int(os.environ.get("MINIPACS_GATEWAY_PORT", 11112)),
+                              gateway_aet=os.environ.get("MINIPACS_GATEWAY_AET", "MINIPACS")))
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    try:
+        stack.start()
+        print(f"minipacs is up: DICOM {stack.config.gateway_aet}@127.0.0.1:"
+              f"{stack.config.gateway_port}, queue dashboard http://127.0.0.1:15672 "
+              "(guest/guest). Ctrl-C stops it.", flush=True)
+        while not stopping.is_set():
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; stopping", flush=True)
+                    stopping.set()
+            stopping.wait(1)
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

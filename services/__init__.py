@@ -1,0 +1,1 @@
+"""minipacs services: each sub-package is one process (``python -m services.<name>``)."""

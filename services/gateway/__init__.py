@@ -1,0 +1,1 @@
+"""The DICOM gateway: a pynetdicom SCP that modalities point at."""

@@ -1,0 +1,54 @@
+"""Who may open an association: called-AE check and the calling-AE / host allow-list (pure)."""
+
+from __future__ import annotations
+
+import functools
+import socket
+from dataclasses import dataclass
+
+from shared.settings import Node
+
+# (result, source, diagnostic) of A-ASSOCIATE-RJ, PS3.8 9.3.4
+REJECT_CALLED_AET = (0x01, 0x01, 0x07)   # permanent, called AE title not recognised
+REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, calling AE title not recognised
+
+
+@dataclass(frozen=True)
+class Decision:
+    accept: bool
+    reason: str = ""
+    reject: tuple[int, int, int] = (0, 0, 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _addresses(host: str) -> frozenset[str]:
+    try:
+        return frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+    except OSError:
+        return frozenset({host})
+
+
+def host_matches(node_host: str, peer_host: str,
+                 resolve: functools._lru_cache_wrapper[frozenset[str]] | None = None) -> bool:
+    if node_host in ("*", peer_host):
+        return True
+    return peer_host in (resolve or _addresses)(node_host)
+
+
+def admit(calling_aet: str, called_aet: str, peer_host: str, our_aet: str,
+          require_called_aet: bool, allow_list: bool, check_host: bool,
+          nodes: dict[str, Node]) -> Decision:
+    calling = calling_aet.strip()
+    if require_called_aet and called_aet.strip() != our_aet:
+        return Decision(False, f"called AE title {called_aet.strip()!r} is not ours",
+                        REJECT_CALLED_AET)
+    if not allow_list:
+        return Decision(True)
+    known = [n for n in nodes.values() if n.aet == calling]
+    if not known:
+        return Decision(False, f"calling AE title {calling!r} is not a known node",
+                        REJECT_CALLING_AET)
+    if check_host and not any(host_matches(n.host, peer_host) for n in known):
+        return Decision(False, f"calling AE title {calling!r} is known, but not from "
+                        f"{peer_host}", REJECT_CALLING_AET)
+    return Decision(True)

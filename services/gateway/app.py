@@ -1,0 +1,60 @@
+"""Wiring: settings -> spool, broker publisher, ingest, pynetdicom server. Tests call ``run``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+
+from services.gateway.bridge import LoopBridge
+from services.gateway.handlers import AssociationIds, Gateway
+from services.gateway.server import build_ae, start
+from shared import broker
+from shared.ingest import Ingest
+from shared.lifecycle import heartbeat, heartbeat_path, stop_event
+from shared.messages import InstanceReceived
+from shared.settings import GatewaySettings
+from shared.spool import Spool
+
+log = logging.getLogger("minipacs.gateway")
+
+
+async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> None:
+    stop = stop or stop_event()
+    spool = Spool(settings.spool_dir).create()
+    # pynetdicom writes each incoming dataset to a temp file: make that the spool's
+    # incoming/ folder so a commit is a rename on the same filesystem.
+    tempfile.tempdir = str(spool.incoming)
+
+    connection = await broker.connect(settings.amqp_url, settings.startup_timeout)
+    publisher = broker.Publisher(connection, settings.confirm_timeout)
+    await publisher.open()
+    bridge = LoopBridge(asyncio.get_running_loop())
+
+    def publish(message: InstanceReceived) -> None:
+        bridge.run(publisher.publish(message), settings.confirm_timeout + 1)
+
+    gateway = Gateway(settings, Ingest(spool, publish), AssociationIds())
+    ae = build_ae(settings)
+    server = start(ae, settings, gateway.handlers())
+    log.info("gateway %s listening on %s:%d (max PDU %d, %d associations, allow-list %s)",
+             settings.gateway_aet, settings.gateway_host, server.server_address[1],
+             settings.max_pdu, settings.max_associations, "on" if settings.allow_list else "off")
+    beat = asyncio.create_task(heartbeat(heartbeat_path(settings.heartbeat_file, "gateway"), stop, lambda: publisher.ready))
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway stopping: no new associations, finishing running ones")
+        server.shutdown()  # stops accepting; running association threads go on
+        await asyncio.to_thread(_wait_associations, ae, settings.dimse_timeout)
+        server.server_close()
+        beat.cancel()
+        await connection.close()
+        log.info("gateway stopped")
+
+
+def _wait_associations(ae: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and getattr(ae, "active_associations", []):
+        time.sleep(0.1)

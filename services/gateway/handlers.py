@@ -1,0 +1,124 @@
+"""Thin protocol handlers: translate the pynetdicom event, call the service, map the outcome."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+
+from services.gateway import statuses
+from services.gateway.admission import admit
+from shared.ingest import Caller, Ingest
+from shared.settings import GatewaySettings
+
+log = logging.getLogger("minipacs.gateway")
+
+_OUTCOME_STATUS = {
+    "stored": statuses.SUCCESS,
+    "unavailable": statuses.OUT_OF_RESOURCES,
+    **statuses.FOR_INVALID_INSTANCE,
+}
+
+
+class AssociationIds:
+    """Short, readable ids for association log lines."""
+
+    def __init__(self) -> None:
+        self._ids: weakref.WeakKeyDictionary[Association, int] = weakref.WeakKeyDictionary()
+        self._next = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def __call__(self, assoc: Association) -> int:
+        with self._lock:
+            if assoc not in self._ids:
+                self._ids[assoc] = next(self._next)
+            return self._ids[assoc]
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    ingest: Ingest
+    ids: AssociationIds
+
+    def caller(self, assoc: Association) -> Caller:
+        return Caller(assoc.requestor.ae_title.strip(), str(assoc.requestor.address))
+
+    # -- association -------------------------------------------------------------------------
+    def on_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor
+        called = str(getattr(rq.primitive, "called_ae_title", "") or "")
+        s = self.settings
+        decision = admit(rq.ae_title, called, str(rq.address), s.gateway_aet,
+                         s.require_called_aet, s.allow_list, s.check_host, s.nodes)
+        who = f"assoc={self.ids(assoc)} {rq.ae_title.strip()}@{rq.address}:{rq.port}"
+        if decision.accept:
+            log.info("%s -> %s: association requested", who, called.strip())
+            return
+        log.warning("%s -> %s: association rejected: %s", who, called.strip(), decision.reason)
+        assoc.acse.send_reject(*decision.reject)
+        assoc.is_rejected = True
+        assoc.kill()
+
+    def on_accepted(self, event: Event) -> None:
+        assoc = event.assoc
+        accepted = [cx for cx in assoc.accepted_contexts]
+        log.info("assoc=%d accepted: %d presentation contexts, max PDU %s",
+                 self.ids(assoc), len(accepted), assoc.requestor.maximum_length)
+
+    def on_rejected(self, event: Event) -> None:
+        log.warning("assoc=%d rejected (association limit %d or policy)", self.ids(event.assoc),
+                    self.settings.max_associations)
+
+    def on_released(self, event: Event) -> None:
+        log.info("assoc=%d released", self.ids(event.assoc))
+
+    def on_aborted(self, event: Event) -> None:
+        log.warning("assoc=%d aborted", self.ids(event.assoc))
+
+    # -- DIMSE -------------------------------------------------------------------------------
+    def on_echo(self, event: Event) -> int:
+        log.info("assoc=%d msg=%s C-ECHO -> Success", self.ids(event.assoc),
+                 event.request.MessageID)
+        return statuses.SUCCESS
+
+    def on_store(self, event: Event) -> int:
+        started = time.perf_counter()
+        req = event.request
+        assoc = event.assoc
+        path = Path(event.dataset_path)
+        outcome = self.ingest.accept_file(
+            path, str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax), self.caller(assoc))
+        status = _OUTCOME_STATUS[outcome.kind]
+        ms = (time.perf_counter() - started) * 1000
+        if outcome.ok:
+            log.info("assoc=%d msg=%s C-STORE %d bytes obj=%s -> %s (%.1f ms)", self.ids(assoc),
+                     req.MessageID, outcome.size, outcome.sha256[:12],
+                     statuses.describe(status), ms)
+        else:
+            log.warning("assoc=%d msg=%s C-STORE from %s@%s refused -> %s: %s",
+                        self.ids(assoc), req.MessageID, assoc.requestor.ae_title.strip(),
+                        assoc.requestor.address, statuses.describe(status), outcome.reason)
+        return status
+
+    def handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]

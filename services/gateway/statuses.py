@@ -1,0 +1,22 @@
+"""Every DIMSE status the gateway answers, by name (PS3.4 Annex B, C and GG)."""
+
+from __future__ import annotations
+
+SUCCESS = 0x0000
+# C-STORE failures
+OUT_OF_RESOURCES = 0xA700          # we could not make it durable: the modality should retry
+DATASET_DOES_NOT_MATCH = 0xA900    # dataset UIDs differ from the command's
+CANNOT_UNDERSTAND = 0xC000         # unparsable, truncated
+INVALID_UID = 0xC001               # missing or malformed SOP Instance/Class, Study, Series UID
+PROCESSING_FAILURE = 0x0110
+
+FOR_INVALID_INSTANCE = {
+    "unreadable": CANNOT_UNDERSTAND,
+    "missing_uid": INVALID_UID,
+    "mismatch": DATASET_DOES_NOT_MATCH,
+}
+
+
+def describe(status: int) -> str:
+    names = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int)}
+    return f"0x{status:04X} {names.get(status, '').replace('_', ' ').lower()}".strip()

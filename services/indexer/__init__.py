@@ -1,0 +1,1 @@
+"""indexer: consumes ``instance.stored`` and writes patient / study / series / instance rows."""

@@ -1,0 +1,97 @@
+"""The indexer consumer: collects ``instance.stored`` messages into batches, writes each batch in
+one transaction and acks after the commit.
+
+PostgreSQL down: the batch is held and retried with backoff (not requeued, so the delivery
+limit is not used up). A batch that fails on its data is split up, so one poison message is
+dead-lettered and the rest are indexed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.indexer.store import write_batch
+from shared.messages import BadMessage, InstanceStored
+from shared.settings import IndexerSettings
+
+log = logging.getLogger("minipacs.indexer")
+
+_CONNECTION_ERRORS = (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                      asyncpg.exceptions.CannotConnectNowError,
+                      asyncpg.exceptions.InterfaceError, asyncpg.exceptions.AdminShutdownError,
+                      TimeoutError)
+
+
+@dataclass
+class IndexerWorker:
+    settings: IndexerSettings
+    pool: asyncpg.Pool
+    stop: asyncio.Event
+    pending: list[tuple[AbstractIncomingMessage, InstanceStored]] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            stored = InstanceStored.from_bytes(message.body)
+        except BadMessage as exc:
+            log.error("dead-lettering unreadable message: %s", exc)
+            await message.reject(requeue=False)
+            return
+        self.pending.append((message, stored))
+        self.wake.set()
+
+    async def run(self) -> None:
+        while not self.stop.is_set() or self.pending:
+            if not self.pending:
+                self.wake.clear()
+                waiter = asyncio.create_task(self.wake.wait())
+                stopper = asyncio.create_task(self.stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            if len(self.pending) < self.settings.batch_size and not self.stop.is_set():
+                await asyncio.sleep(self.settings.batch_wait)
+            batch = self.pending[: self.settings.batch_size]
+            del self.pending[: len(batch)]
+            await self.flush(batch)
+
+    async def flush(self, batch: list[tuple[AbstractIncomingMessage, InstanceStored]]) -> None:
+        delay = 0.5
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self.pool.acquire() as conn:
+                    result = await write_batch(conn, [m for _, m in batch])
+            except _CONNECTION_ERRORS as exc:
+                if self.stop.is_set():
+                    for message, _ in batch:
+                        await message.nack(requeue=True)
+                    return
+                log.warning("PostgreSQL unavailable (%s); holding %d messages, retrying in "
+                            "%.1fs", type(exc).__name__, len(batch), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            except (asyncpg.PostgresError, ValueError, TypeError, KeyError) as exc:
+                if len(batch) == 1:
+                    log.error("dead-lettering an instance the index refuses: %s: %s",
+                              type(exc).__name__, exc)
+                    await batch[0][0].reject(requeue=False)
+                    return
+                half = len(batch) // 2
+                await self.flush(batch[:half])
+                await self.flush(batch[half:])
+                return
+            for message, _ in batch:
+                await message.ack()
+            log.info("indexed batch of %d: %d new, %d duplicate, %d conflict (%.1f ms)",
+                     len(batch), result.inserted, result.duplicates, result.conflicts,
+                     (time.perf_counter() - started) * 1000)
+            return

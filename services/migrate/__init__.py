@@ -1,0 +1,1 @@
+"""One-shot migration command: ``python -m services.migrate [up|down|status]``."""

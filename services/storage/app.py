@@ -1,0 +1,58 @@
+"""Wiring for the storage service; ``run`` is what ``__main__`` and the tests call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shared import broker, s3, topology
+from shared.lifecycle import heartbeat, heartbeat_path, retry_until, stop_event
+from shared.settings import StorageSettings
+from shared.spool import Spool
+from services.storage.worker import StorageWorker
+
+log = logging.getLogger("minipacs.storage")
+
+
+async def run(settings: StorageSettings, stop: asyncio.Event | None = None) -> None:
+    stop = stop or stop_event()
+    spool = Spool(settings.spool_dir).create()
+    client = s3.client(settings)
+
+    async def bucket() -> None:
+        await asyncio.to_thread(s3.ensure_bucket, client, settings.s3_bucket)
+
+    await retry_until("S3", bucket, settings.startup_timeout)
+    connection = await broker.connect(settings.amqp_url, settings.startup_timeout)
+    publisher = broker.Publisher(connection, settings.confirm_timeout)
+    await publisher.open()
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=settings.prefetch)
+    _, queues = await topology.declare(channel)
+    worker = StorageWorker(settings, spool, client, publisher, stop)
+    sem = asyncio.Semaphore(settings.concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    beat = asyncio.create_task(heartbeat(heartbeat_path(settings.heartbeat_file, "storage"), stop,
+                                         lambda: publisher.ready))
+    sweeper = asyncio.create_task(worker.sweep_forever())
+    queue = queues[topology.STORAGE.name]
+    log.info("storage consuming %s into bucket %s", queue.name, settings.s3_bucket)
+
+    async def on_message(message: object) -> None:
+        await sem.acquire()
+        task = asyncio.create_task(worker.handle(message))  # type: ignore[arg-type]
+        tasks.add(task)
+        task.add_done_callback(lambda t: (tasks.discard(t), sem.release()))
+
+    tag = await queue.consume(on_message)  # type: ignore[arg-type]
+    try:
+        await stop.wait()
+    finally:
+        log.info("storage stopping: no new messages, finishing %d in flight", len(tasks))
+        await queue.cancel(tag)
+        if tasks:
+            await asyncio.wait(tasks, timeout=60)
+        beat.cancel()
+        sweeper.cancel()
+        await connection.close()
+        log.info("storage stopped")

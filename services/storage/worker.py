@@ -1,0 +1,131 @@
+"""The storage consumer. Order per message (each step idempotent, so redelivery is safe):
+
+1. the spool file behind the message -> S3 under its content hash (skipped if already there)
+2. verify size and SHA-256, read the header as DICOM JSON
+3. publish ``instance.stored`` and wait for the broker's confirm
+4. remove the spool file, then ack
+
+A redelivery after step 4 finds no spool file but the verified object: step 3 was already
+confirmed, so it only acks. Transient failures (S3 or broker down) are retried in place with
+backoff, so they don't use up the queue's delivery limit; unreadable messages and lost spool
+files are dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from aio_pika.abc import AbstractIncomingMessage
+from minio import Minio
+
+from shared import s3
+from shared.broker import Publisher
+from shared.dicom import header_json
+from shared.keys import object_key
+from shared.messages import BadMessage, InstanceReceived, InstanceStored
+from shared.settings import StorageSettings
+from shared.spool import Spool
+
+log = logging.getLogger("minipacs.storage")
+
+
+class Permanent(Exception):
+    """This message can never succeed: dead-letter it."""
+
+
+@dataclass
+class StorageWorker:
+    settings: StorageSettings
+    spool: Spool
+    s3: Minio
+    publisher: Publisher
+    stop: asyncio.Event
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            received = InstanceReceived.from_bytes(message.body)
+            key = object_key(received.sha256)
+        except (BadMessage, ValueError) as exc:
+            log.error("dead-lettering unreadable message %s: %s", message.message_id, exc)
+            await message.reject(requeue=False)
+            return
+        delay = 0.5
+        while True:
+            try:
+                await self.store(received, key)
+            except Permanent as exc:
+                log.error("dead-lettering obj=%s from %s: %s", received.sha256[:12],
+                          received.calling_aet, exc)
+                await message.reject(requeue=False)
+                return
+            except Exception as exc:
+                if self.stop.is_set():
+                    await message.nack(requeue=True)
+                    return
+                log.warning("obj=%s not stored yet (%s: %s); retrying in %.1fs",
+                            received.sha256[:12], type(exc).__name__, exc, delay)
+                try:
+                    await asyncio.wait_for(self.stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 10.0)
+                continue
+            await message.ack()
+            return
+
+    async def store(self, received: InstanceReceived, key: str) -> None:
+        started = time.perf_counter()
+        bucket = self.settings.s3_bucket
+        path = self.spool.path_of(received.spool_name)
+        existing = await asyncio.to_thread(s3.stored_size, self.s3, bucket, key, received.sha256)
+        if path is None:
+            if existing == received.size:
+                log.info("obj=%s already stored and announced (redelivery)", received.sha256[:12])
+                return
+            raise Permanent("spool file is gone and the object is not in S3")
+        if existing != received.size:
+            await asyncio.to_thread(self._put, path, key, received)
+        try:
+            header = await asyncio.to_thread(header_json, path)
+        except Exception as exc:
+            raise Permanent(f"header unreadable: {type(exc).__name__}") from exc
+        await self.publisher.publish(InstanceStored(
+            sop_instance_uid=received.sop_instance_uid,
+            sop_class_uid=received.sop_class_uid,
+            study_instance_uid=received.study_instance_uid,
+            series_instance_uid=received.series_instance_uid,
+            transfer_syntax=received.transfer_syntax,
+            size=received.size,
+            sha256=received.sha256,
+            object_key=key,
+            calling_aet=received.calling_aet,
+            received_at=received.received_at,
+            header=header,
+        ))
+        self.spool.remove(received.spool_name)
+        log.info("obj=%s stored %d bytes%s (%.1f ms)", received.sha256[:12], received.size,
+                 "" if existing != received.size else " (already in S3)",
+                 (time.perf_counter() - started) * 1000)
+
+    def _put(self, path: object, key: str, received: InstanceReceived) -> None:
+        from pathlib import Path
+
+        with Path(str(path)).open("rb") as fp:
+            try:
+                s3.put_verified(self.s3, self.settings.s3_bucket, key, fp, received.size,
+                                received.sha256, self.settings.part_size)
+            except s3.VerifyFailed as exc:
+                raise Permanent(str(exc)) from exc
+
+    async def sweep_forever(self) -> None:
+        while not self.stop.is_set():
+            removed = await asyncio.to_thread(self.spool.sweep, self.settings.sweep_after)
+            if removed:
+                log.info("spool sweeper removed %d abandoned files", removed)
+            try:
+                await asyncio.wait_for(self.stop.wait(), 60)
+            except TimeoutError:
+                pass

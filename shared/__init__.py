@@ -1,0 +1,1 @@
+"""minipacs common package: settings, message schemas, queue topology, DICOM mapping, keys."""

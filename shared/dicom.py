@@ -1,0 +1,262 @@
+"""DICOM file inspection and mapping, as pure functions where possible.
+
+- ``inspect_instance``: the gateway's check of a received Part-10 file before acknowledging it.
+- ``header_json``: the header (no pixel data, no bulk data) as DICOM JSON, for the index.
+- ``index_record``: DICOM JSON -> the row values of patient / study / series / instance.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+
+from shared.keys import InvalidUID, validate_uid
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
+             b"SV", b"UV"}
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+
+class InvalidInstance(ValueError):
+    """A received instance we refuse. ``kind`` selects the DIMSE status (see gateway.statuses)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind  # "unreadable" | "missing_uid" | "mismatch"
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax: str
+
+
+def _stop_at_pixels(tag: Any, vr: Any, length: Any) -> bool:
+    return bool(tag >= PIXEL_DATA)
+
+
+def check_tail(fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
+    """Walk the top-level elements from ``fp``'s position to the end of the file and raise
+    ``InvalidInstance`` if an element claims more bytes than the file has (truncated data)."""
+    end = "<" if little else ">"
+    pos = fp.tell()
+    while pos < size:
+        head = fp.read(8)
+        if len(head) < 8:
+            raise InvalidInstance("unreadable", "dataset truncated inside an element header")
+        group, _elem = struct.unpack(end + "HH", head[:4])
+        if implicit or group == 0xFFFE:
+            (length,) = struct.unpack(end + "L", head[4:8])
+            header_len = 8
+        elif head[4:6] in _LONG_VRS:
+            more = fp.read(4)
+            if len(more) < 4:
+                raise InvalidInstance("unreadable", "dataset truncated inside an element header")
+            (length,) = struct.unpack(end + "L", more)
+            header_len = 12
+        else:
+            (length,) = struct.unpack(end + "H", head[6:8])
+            header_len = 8
+        if length == 0xFFFFFFFF:
+            if group == 0x7FE0:
+                _check_fragments(fp, size, end)
+                pos = fp.tell()
+                continue
+            return  # an undefined-length sequence after the pixel data: rare, not walked
+        pos += header_len + length
+        if pos > size:
+            raise InvalidInstance("unreadable", "dataset truncated: an element is longer than "
+                                  "the data received")
+        fp.seek(pos)
+
+
+def _check_fragments(fp: BinaryIO, size: int, end: str) -> None:
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            raise InvalidInstance("unreadable", "encapsulated pixel data truncated")
+        group, elem, length = struct.unpack(end + "HHL", head)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return
+        if (group, elem) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise InvalidInstance("unreadable", "malformed encapsulated pixel data")
+        target = fp.tell() + length
+        if target > size:
+            raise InvalidInstance("unreadable", "encapsulated pixel data truncated")
+        fp.seek(target)
+
+
+def inspect_instance(path: Path, command_sop_class: str, command_sop_instance: str,
+                     transfer_syntax: str) -> InstanceInfo:
+    """Check a received Part-10 file: readable, not truncated, the UIDs we key on present and
+    well formed, and the dataset's SOP Class/Instance equal to the command's.
+
+    Never decodes pixel data; memory stays bounded whatever the instance size."""
+    try:
+        cmd_iuid = validate_uid(command_sop_instance, "Affected SOP Instance UID")
+        cmd_cuid = validate_uid(command_sop_class, "Affected SOP Class UID")
+    except InvalidUID as exc:
+        raise InvalidInstance("missing_uid", str(exc)) from exc
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fp:
+            ds = dcmread(fp, stop_before_pixels=True, force=False)
+            if transfer_syntax != DEFLATED:
+                check_tail(fp, size, implicit=transfer_syntax == IMPLICIT_LE,
+                           little=transfer_syntax != EXPLICIT_BE)
+            info = _info_from(ds, transfer_syntax)
+    except InvalidInstance:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+            struct.error, NotImplementedError) as exc:
+        raise InvalidInstance("unreadable", f"dataset cannot be parsed: {type(exc).__name__}"
+                              ) from exc
+    if info.sop_instance_uid != cmd_iuid:
+        raise InvalidInstance("mismatch", "SOP Instance UID in the dataset differs from the "
+                              "command's Affected SOP Instance UID")
+    if info.sop_class_uid != cmd_cuid:
+        raise InvalidInstance("mismatch", "SOP Class UID in the dataset differs from the "
+                              "command's Affected SOP Class UID")
+    return info
+
+
+def _info_from(ds: Dataset, transfer_syntax: str) -> InstanceInfo:
+    def uid(keyword: str) -> str:
+        try:
+            raw = ds.get(keyword)
+        except Exception as exc:  # pydicom raises lazily on bad values
+            raise InvalidInstance("missing_uid", f"{keyword} cannot be read") from exc
+        try:
+            return validate_uid(None if raw is None else str(raw), keyword)
+        except InvalidUID as exc:
+            raise InvalidInstance("missing_uid", str(exc)) from exc
+
+    return InstanceInfo(
+        sop_instance_uid=uid("SOPInstanceUID"),
+        sop_class_uid=uid("SOPClassUID"),
+        study_instance_uid=uid("StudyInstanceUID"),
+        series_instance_uid=uid("SeriesInstanceUID"),
+        transfer_syntax=transfer_syntax,
+    )
+
+
+def header_json(path: Path, bulk_threshold: int = 4096) -> dict[str, Any]:
+    """The dataset's header (everything before Pixel Data) as DICOM JSON (PS3.18 F.2).
+
+    Binary values larger than ``bulk_threshold`` are left out (an empty ``BulkDataURI``), so the
+    message that carries this to the indexer stays small."""
+    with path.open("rb") as fp:
+        ds = dcmread(fp, stop_before_pixels=True)
+    return dataset_json(ds, bulk_threshold)
+
+
+def dataset_json(ds: Dataset, bulk_threshold: int = 4096) -> dict[str, Any]:
+    try:
+        return ds.to_json_dict(bulk_data_threshold=bulk_threshold,
+                               bulk_data_element_handler=lambda _elem: "")
+    except Exception:
+        # One bad value must not lose the whole header: keep the elements that do encode.
+        out: dict[str, Any] = {}
+        for elem in ds:
+            try:
+                sub = Dataset()
+                sub.add(elem)
+                out.update(sub.to_json_dict(bulk_data_threshold=bulk_threshold,
+                                            bulk_data_element_handler=lambda _e: ""))
+            except Exception:  # noqa: S112 - skipping an unencodable element is the point
+                continue
+        return out
+
+
+# ---- DICOM JSON -> index values --------------------------------------------------------------
+
+def json_str(header: dict[str, Any], tag: str) -> str:
+    """First value of ``tag`` (``"GGGGEEEE"``) as text; PN as its alphabetic form; '' if absent."""
+    elem = header.get(tag)
+    if not isinstance(elem, dict):
+        return ""
+    values = elem.get("Value")
+    if not values:
+        return ""
+    first = values[0]
+    if isinstance(first, dict):  # PN
+        return str(first.get("Alphabetic", ""))
+    return str(first)
+
+
+def json_strs(header: dict[str, Any], tag: str) -> list[str]:
+    elem = header.get(tag)
+    if not isinstance(elem, dict):
+        return []
+    return [str(v.get("Alphabetic", "")) if isinstance(v, dict) else str(v)
+            for v in elem.get("Value", []) or []]
+
+
+def json_int(header: dict[str, Any], tag: str) -> int | None:
+    value = json_str(header, tag)
+    try:
+        number = int(float(value)) if value else None
+    except (ValueError, OverflowError):
+        return None
+    return number if number is not None and -(2**31) <= number < 2**31 else None
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """The values of one instance's rows at each level of the index."""
+
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+
+
+def index_record(header: dict[str, Any]) -> IndexRecord:
+    s = json_str
+    return IndexRecord(
+        patient={
+            "patient_id": s(header, "00100020"),
+            "issuer_of_patient_id": s(header, "00100021"),
+            "patient_name": s(header, "00100010"),
+            "patient_birth_date": s(header, "00100030"),
+            "patient_sex": s(header, "00100040"),
+        },
+        study={
+            "study_instance_uid": s(header, "0020000D"),
+            "study_date": s(header, "00080020"),
+            "study_time": s(header, "00080030"),
+            "accession_number": s(header, "00080050"),
+            "study_id": s(header, "00200010"),
+            "referring_physician_name": s(header, "00080090"),
+            "study_description": s(header, "00081030"),
+            "specific_character_set": "\\".join(json_strs(header, "00080005")),
+        },
+        series={
+            "series_instance_uid": s(header, "0020000E"),
+            "modality": s(header, "00080060"),
+            "series_number": json_int(header, "00200011"),
+            "series_description": s(header, "0008103E"),
+            "series_date": s(header, "00080021"),
+            "series_time": s(header, "00080031"),
+            "body_part_examined": s(header, "00180015"),
+        },
+        instance={
+            "sop_instance_uid": s(header, "00080018"),
+            "sop_class_uid": s(header, "00080016"),
+            "instance_number": json_int(header, "00200013"),
+        },
+    )

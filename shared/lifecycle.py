@@ -1,0 +1,76 @@
+"""Start-up retries, SIGTERM handling and heartbeats shared by every service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("minipacs.lifecycle")
+
+
+async def retry_until(
+    what: str, attempt: Callable[[], Awaitable[T]], timeout: float, first_delay: float = 0.2
+) -> T:
+    """Call ``attempt`` until it succeeds or ``timeout`` seconds have passed (bounded backoff)."""
+    deadline = time.monotonic() + timeout
+    delay = first_delay
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("waiting for %s: %s; retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def stop_event() -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT (the compose and Ctrl-C way to stop us)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def heartbeat(path: str, stop: asyncio.Event, healthy: Callable[[], bool],
+                    every: float = 2.0) -> None:
+    """Touch ``path`` while ``healthy()``; ``--check`` reads its age (for compose healthchecks)."""
+    if not path:
+        await stop.wait()
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    while not stop.is_set():
+        if healthy():
+            p.touch()
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except TimeoutError:
+            pass
+
+
+def heartbeat_path(configured: str, service: str) -> str:
+    return configured or f"/tmp/minipacs-{service}.alive"  # noqa: S108 - a liveness marker
+
+
+def check_heartbeat(path: str, max_age: float = 15.0) -> int:
+    """Exit status for ``python -m services.X --check``: 0 when the heartbeat is fresh."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError:
+        print(f"unhealthy: no heartbeat at {path}")
+        return 1
+    if age > max_age:
+        print(f"unhealthy: heartbeat is {age:.0f}s old")
+        return 1
+    print("healthy")
+    return 0

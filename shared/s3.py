@@ -1,0 +1,77 @@
+"""The S3 object store (MinIO in compose, SeaweedFS natively) through the ``minio`` client.
+
+The client is synchronous; services call these functions through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import BinaryIO
+
+from minio import Minio
+from minio.error import S3Error
+
+from shared.settings import Common
+
+SHA_META = "sha256"
+
+
+class VerifyFailed(RuntimeError):
+    """The object in S3 does not match the bytes we meant to store."""
+
+
+def client(settings: Common) -> Minio:
+    return Minio(settings.s3_endpoint, access_key=settings.s3_access_key,
+                 secret_key=settings.s3_secret_key, secure=settings.s3_secure)
+
+
+def ensure_bucket(s3: Minio, bucket: str) -> None:
+    if not s3.bucket_exists(bucket):
+        try:
+            s3.make_bucket(bucket)
+        except S3Error as exc:
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+
+class HashingReader:
+    """Wraps a file: whatever the S3 client reads is hashed on the way."""
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self._fp = fp
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fp.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
+
+
+def stored_size(s3: Minio, bucket: str, key: str, sha256: str) -> int | None:
+    """Size of ``key`` if it exists and was stored with this SHA-256, else None."""
+    try:
+        stat = s3.stat_object(bucket, key)
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+            return None
+        raise
+    meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+    if meta.get("x-amz-meta-" + SHA_META) != sha256:
+        return None
+    return stat.size
+
+
+def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha256: str,
+                 part_size: int) -> None:
+    """Stream ``fp`` to ``key`` and verify: the bytes read hash to ``sha256`` and the stored
+    object has the expected size. Memory is bounded by ``part_size``."""
+    reader = HashingReader(fp)
+    s3.put_object(bucket, key, reader, size, content_type="application/dicom",  # type: ignore[arg-type]
+                  metadata={SHA_META: sha256}, part_size=part_size)
+    if reader.sha.hexdigest() != sha256 or reader.count != size:
+        s3.remove_object(bucket, key)
+        raise VerifyFailed("the spooled bytes do not hash to the SHA-256 in the message")
+    if stored_size(s3, bucket, key, sha256) != size:
+        raise VerifyFailed("the stored object's size or checksum differs after upload")

@@ -1,0 +1,195 @@
+"""Typed settings, read once from the environment (prefix ``MINIPACS_``).
+
+Each service builds its own settings object in its ``__main__`` with ``X.from_env()``;
+nothing here is built at import time. Secrets are masked by ``masked()`` for logging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Self
+
+PREFIX = "MINIPACS_"
+_SECRET = re.compile(r"(password|secret|key|url|dsn)$", re.I)
+_AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
+
+OPERATIONS = frozenset({"echo", "store", "find", "move", "get"})
+
+
+class SettingsError(ValueError):
+    """A setting in the environment has a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A remote DICOM node, as in Orthanc's ``DicomModalities``."""
+
+    name: str
+    aet: str
+    host: str
+    port: int
+    allow: frozenset[str] = OPERATIONS
+
+    def may(self, operation: str) -> bool:
+        return operation in self.allow
+
+
+def validate_aet(aet: str) -> str:
+    aet = aet.strip()
+    if not _AET.match(aet):
+        raise SettingsError(f"invalid AE title {aet!r}: 1-16 printable characters, no backslash")
+    return aet
+
+
+def parse_nodes(raw: str) -> dict[str, Node]:
+    """Parse ``MINIPACS_NODES``: a JSON object shaped like Orthanc's ``DicomModalities``.
+
+    Both of Orthanc's forms are accepted::
+
+        {"archive": ["ARCHIVE", "127.0.0.1", 4242]}
+        {"ct": {"AET": "CT1", "Host": "10.0.0.5", "Port": 104,
+                "AllowFind": false, "AllowMove": false}}
+    """
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"MINIPACS_NODES is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError("MINIPACS_NODES must be a JSON object of name -> node")
+    nodes: dict[str, Node] = {}
+    for name, spec in data.items():
+        allow = set(OPERATIONS)
+        if isinstance(spec, list) and len(spec) >= 3:
+            aet, host, port = spec[0], spec[1], spec[2]
+        elif isinstance(spec, dict) and {"AET", "Host", "Port"} <= spec.keys():
+            aet, host, port = spec["AET"], spec["Host"], spec["Port"]
+            for op in OPERATIONS:
+                key = "Allow" + op.capitalize()
+                if key in spec and not spec[key]:
+                    allow.discard(op)
+        else:
+            raise SettingsError(f"node {name!r}: expected [AET, host, port] or {{AET, Host, Port}}")
+        try:
+            port = int(port)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"node {name!r}: port {port!r} is not a number") from exc
+        if not 0 < port < 65536:
+            raise SettingsError(f"node {name!r}: port {port} out of range")
+        nodes[str(name)] = Node(str(name), validate_aet(str(aet)), str(host), port,
+                                frozenset(allow))
+    return nodes
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind in (bool, "bool"):
+            value = raw.strip().lower()
+            if value in ("1", "true", "yes", "on"):
+                return True
+            if value in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if kind in (Path, "Path"):
+            return Path(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw
+
+
+class EnvSettings:
+    """Mixin: ``from_env`` fills every simple field from ``MINIPACS_<FIELD>``."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Self:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            key = PREFIX + f.name.upper()
+            if f.name in overrides:
+                values[f.name] = overrides[f.name]
+            elif key in env and f.type in (str, int, float, bool, Path,
+                                            "str", "int", "float", "bool", "Path"):
+                values[f.name] = _convert(f.name, env[key], f.type)
+        obj = cls(**values)
+        return obj.finish(env)
+
+    def finish(self, env: Mapping[str, str]) -> Self:
+        """Hook for fields that need more than a type conversion."""
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if _SECRET.search(f.name) and isinstance(value, str):
+                value = re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:***@", value)
+                if f.name.endswith(("password", "secret", "key")):
+                    value = "***"
+            out[f.name] = value if isinstance(value, str | int | float | bool) else str(value)
+        return out
+
+
+@dataclass(frozen=True)
+class Common(EnvSettings):
+    """Settings every service shares."""
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql://minipacs@127.0.0.1:5432/minipacs"
+    s3_endpoint: str = "127.0.0.1:8333"
+    s3_access_key: str = "minipacs"
+    s3_secret_key: str = "minipacs-secret"
+    s3_bucket: str = "minipacs"
+    s3_secure: bool = False
+    spool_dir: Path = Path("/var/lib/minipacs/spool")
+    log_level: str = "INFO"
+    confirm_timeout: float = 10.0
+    startup_timeout: float = 60.0
+    heartbeat_file: str = ""
+
+
+@dataclass(frozen=True)
+class GatewaySettings(Common):
+    gateway_aet: str = "MINIPACS"
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = 11112
+    max_associations: int = 32
+    max_pdu: int = 1048576
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    require_called_aet: bool = True
+    allow_list: bool = False
+    check_host: bool = True
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def finish(self, env: Mapping[str, str]) -> Self:
+        return replace(
+            self,
+            gateway_aet=validate_aet(self.gateway_aet),
+            nodes=parse_nodes(env.get(PREFIX + "NODES", "")) if not self.nodes else self.nodes,
+        )
+
+
+@dataclass(frozen=True)
+class StorageSettings(Common):
+    prefetch: int = 16
+    concurrency: int = 8
+    part_size: int = 16 * 1024 * 1024
+    sweep_after: float = 3600.0
+
+
+@dataclass(frozen=True)
+class IndexerSettings(Common):
+    batch_size: int = 200
+    batch_wait: float = 0.05
