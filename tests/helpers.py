@@ -1,0 +1,78 @@
+"""Helpers for driving a native stack from tests: DCMTK tools, PostgreSQL, S3, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+from minio import Minio
+
+T = TypeVar("T")
+DCMTK = Path("/usr/bin")  # the venv's pynetdicom installs its own "storescu": never use that one
+
+
+def dcmtk(tool: str) -> str:
+    return str(DCMTK / tool)
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Debian's DCMTK leaves Nagle on unless told: without this we'd measure delayed ACKs.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_until(check: Callable[[], T], timeout: float = 60.0, every: float = 0.2,
+               what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    value = check()
+    while not value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+        value = check()
+    return value
+
+
+@dataclass
+class StoreResult:
+    returncode: int
+    successes: int
+    failures: int
+    output: str
+
+
+def storescu(port: int, paths: Sequence[Path | str], aet: str = "STORESCU",
+             called: str = "MINIPACS", extra: Sequence[str] = (), timeout: float = 600
+             ) -> StoreResult:
+    """Run DCMTK's storescu and count the responses (it exits 0 even on failure statuses)."""
+    cmd = [dcmtk("storescu"), "-v", "-aet", aet, "-aec", called, *extra, "127.0.0.1",
+           str(port), *map(str, paths)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
+    out = proc.stdout + proc.stderr
+    ok = len(re.findall(r"Received Store Response \(Success\)", out))
+    bad = len(re.findall(r"Received Store Response \((?!Success)", out))
+    return StoreResult(proc.returncode, ok, bad, out)
+
+
+def pg(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def s3_objects(client: Minio, bucket: str, prefix: str = "instances/") -> dict[str, int]:
+    return {o.object_name: o.size for o in client.list_objects(bucket, prefix=prefix,
+                                                                recursive=True)}
