@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -78,16 +79,23 @@ def ensure_rabbitmq() -> None:
         wait_for("RabbitMQ management on :15672", lambda: port_open(15672), 60, 0.5)
 
 
+def _ident(name: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"not a plain SQL identifier: {name!r}")
+    return name
+
+
 def ensure_database(name: str, role: str = "minipacs") -> str:
-    if _psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'") != "1":
+    name, role = _ident(name), _ident(role)
+    if _psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'") != "1":  # noqa: S608
         _psql(f"CREATE ROLE {role} LOGIN")
-    if _psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'") != "1":
+    if _psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'") != "1":  # noqa: S608
         _psql(f"CREATE DATABASE {name} OWNER {role}")
     return f"postgresql://{role}@127.0.0.1:5432/{name}"
 
 
 def drop_database(name: str) -> None:
-    _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    _psql(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
 
 
 def ensure_vhost(vhost: str) -> None:
@@ -212,7 +220,7 @@ class Stack:
             proc = self.procs[name]
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for name, proc in list(self.procs.items()):
+        for proc in list(self.procs.values()):
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:

@@ -19,7 +19,7 @@ class PublishFailed(RuntimeError):
     """The broker did not confirm the message in time (or returned it as unroutable)."""
 
 
-async def connect(url: str, timeout: float) -> AbstractRobustConnection:
+async def connect(url: str, timeout: float) -> AbstractRobustConnection:  # noqa: ASYNC109
     async def attempt() -> AbstractRobustConnection:
         return await aio_pika.connect_robust(url, timeout=5, client_properties={
             "connection_name": "minipacs"})
@@ -64,7 +64,7 @@ class Publisher:
                 self._exchange.publish(amqp, message.routing_key, mandatory=True),
                 self._timeout,
             )
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise PublishFailed(f"no publisher confirm within {self._timeout}s") from exc
         except Exception as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc

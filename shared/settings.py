@@ -148,7 +148,7 @@ class Common(EnvSettings):
     database_url: str = "postgresql://minipacs@127.0.0.1:5432/minipacs"
     s3_endpoint: str = "127.0.0.1:8333"
     s3_access_key: str = "minipacs"
-    s3_secret_key: str = "minipacs-secret"
+    s3_secret_key: str = "minipacs-secret"  # noqa: S105 - dev default, as in .env
     s3_bucket: str = "minipacs"
     s3_secure: bool = False
     spool_dir: Path = Path("/var/lib/minipacs/spool")

@@ -8,6 +8,7 @@ queue that the RabbitMQ management dashboard shows with its depth.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
@@ -26,7 +27,7 @@ class QueueSpec:
     def dead_letter_queue(self) -> str:
         return f"{self.name}.dead"
 
-    def arguments(self) -> dict[str, object]:
+    def arguments(self) -> dict[str, Any]:
         return {
             "x-queue-type": "quorum",
             "x-delivery-limit": self.delivery_limit,

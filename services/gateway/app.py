@@ -41,7 +41,8 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
     log.info("gateway %s listening on %s:%d (max PDU %d, %d associations, allow-list %s)",
              settings.gateway_aet, settings.gateway_host, server.server_address[1],
              settings.max_pdu, settings.max_associations, "on" if settings.allow_list else "off")
-    beat = asyncio.create_task(heartbeat(heartbeat_path(settings.heartbeat_file, "gateway"), stop, lambda: publisher.ready))
+    alive = heartbeat_path(settings.heartbeat_file, "gateway")
+    beat = asyncio.create_task(heartbeat(alive, stop, lambda: publisher.ready))
     try:
         await stop.wait()
     finally:

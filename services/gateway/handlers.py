@@ -9,10 +9,11 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from services.gateway import statuses
@@ -94,7 +95,7 @@ class Gateway:
 
     def on_store(self, event: Event) -> int:
         started = time.perf_counter()
-        req = event.request
+        req = cast(C_STORE, event.request)
         assoc = event.assoc
         path = Path(event.dataset_path)
         outcome = self.ingest.accept_file(

@@ -7,14 +7,14 @@ import threading
 from typing import Any
 
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    HTJ2K,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -61,7 +61,8 @@ def build_ae(settings: GatewaySettings) -> AE:
     ae.require_called_aet = False  # decided by admission.admit, which also logs why
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:4])
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
     return ae
 
 

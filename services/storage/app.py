@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.storage.worker import StorageWorker
 from shared import broker, s3, topology
 from shared.lifecycle import heartbeat, heartbeat_path, retry_until, stop_event
 from shared.settings import StorageSettings
 from shared.spool import Spool
-from services.storage.worker import StorageWorker
 
 log = logging.getLogger("minipacs.storage")
 
@@ -42,7 +42,8 @@ async def run(settings: StorageSettings, stop: asyncio.Event | None = None) -> N
         await sem.acquire()
         task = asyncio.create_task(worker.handle(message))  # type: ignore[arg-type]
         tasks.add(task)
-        task.add_done_callback(lambda t: (tasks.discard(t), sem.release()))
+        task.add_done_callback(tasks.discard)
+        task.add_done_callback(lambda _t: sem.release())
 
     tag = await queue.consume(on_message)  # type: ignore[arg-type]
     try:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
 from minio import Minio
@@ -110,10 +111,8 @@ class StorageWorker:
                  "" if existing != received.size else " (already in S3)",
                  (time.perf_counter() - started) * 1000)
 
-    def _put(self, path: object, key: str, received: InstanceReceived) -> None:
-        from pathlib import Path
-
-        with Path(str(path)).open("rb") as fp:
+    def _put(self, path: Path, key: str, received: InstanceReceived) -> None:
+        with path.open("rb") as fp:
             try:
                 s3.put_verified(self.s3, self.settings.s3_bucket, key, fp, received.size,
                                 received.sha256, self.settings.part_size)
