@@ -58,11 +58,13 @@ class Gateway:
     def on_requested(self, event: Event) -> None:
         assoc = event.assoc
         rq = assoc.requestor
+        # At EVT_REQUESTED pynetdicom has not copied the AE titles from the A-ASSOCIATE-RQ yet.
         called = str(getattr(rq.primitive, "called_ae_title", "") or "")
+        calling = str(getattr(rq.primitive, "calling_ae_title", "") or "")
         s = self.settings
-        decision = admit(rq.ae_title, called, str(rq.address), s.gateway_aet,
+        decision = admit(calling, called, str(rq.address), s.gateway_aet,
                          s.require_called_aet, s.allow_list, s.check_host, s.nodes)
-        who = f"assoc={self.ids(assoc)} {rq.ae_title.strip()}@{rq.address}:{rq.port}"
+        who = f"assoc={self.ids(assoc)} {calling.strip()}@{rq.address}:{rq.port}"
         if decision.accept:
             log.info("%s -> %s: association requested", who, called.strip())
             return

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+
+from services.gateway import statuses
+from services.gateway.admission import REJECT_CALLED_AET, REJECT_CALLING_AET, admit
+from shared.keys import InvalidUID, object_key, validate_uid
+from shared.settings import GatewaySettings, SettingsError, parse_nodes
+
+
+def test_nodes_accept_both_orthanc_forms() -> None:
+    nodes = parse_nodes('{"archive": ["ARCHIVE", "127.0.0.1", 4242],'
+                        ' "ct": {"AET": "CT1", "Host": "ct.local", "Port": 104,'
+                        ' "AllowMove": false}}')
+    assert nodes["archive"].aet == "ARCHIVE" and nodes["archive"].port == 4242
+    assert nodes["ct"].may("store") and not nodes["ct"].may("move")
+
+
+@pytest.mark.parametrize("raw", ['[1,2]', '{"x": ["A", "h"]}', '{"x": ["A", "h", 70000]}',
+                                 '{"x": ["A\\\\B", "h", 1]}', "not json"])
+def test_bad_nodes_are_refused_with_a_reason(raw: str) -> None:
+    with pytest.raises(SettingsError):
+        parse_nodes(raw)
+
+
+def test_settings_from_env_types_and_masking() -> None:
+    s = GatewaySettings.from_env({"MINIPACS_GATEWAY_PORT": "4000", "MINIPACS_ALLOW_LIST": "yes",
+                                  "MINIPACS_AMQP_URL": "amqp://u:pw@h/",
+                                  "MINIPACS_NODES": '{"a": ["A", "h", 1]}'})
+    assert s.gateway_port == 4000 and s.allow_list is True and "a" in s.nodes
+    masked = s.masked()
+    assert "pw" not in str(masked) and masked["s3_secret_key"] == "***"
+    with pytest.raises(SettingsError):
+        GatewaySettings.from_env({"MINIPACS_GATEWAY_PORT": "eleven"})
+
+
+@pytest.mark.parametrize("uid", ["../../etc/x", "1.2/3", "1.2\\3", "1.2\x003", "", "1..2",
+                                 "1." + "2" * 64, "1.2.a"])
+def test_bad_uids_are_refused(uid: str) -> None:
+    with pytest.raises(InvalidUID):
+        validate_uid(uid)
+
+
+def test_good_uid_and_content_addressed_key() -> None:
+    assert validate_uid("1.2.840.10008.1.2\x00") == "1.2.840.10008.1.2"
+    key = object_key("ab" * 32)
+    assert key == f"instances/ab/{'ab' * 32}.dcm"
+    with pytest.raises(ValueError):
+        object_key("../../x")
+
+
+def _admit(calling: str, called: str = "MINIPACS", host: str = "127.0.0.1",
+           allow_list: bool = True) -> tuple[bool, tuple[int, int, int]]:
+    nodes = parse_nodes('{"m": ["MOD", "127.0.0.1", 104], "far": ["FAR", "10.9.9.9", 104],'
+                        ' "any": ["ANY", "*", 104]}')
+    d = admit(calling, called, host, "MINIPACS", True, allow_list, True, nodes)
+    return d.accept, d.reject
+
+
+def test_admission() -> None:
+    assert _admit("MOD")[0]
+    assert _admit("ANY", host="127.0.0.9")[0]
+    assert _admit("MOD", called="OTHER") == (False, REJECT_CALLED_AET)
+    assert _admit("NOBODY") == (False, REJECT_CALLING_AET)
+    assert _admit("FAR") == (False, REJECT_CALLING_AET)
+    assert _admit("NOBODY", allow_list=False)[0]
+
+
+def test_statuses_are_named() -> None:
+    assert statuses.describe(statuses.OUT_OF_RESOURCES) == "0xA700 out of resources"
+    assert statuses.FOR_INVALID_INSTANCE["mismatch"] == statuses.DATASET_DOES_NOT_MATCH
