@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS move_job;
+DROP TABLE IF EXISTS remote_node;
