@@ -2,6 +2,9 @@
 
 instance.received v1  gateway/api -> storage   the bytes wait in the spool (claim check)
 instance.stored   v1  storage -> indexer       the object is in S3 and verified
+move.requested    v1  gateway/api -> mover     send what ``identifier`` matches to a node
+move.progress     v1  mover -> gateway         counts of a running job, and its final state
+move.cancel       v1  gateway/api -> movers    stop a job (C-CANCEL)
 """
 
 from __future__ import annotations
@@ -69,3 +72,48 @@ class InstanceStored(_Message):
     received_at: str = ""
     header: dict[str, Any] = field(default_factory=dict)
     routing_key = "instance.stored"
+
+
+@dataclass(frozen=True)
+class MoveRequested(_Message):
+    """A move job. ``identifier`` is the C-MOVE identifier as DICOM JSON (for "send study X":
+    ``{"0020000D": {"vr": "UI", "Value": [X]}}`` with level STUDY); ``destination`` is the name
+    of a node in ``remote_node``. A mover that takes the job after ``start_by`` (epoch seconds,
+    0 = no limit) records it as expired instead of running it: its requester gave up."""
+
+    job_id: str
+    level: str
+    identifier: dict[str, Any]
+    destination: str
+    origin: str = "c-move"            # "c-move" | "api" | "routing"
+    requested_by_aet: str = ""
+    requested_by_host: str = ""
+    move_originator_message_id: int = 0
+    requested_at: str = ""
+    start_by: float = 0.0
+    routing_key = "move.requested"
+
+
+@dataclass(frozen=True)
+class MoveProgress(_Message):
+    """``state``: "running", then one of "done", "failed", "canceled", "expired"."""
+
+    job_id: str
+    state: str
+    remaining: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    error: str = ""
+    routing_key = "move.progress"
+
+    @property
+    def final(self) -> bool:
+        return self.state != "running"
+
+
+@dataclass(frozen=True)
+class MoveCancel(_Message):
+    job_id: str
+    routing_key = "move.cancel"

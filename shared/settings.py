@@ -172,6 +172,12 @@ class GatewaySettings(Common):
     allow_list: bool = False
     check_host: bool = True
     nodes: dict[str, Node] = field(default_factory=dict)
+    db_pool_size: int = 8              # PostgreSQL connections for C-FIND / retrieve look-ups
+    find_limit: int = 1000             # C-FIND matches sent at most (then 0xA700); 0: no limit
+    find_timeout: float = 30.0         # the index query of one C-FIND
+    find_pn_ignore_case: bool = True   # PN matching ignores case, as Orthanc's default
+    move_start_timeout: float = 10.0   # no mover took the C-MOVE job by then: 0xA702
+    move_idle_timeout: float = 60.0    # no progress from the mover for this long: 0xA702
 
     def finish(self, env: Mapping[str, str]) -> Self:
         return replace(
@@ -193,3 +199,19 @@ class StorageSettings(Common):
 class IndexerSettings(Common):
     batch_size: int = 200
     batch_wait: float = 0.05
+
+
+@dataclass(frozen=True)
+class MoverSettings(Common):
+    gateway_aet: str = "MINIPACS"   # the calling AE title of our C-STORE sub-operations
+    jobs: int = 4                   # move jobs run at the same time
+    associations: int = 4           # parallel associations to the destination, per job
+    max_pdu: int = 1048576
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    progress_every: float = 0.05    # at most one progress message per this many seconds
+    keepalive_every: float = 5.0    # a progress message at least this often, even unchanged
+
+    def finish(self, env: Mapping[str, str]) -> Self:
+        return replace(self, gateway_aet=validate_aet(self.gateway_aet))

@@ -40,7 +40,12 @@ class QueueSpec:
 
 STORAGE = QueueSpec("storage.instances", ("instance.received",))
 INDEXER = QueueSpec("indexer.instances", ("instance.stored",))
-QUEUES: tuple[QueueSpec, ...] = (STORAGE, INDEXER)
+MOVER = QueueSpec("mover.jobs", ("move.requested",), delivery_limit=3)
+QUEUES: tuple[QueueSpec, ...] = (STORAGE, INDEXER, MOVER)
+
+# Per-process notifications, each to a server-named exclusive queue (see ``declare_listener``).
+MOVE_PROGRESS = "move.progress"  # mover -> the gateway relaying pending C-MOVE responses
+MOVE_CANCEL = "move.cancel"      # gateway / api -> every mover
 
 
 async def declare(channel: AbstractChannel) -> tuple[AbstractExchange, dict[str, AbstractQueue]]:
@@ -60,3 +65,13 @@ async def declare(channel: AbstractChannel) -> tuple[AbstractExchange, dict[str,
             await queue.bind(exchange, routing_key=key)
         queues[spec.name] = queue
     return exchange, queues
+
+
+async def declare_listener(channel: AbstractChannel, routing_key: str) -> AbstractQueue:
+    """A server-named, exclusive, auto-delete queue bound to ``routing_key`` on the main
+    exchange, for notifications that only matter to a running process (move progress, cancel
+    requests). It goes away with its connection; nothing in it needs to outlive the process."""
+    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key=routing_key)
+    return queue

@@ -1,0 +1,66 @@
+"""Wiring for the mover; ``run`` is what ``__main__`` and the tests call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.mover.worker import MoverWorker
+from shared import broker, s3, topology
+from shared.lifecycle import heartbeat, heartbeat_path, retry_until, stop_event
+from shared.settings import MoverSettings
+
+log = logging.getLogger("minipacs.mover")
+
+
+async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> None:
+    stop = stop or stop_event()
+
+    async def connect_db() -> asyncpg.Pool:
+        return await asyncpg.create_pool(settings.database_url, min_size=1,
+                                         max_size=settings.jobs + 2, timeout=5)
+
+    pool = await retry_until("PostgreSQL", connect_db, settings.startup_timeout)
+    client = s3.client(settings)
+    connection = await broker.connect(settings.amqp_url, settings.startup_timeout)
+    progress_channel = await connection.channel(publisher_confirms=True)
+    exchange, _ = await topology.declare(progress_channel)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=settings.jobs)
+    _, queues = await topology.declare(channel)
+    worker = MoverWorker(settings, pool, client, exchange)
+    cancels = await topology.declare_listener(channel, topology.MOVE_CANCEL)
+    cancel_tag = await cancels.consume(worker.on_cancel, no_ack=True)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(worker.on_message(message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    queue = queues[topology.MOVER.name]
+    tag = await queue.consume(on_message)
+    beat = asyncio.create_task(heartbeat(heartbeat_path(settings.heartbeat_file, "mover"), stop,
+                                         lambda: not connection.is_closed))
+    log.info("mover %s consuming %s (%d jobs at a time, %d associations each)",
+             settings.gateway_aet, queue.name, settings.jobs, settings.associations)
+    try:
+        await stop.wait()
+    finally:
+        log.info("mover stopping: no new jobs, finishing %d running", len(tasks))
+        await queue.cancel(tag)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=30)
+            if late:
+                log.warning("cancelling %d jobs still running", len(late))
+                for event in worker.running.values():
+                    event.set()
+                await asyncio.wait(tasks, timeout=30)
+        await cancels.cancel(cancel_tag)
+        beat.cancel()
+        await connection.close()
+        await pool.close()
+        log.info("mover stopped")

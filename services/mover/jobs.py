@@ -1,0 +1,67 @@
+"""The ``move_job`` table, written only by the mover (one writer per store)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import asyncpg
+
+from shared.messages import MoveRequested
+
+TERMINAL = frozenset({"done", "failed", "canceled", "expired"})
+
+START = """
+INSERT INTO move_job (id, origin, requested_by_aet, requested_by_host, level, identifier,
+                      destination, destination_aet, state, total, remaining, requested_at,
+                      error, finished_at)
+VALUES ($1::uuid, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $10, $11, $12,
+        CASE WHEN $9 = 'running' THEN NULL ELSE now() END)
+ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, total = EXCLUDED.total,
+    remaining = EXCLUDED.remaining, completed = 0, failed = 0, warning = 0,
+    failed_uids = '{}', error = EXCLUDED.error, destination_aet = EXCLUDED.destination_aet,
+    started_at = now(), finished_at = EXCLUDED.finished_at, updated_at = now()
+WHERE move_job.state NOT IN ('done', 'failed', 'canceled', 'expired')"""
+
+PROGRESS = """
+UPDATE move_job SET remaining = $2, completed = $3, failed = $4, warning = $5,
+    updated_at = now()
+WHERE id = $1::uuid AND state = 'running'"""
+
+FINISH = """
+UPDATE move_job SET state = $2, remaining = $3, completed = $4, failed = $5, warning = $6,
+    failed_uids = $7, error = $8, finished_at = now(), updated_at = now()
+WHERE id = $1::uuid"""
+
+
+def _time(value: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+async def state_of(conn: asyncpg.Connection, job_id: str) -> str | None:
+    value = await conn.fetchval("SELECT state FROM move_job WHERE id = $1::uuid", job_id)
+    return str(value) if value is not None else None
+
+
+async def start(conn: asyncpg.Connection, job: MoveRequested, state: str, total: int,
+                destination_aet: str = "", error: str = "") -> None:
+    """Record the job (again, on redelivery of an unfinished one). A finished job is kept."""
+    await conn.execute(START, job.job_id, job.origin, job.requested_by_aet,
+                       job.requested_by_host, job.level,
+                       json.dumps(job.identifier, ensure_ascii=False), job.destination,
+                       destination_aet, state, total, _time(job.requested_at), error)
+
+
+async def progress(conn: asyncpg.Connection, job_id: str, remaining: int, completed: int,
+                   failed: int, warning: int) -> None:
+    await conn.execute(PROGRESS, job_id, remaining, completed, failed, warning)
+
+
+async def finish(conn: asyncpg.Connection, job_id: str, state: str, remaining: int,
+                 completed: int, failed: int, warning: int, failed_uids: list[str],
+                 error: str) -> None:
+    await conn.execute(FINISH, job_id, state, remaining, completed, failed, warning,
+                       failed_uids, error)

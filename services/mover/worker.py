@@ -1,0 +1,184 @@
+"""The mover consumer: one ``move.requested`` message = one job.
+
+Per job: record it (``move_job``), resolve what the identifier matches through the shared
+query module, send it with ``send.Sender`` in worker threads, publish ``move.progress`` while it
+runs (coalesced, at most every ``progress_every`` seconds, at least every ``keepalive_every``),
+record the outcome, then ack. A job taken after its ``start_by`` is recorded as expired and not
+run; a cancel (``move.cancel``) stops it between two instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from minio import Minio
+from pydicom.dataset import Dataset
+
+from services.mover import jobs
+from services.mover.send import Destination, Sender, Tally
+from shared import nodes, topology
+from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
+from shared.query import find_instances
+from shared.settings import MoverSettings
+
+log = logging.getLogger("minipacs.mover")
+
+
+@dataclass
+class MoverWorker:
+    settings: MoverSettings
+    pool: asyncpg.Pool
+    s3: Minio
+    exchange: AbstractExchange  # on a channel with publisher confirms, for progress
+    running: dict[str, threading.Event] = field(default_factory=dict)
+    cancelled_early: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    # -- cancel requests (every mover gets them) --------------------------------------------
+    async def on_cancel(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job_id = MoveCancel.from_bytes(message.body).job_id
+        except BadMessage:
+            return
+        event = self.running.get(job_id)
+        if event is not None:
+            log.info("job=%s cancel requested", job_id[:8])
+            event.set()
+        else:  # not (yet) ours: remember a few, in case the job comes after its cancel
+            self.cancelled_early[job_id] = None
+            while len(self.cancelled_early) > 1000:
+                self.cancelled_early.popitem(last=False)
+
+    # -- jobs ---------------------------------------------------------------------------------
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job = MoveRequested.from_bytes(message.body)
+        except BadMessage as exc:
+            log.error("dead-lettering unreadable move job: %s", exc)
+            await message.reject(requeue=False)
+            return
+        try:
+            await self.run_job(job)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.error("job=%s could not run (%s: %s); returning it to the queue",
+                      job.job_id[:8], type(exc).__name__, exc)
+            await asyncio.sleep(1.0)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+
+    async def publish(self, progress: MoveProgress) -> None:
+        body = aio_pika.Message(progress.to_bytes(), content_type="application/json")
+        try:
+            await asyncio.wait_for(self.exchange.publish(body, topology.MOVE_PROGRESS),
+                                   self.settings.confirm_timeout)
+        except Exception as exc:  # progress is advisory: the job row has the truth
+            log.warning("job=%s progress not published: %s", progress.job_id[:8], exc)
+
+    async def _end(self, job: MoveRequested, state: str, error: str, total: int = 0,
+                   destination_aet: str = "") -> None:
+        async with self.pool.acquire() as conn:
+            await jobs.start(conn, job, state, total, destination_aet, error)
+        log.info("job=%s %s: %s", job.job_id[:8], state, error)
+        await self.publish(MoveProgress(job.job_id, state, failed=total, error=error))
+
+    async def run_job(self, job: MoveRequested) -> None:
+        short = job.job_id[:8]
+        async with self.pool.acquire() as conn:
+            state = await jobs.state_of(conn, job.job_id)
+            if state in jobs.TERMINAL:
+                log.info("job=%s already %s (redelivered)", short, state)
+                return
+            if job.job_id in self.cancelled_early:
+                await self._end(job, "canceled", "canceled before it started")
+                return
+            if job.start_by and time.time() > job.start_by:
+                await self._end(job, "expired", "taken after its requester gave up")
+                return
+            node = await nodes.by_name(conn, job.destination)
+            if node is None:
+                await self._end(job, "failed", f"unknown destination {job.destination!r}")
+                return
+            try:
+                identifier = Dataset.from_json(job.identifier)
+                refs = await find_instances(conn, job.level, identifier)
+            except (ValueError, KeyError, TypeError) as exc:
+                await self._end(job, "failed", f"identifier refused: {exc}")
+                return
+            await jobs.start(conn, job, "running", len(refs), node.aet)
+        log.info("job=%s %s from %s: %d instances to %s@%s:%d", short, job.origin,
+                 job.requested_by_aet or "-", len(refs), node.aet, node.host, node.port)
+        cancelled = threading.Event()
+        self.running[job.job_id] = cancelled
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(changed.set)
+
+        tally = Tally(len(refs), on_change=notify)
+        await self.publish(MoveProgress(job.job_id, "running", remaining=len(refs)))
+        sender = Sender(self.settings, self.s3, Destination(node.aet, node.host, node.port),
+                        tally, cancelled, job.requested_by_aet, job.move_originator_message_id)
+        started = time.perf_counter()
+        sending = asyncio.create_task(asyncio.to_thread(sender.run, refs) if refs
+                                      else _nothing())
+        sending.add_done_callback(lambda _: changed.set())
+        reporter = asyncio.create_task(self._report(job.job_id, tally, changed, sending))
+        try:
+            error = await sending
+        finally:
+            await reporter
+            self.running.pop(job.job_id, None)
+        remaining, completed, failed, warning, failed_uids = tally.snapshot()
+        if cancelled.is_set() and remaining:
+            state = "canceled"
+        elif error:
+            state = "failed"
+        else:
+            state = "done"
+        async with self.pool.acquire() as conn:
+            await jobs.finish(conn, job.job_id, state, remaining, completed, failed, warning,
+                              failed_uids, error)
+        seconds = time.perf_counter() - started
+        log.info("job=%s %s: %d completed, %d failed, %d warning, %d remaining in %.2fs "
+                 "(%.0f instances/s)%s", short, state, completed, failed, warning, remaining,
+                 seconds, (completed + warning) / seconds if seconds else 0,
+                 f": {error}" if error else "")
+        await self.publish(MoveProgress(job.job_id, state, remaining, completed, failed,
+                                        warning, failed_uids, error))
+
+    async def _report(self, job_id: str, tally: Tally, changed: asyncio.Event,
+                      sending: asyncio.Task[str]) -> None:
+        """Publish the counts while ``sending`` runs: coalesced, and a keep-alive when idle."""
+        last_db = time.monotonic()
+        last: tuple[int, int, int, int] | None = None
+        while not sending.done():
+            try:
+                await asyncio.wait_for(changed.wait(), self.settings.keepalive_every)
+            except TimeoutError:
+                last = None  # publish the same counts again: "still working"
+            changed.clear()
+            if sending.done():
+                return
+            remaining, completed, failed, warning, _ = tally.snapshot()
+            counts = (remaining, completed, failed, warning)
+            if counts != last:
+                last = counts
+                await self.publish(MoveProgress(job_id, "running", *counts))
+            if time.monotonic() - last_db > 1.0:
+                last_db = time.monotonic()
+                async with self.pool.acquire() as conn:
+                    await jobs.progress(conn, job_id, *counts)
+            await asyncio.sleep(self.settings.progress_every)
+
+
+async def _nothing() -> str:
+    return ""
