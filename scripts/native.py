@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = ("gateway", "storage", "indexer")
+SERVICES = ("gateway", "storage", "indexer", "mover")
 
 
 def wait_for(what: str, check: object, timeout: float = 60.0, every: float = 0.2) -> None:
