@@ -1,0 +1,152 @@
+"""Issue 2, bad input: each gets the right status or rejection, nothing is stored, the
+gateway keeps serving. Raw files are sent with pynetdicom in chunked mode, so the bytes on the
+wire are exactly the file's (malformed UIDs, truncation, mismatches)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE, _config
+
+from scripts.native import Stack
+from services.gateway import statuses
+from tests.conftest import dsn
+from tests.dicomgen import CT_IMAGE, make_instance, uid
+from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
+
+pytestmark = pytest.mark.e2e
+TS = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture()
+def chunked_send() -> Iterator[None]:
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = before
+
+
+def send_file(stack: Stack, path: Path, aet: str = "TESTSCU") -> int:
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(CT_IMAGE, TS)
+    assoc = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def instance(tmp: Path, name: str, **kw: object) -> Path:
+    args: dict[str, object] = dict(sop_class=CT_IMAGE, sop_uid=uid("bad", name),
+                                   study_uid=uid("bad", "study"), series_uid=uid("bad", "se"),
+                                   patient_id="BAD", patient_name="B^I", rows=16, cols=16,
+                                   modality="CT", instance_number=1)
+    args.update(kw)
+    return make_instance(tmp / f"{name}.dcm", **args)  # type: ignore[arg-type]
+
+
+def rewrite(path: Path, meta_uid: str | None = None, dataset_uid: str | None = None) -> Path:
+    ds = dcmread(path)
+    if meta_uid is not None:
+        ds.file_meta.MediaStorageSOPInstanceUID = meta_uid
+    if dataset_uid is not None:
+        ds.SOPInstanceUID = dataset_uid
+    ds.save_as(path, enforce_file_format=False)
+    return path
+
+
+def nothing_stored(stack: Stack, *sop_uids: str) -> bool:
+    """No row for these UIDs once the spool has drained (other tests' instances may be in
+    flight: wait for them rather than race them)."""
+    ready = Path(stack.config.base_dir) / "spool" / "ready"
+    wait_until(lambda: not any(ready.iterdir()), 60, what="spool drained")
+    wait_until(lambda: not _queue_busy(stack), 60, what="indexer idle")
+    rows = pg(dsn(stack), "SELECT count(*) AS n FROM instance WHERE sop_instance_uid = "
+              "ANY($1::text[])", list(sop_uids))
+    return bool(rows[0]["n"] == 0)
+
+
+def _queue_busy(stack: Stack) -> bool:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost, "name",
+                          "messages", "--no-table-headers"], capture_output=True, text=True, check=True).stdout
+    return any(line.split()[-1] != "0" for line in out.splitlines()
+               if line.strip() and not line.split()[0].endswith(".dead"))
+
+
+@pytest.mark.usefixtures("chunked_send")
+@pytest.mark.parametrize(("case", "expected"), [
+    ("traversal_uid", statuses.INVALID_UID),
+    ("slash_uid", statuses.INVALID_UID),
+    ("missing_study_uid", statuses.INVALID_UID),
+    ("uid_mismatch", statuses.DATASET_DOES_NOT_MATCH),
+    ("truncated", statuses.CANNOT_UNDERSTAND),
+])
+def test_bad_instance_gets_a_failure_status_and_nothing_is_stored(
+        stack: Stack, tmp_path: Path, case: str, expected: int) -> None:
+    good_uid = uid("bad", case)
+    path = instance(tmp_path, case)
+    if case == "traversal_uid":
+        rewrite(path, meta_uid="../../x", dataset_uid="../../x")
+    elif case == "slash_uid":
+        rewrite(path, meta_uid="1.2/3", dataset_uid="1.2/3")
+    elif case == "missing_study_uid":
+        path = instance(tmp_path, case, study_uid="")
+    elif case == "uid_mismatch":
+        rewrite(path, meta_uid=good_uid + ".1")
+    elif case == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    assert send_file(stack, path) == expected
+    assert nothing_stored(stack, good_uid, good_uid + ".1", "../../x", "1.2/3")
+    assert "refused" in stack.log_text("gateway")
+    # ...and the gateway keeps serving.
+    ok = instance(tmp_path, case + "-after", sop_uid=uid("bad", case, "after"))
+    assert send_file(stack, ok) == statuses.SUCCESS
+
+
+def echo(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("echoscu"), "-v", *args, "127.0.0.1",
+                           str(stack.config.gateway_port)], capture_output=True, text=True,
+                          env=dcmtk_env(), timeout=60)
+
+
+def test_wrong_called_ae_title_is_rejected(stack: Stack) -> None:
+    proc = echo(stack, "-aec", "NOTUS")
+    assert proc.returncode != 0
+    assert "Called AE Title Not Recognized" in proc.stderr + proc.stdout
+    assert "called AE title 'NOTUS' is not ours" in stack.log_text("gateway")
+
+
+def test_unknown_calling_ae_title_is_rejected(stack: Stack, tmp_path: Path) -> None:
+    proc = echo(stack, "-aec", "MINIPACS", "-aet", "INTRUDER")
+    assert proc.returncode != 0
+    assert "Calling AE Title Not Recognized" in proc.stderr + proc.stdout
+    path = instance(tmp_path, "intruder")
+    result = storescu(stack.config.gateway_port, [path], aet="INTRUDER")
+    assert result.successes == 0
+    assert nothing_stored(stack, uid("bad", "intruder"))
+
+
+def test_known_ae_title_from_another_host_is_rejected(stack: Stack) -> None:
+    proc = echo(stack, "-aec", "MINIPACS", "-aet", "ELSEWHERE")
+    assert proc.returncode != 0
+    assert "known, but not from 127.0.0.1" in stack.log_text("gateway")
+
+
+def test_garbage_bytes_are_dropped_and_the_gateway_keeps_serving(stack: Stack) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.config.gateway_port), timeout=30) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\xff" * 1000)
+        s.settimeout(30)
+        try:
+            while s.recv(4096):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert echo(stack, "-aec", "MINIPACS").returncode == 0
