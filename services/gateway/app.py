@@ -7,12 +7,16 @@ import logging
 import tempfile
 import time
 
+import asyncpg
+from pynetdicom import evt
+
 from services.gateway.bridge import LoopBridge
+from services.gateway.find import Finder
 from services.gateway.handlers import AssociationIds, Gateway
 from services.gateway.server import build_ae, start
 from shared import broker
 from shared.ingest import Ingest
-from shared.lifecycle import heartbeat, heartbeat_path, stop_event
+from shared.lifecycle import heartbeat, heartbeat_path, retry_until, stop_event
 from shared.messages import InstanceReceived
 from shared.settings import GatewaySettings
 from shared.spool import Spool
@@ -32,12 +36,20 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
     await publisher.open()
     bridge = LoopBridge(asyncio.get_running_loop())
 
+    async def connect_db() -> asyncpg.Pool:
+        return await asyncpg.create_pool(settings.database_url, min_size=1,
+                                         max_size=settings.db_pool_size)
+
+    pool = await retry_until("PostgreSQL", connect_db, settings.startup_timeout)
+
     def publish(message: InstanceReceived) -> None:
         bridge.run(publisher.publish(message), settings.confirm_timeout + 1)
 
     gateway = Gateway(settings, Ingest(spool, publish), AssociationIds())
     ae = build_ae(settings)
-    server = start(ae, settings, gateway.handlers())
+    finder = Finder(settings, pool, bridge, gateway.ids)
+    handlers = [*gateway.handlers(), (evt.EVT_C_FIND, finder.on_find)]
+    server = start(ae, settings, handlers)
     log.info("gateway %s listening on %s:%d (max PDU %d, %d associations, allow-list %s)",
              settings.gateway_aet, settings.gateway_host, server.server_address[1],
              settings.max_pdu, settings.max_associations, "on" if settings.allow_list else "off")
@@ -52,6 +64,7 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
         server.server_close()
         beat.cancel()
         await connection.close()
+        await pool.close()
         log.info("gateway stopped")
 
 

@@ -25,7 +25,11 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from shared.settings import GatewaySettings
@@ -36,6 +40,9 @@ TRANSFER_SYNTAXES = [
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, HTJ2KLossless,
     HTJ2KLosslessRPCL, HTJ2K, RLELossless,
 ]
+
+FIND_MODELS = [PatientRootQueryRetrieveInformationModelFind,
+               StudyRootQueryRetrieveInformationModelFind]
 
 
 class NoDelayServer(ThreadedAssociationServer):
@@ -60,6 +67,8 @@ def build_ae(settings: GatewaySettings) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.require_called_aet = False  # decided by admission.admit, which also logs why
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:4])
+    for find_model in FIND_MODELS:
+        ae.add_supported_context(find_model, TRANSFER_SYNTAXES[:4])
     for cx in AllStoragePresentationContexts:
         if cx.abstract_syntax is not None:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 SUCCESS = 0x0000
+# Query/Retrieve (C-FIND). The failure codes are shared with C-STORE's below, which keep their
+# names in describe(): these are aliases with the C-FIND meaning.
+PENDING = 0xFF00                   # one match follows
+CANCEL = 0xFE00                    # matching stopped on C-CANCEL
+IDENTIFIER_DOES_NOT_MATCH = 0xA900  # no / unknown QueryRetrieveLevel, a level the model lacks
+UNABLE_TO_PROCESS = 0xC000         # the identifier cannot be decoded
 # C-STORE failures
 OUT_OF_RESOURCES = 0xA700          # we could not make it durable: the modality should retry
 DATASET_DOES_NOT_MATCH = 0xA900    # dataset UIDs differ from the command's
