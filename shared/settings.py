@@ -176,10 +176,6 @@ class GatewaySettings(Common):
     find_limit: int = 1000             # C-FIND matches sent at most (then 0xA700); 0: no limit
     find_timeout: float = 30.0         # the index query of one C-FIND
     find_pn_ignore_case: bool = True   # PN matching ignores case, as Orthanc's default
-    db_pool_size: int = 8              # PostgreSQL connections for C-FIND / retrieve look-ups
-    find_limit: int = 1000             # C-FIND matches sent at most (then 0xA700); 0: no limit
-    find_timeout: float = 30.0         # the index query of one C-FIND
-    find_pn_ignore_case: bool = True   # PN matching ignores case, as Orthanc's default
     move_start_timeout: float = 10.0   # no mover took the C-MOVE job by then: 0xA702
     move_idle_timeout: float = 60.0    # no progress from the mover for this long: 0xA702
 
