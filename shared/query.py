@@ -364,6 +364,8 @@ def _where(keys: dict[str, list[str]], level: str, p: _Params, opts: Options
 def build_find(identifier: Dataset, model: str, opts: Options) -> FindQuery:
     """C-FIND identifier -> SQL, parameters and the keys to return, for ``model``
     (``PATIENT_ROOT`` or ``STUDY_ROOT``)."""
+    if model not in (PATIENT_ROOT, STUDY_ROOT):
+        raise QueryError("identifier", "not a Patient Root or Study Root C-FIND")
     level = query_level(identifier, model)
     elements = _elements(identifier)
     keys = {kw: vals for _, kw, _, vals in elements if kw in COLUMNS and vals is not None}
