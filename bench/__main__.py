@@ -1,0 +1,63 @@
+"""``python -m bench [--quick] [--trials N] [--only ingest] [--no-doc] [--keep]``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from types import FrameType
+
+from bench.datasets import OUT
+from bench.ingest import Options, run_ingest
+from bench.report import DOC, markdown, rows, save_runs, targets, text_table, write_doc
+
+BENCHES = ("ingest",)
+FULL = {"ct": 300, "small": 2000}
+QUICK = {"ct": 60, "small": 300}
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through the cleanups: every process we started stops
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("bench", nargs="?", choices=BENCHES, help="default: all")
+    parser.add_argument("--only", choices=BENCHES, help="run only this bench")
+    parser.add_argument("--quick", action="store_true",
+                        help="ct 60, small 300, 1 trial; docs/benchmarks.md is left alone")
+    parser.add_argument("--trials", type=int, help="trials per measurement (default 3)")
+    parser.add_argument("--no-doc", action="store_true", help="do not update the docs")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep bench/out/run-*/ (server logs, storescu output)")
+    args = parser.parse_args(argv)
+    chosen = args.only or args.bench
+    signal.signal(signal.SIGTERM, _sigterm)
+    if chosen in (None, "ingest"):
+        opts = Options(sizes=QUICK if args.quick else FULL,
+                       trials=args.trials or (1 if args.quick else 3), keep=args.keep)
+        runs = run_ingest(opts)
+        save_runs(runs, OUT / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        table = rows(runs)
+        print()
+        print(text_table(table))
+        print()
+        for target in targets(table):
+            print(target.line())
+        command = "make bench" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else "")
+        section = markdown(table, opts.trials, command)
+        if args.quick or args.no_doc:
+            (OUT / "benchmarks-latest.md").write_text(section + "\n")
+        else:
+            write_doc(section)
+            print(f"\nwrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("interrupted: everything started by the bench was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,173 @@
+"""The servers under test: DCMTK storescp and Orthanc (peers), each started fresh and empty
+for every run, and minipacs (``target``), started once per bench run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import psutil
+
+from bench.cpu import CpuMeter
+from scripts.native import free_port, port_open, wait_for
+
+STORESCP = "/usr/bin/storescp"  # DCMTK's, never the pynetdicom one in .venv/bin
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def nodelay_env() -> dict[str, str]:
+    """Debian's DCMTK (and so Orthanc) leave Nagle on unless told: see PERFORMANCE.md."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL)
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+class Server(ABC):
+    """One server under test. ``begin`` makes it ready and empty; ``end`` cleans up."""
+
+    name: str
+    aet: str
+    port: int = 0
+
+    @abstractmethod
+    def begin(self, work: Path) -> None: ...
+
+    @abstractmethod
+    def meter(self) -> CpuMeter: ...
+
+    def indexed_after(self, t0: float, acked: int, deadline: float) -> float | None:
+        """Seconds from ``t0`` until everything acknowledged is indexed (minipacs only)."""
+        return None
+
+    @abstractmethod
+    def end(self) -> None: ...
+
+    def close(self) -> None:
+        self.end()
+
+
+class ProcessServer(Server):
+    """A peer run as one child process, restarted with an empty directory for every run."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir: Path | None = None
+
+    @abstractmethod
+    def launch(self, folder: Path) -> subprocess.Popen[bytes]: ...
+
+    @abstractmethod
+    def ready(self) -> bool: ...
+
+    def begin(self, work: Path) -> None:
+        self.dir = work / self.name
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        self.proc = self.launch(self.dir)
+        wait_for(f"{self.name} on port {self.port}", self._up, 60, 0.1)
+
+    def _up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+        return self.ready()
+
+    def process(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    def end(self) -> None:
+        terminate(self.proc)
+        self.proc = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+class StoreSCP(ProcessServer):
+    """DCMTK's storescp writing files (``--fork``: one process per association)."""
+
+    name = "storescp"
+    aet = "STORESCP"
+
+    def launch(self, folder: Path) -> subprocess.Popen[bytes]:
+        out = folder / "files"
+        out.mkdir()
+        return spawn([STORESCP, "--fork", "-aet", self.aet, "-od", str(out), str(self.port)],
+                     folder / "storescp.log", nodelay_env())
+
+    def ready(self) -> bool:
+        return port_open(self.port)
+
+    def meter(self) -> CpuMeter:
+        parent = self.process()
+        return CpuMeter(lambda: [(self.name, p) for p in (parent, *parent.children())],
+                        reaper=(self.name, parent))
+
+
+class Orthanc(ProcessServer):
+    """The Debian Orthanc with TCP_NODELAY=1, its own storage and index directories."""
+
+    name = "orthanc"
+    aet = "ORTHANC"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.http_port = 0
+
+    def launch(self, folder: Path) -> subprocess.Popen[bytes]:
+        self.http_port = free_port()
+        config = {
+            "Name": "bench",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "DicomAet": self.aet,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "DicomCheckCalledAet": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+        }
+        path = folder / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        return spawn([ORTHANC, str(path)], folder / "orthanc.log", nodelay_env())
+
+    def ready(self) -> bool:
+        url = f"http://127.0.0.1:{self.http_port}/system"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:  # loopback only
+                return bool(reply.status == 200) and port_open(self.port)
+        except OSError:
+            return False
+
+    def meter(self) -> CpuMeter:
+        proc = self.process()
+        return CpuMeter(lambda: [(self.name, proc)])
+
+
+def settle(seconds: float = 0.3) -> None:
+    """A short pause between runs so one server's tail does not bleed into the next."""
+    time.sleep(seconds)
