@@ -210,7 +210,7 @@ class MoverSettings(Common):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
-    progress_every: float = 0.05    # at most one progress message per this many seconds
+    progress_every: float = 0.0     # pause between progress messages (0: as fast as confirmed)
     keepalive_every: float = 5.0    # a progress message at least this often, even unchanged
 
     def finish(self, env: Mapping[str, str]) -> Self:

@@ -13,6 +13,7 @@ from pynetdicom import evt
 from services.gateway.bridge import LoopBridge
 from services.gateway.find import Finder
 from services.gateway.handlers import AssociationIds, Gateway
+from services.gateway.retrieve import install, open_retrieve
 from services.gateway.server import build_ae, start
 from shared import broker
 from shared.ingest import Ingest
@@ -48,7 +49,10 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
     gateway = Gateway(settings, Ingest(spool, publish), AssociationIds())
     ae = build_ae(settings)
     finder = Finder(settings, pool, bridge, gateway.ids)
-    handlers = [*gateway.handlers(), (evt.EVT_C_FIND, finder.on_find)]
+    install(ae)  # C-MOVE / C-GET served by retrieve.py, not by pynetdicom's sub-operations
+    retrieve = await open_retrieve(settings, pool, connection, publisher, bridge, gateway.ids)
+    handlers = [*gateway.handlers(), (evt.EVT_C_FIND, finder.on_find),
+                *retrieve.retriever.handlers()]
     server = start(ae, settings, handlers)
     log.info("gateway %s listening on %s:%d (max PDU %d, %d associations, allow-list %s)",
              settings.gateway_aet, settings.gateway_host, server.server_address[1],
@@ -63,6 +67,7 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
         await asyncio.to_thread(_wait_associations, ae, settings.dimse_timeout)
         server.server_close()
         beat.cancel()
+        await retrieve.close()
         await connection.close()
         await pool.close()
         log.info("gateway stopped")

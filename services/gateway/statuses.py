@@ -9,6 +9,10 @@ PENDING = 0xFF00                   # one match follows
 CANCEL = 0xFE00                    # matching stopped on C-CANCEL
 IDENTIFIER_DOES_NOT_MATCH = 0xA900  # no / unknown QueryRetrieveLevel, a level the model lacks
 UNABLE_TO_PROCESS = 0xC000         # the identifier cannot be decoded
+# C-MOVE / C-GET
+SUBOPERATIONS_UNABLE = 0xA702      # no sub-operation could be done (no mover, all failed)
+MOVE_DESTINATION_UNKNOWN = 0xA801  # the Move Destination is not a known node
+SUBOPERATIONS_WARNING = 0xB000     # some sub-operations failed or warned: see the failed list
 # C-STORE failures
 OUT_OF_RESOURCES = 0xA700          # we could not make it durable: the modality should retry
 DATASET_DOES_NOT_MATCH = 0xA900    # dataset UIDs differ from the command's

@@ -2,7 +2,8 @@
 
 Per job: record it (``move_job``), resolve what the identifier matches through the shared
 query module, send it with ``send.Sender`` in worker threads, publish ``move.progress`` while it
-runs (coalesced, at most every ``progress_every`` seconds, at least every ``keepalive_every``),
+runs (one per change while confirms keep up, coalesced when they don't; at least every
+``keepalive_every`` seconds),
 record the outcome, then ack. A job taken after its ``start_by`` is recorded as expired and not
 run; a cancel (``move.cancel``) stops it between two instances.
 """
@@ -177,7 +178,8 @@ class MoverWorker:
                 last_db = time.monotonic()
                 async with self.pool.acquire() as conn:
                     await jobs.progress(conn, job_id, *counts)
-            await asyncio.sleep(self.settings.progress_every)
+            if self.settings.progress_every:
+                await asyncio.sleep(self.settings.progress_every)
 
 
 async def _nothing() -> str:

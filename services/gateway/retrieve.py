@@ -1,0 +1,444 @@
+"""C-MOVE and C-GET on the gateway, owned by us instead of pynetdicom.
+
+pynetdicom's own C-MOVE SCP opens the association to the destination and performs the
+C-STORE sub-operations itself. Here it does neither: ``install`` makes pynetdicom use
+``RetrieveServiceClass`` for the C-MOVE / C-GET information models, which only relays the
+responses that our handlers yield.
+
+- C-MOVE (``Retriever.on_move``): the destination must be a node in ``remote_node`` (else
+  0xA801, no connection attempted). The job goes to the mover (``move.requested``); its
+  ``move.progress`` messages become pending responses with Remaining / Completed / Failed /
+  Warning, then the final status. No mover in ``move_start_timeout``, or silence for
+  ``move_idle_timeout``: 0xA702, not a hang. C-CANCEL: the job is cancelled, 0xFE00.
+- C-GET (``Retriever.on_get``): the instances go back on the same association, each streamed
+  from S3 to a temp file and sent as stored (SOP class, transfer syntax, bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from minio import Minio
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import association as _association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import encode
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import QueryRetrieveServiceClass
+
+from services.gateway import statuses
+from services.gateway.bridge import LoopBridge
+from shared import nodes, s3, topology
+from shared.broker import Publisher
+from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
+from shared.query import PATIENT_ROOT, STUDY_ROOT, QueryError, build_instances, find_instances
+from shared.query import query_level as _query_level
+from shared.settings import GatewaySettings, Node
+
+log = logging.getLogger("minipacs.gateway")
+
+MOVE_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.2": PATIENT_ROOT,   # Patient Root Q/R - MOVE
+    "1.2.840.10008.5.1.4.1.2.2.2": STUDY_ROOT,     # Study Root Q/R - MOVE
+}
+GET_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.3": PATIENT_ROOT,   # Patient Root Q/R - GET
+    "1.2.840.10008.5.1.4.1.2.2.3": STUDY_ROOT,     # Study Root Q/R - GET
+}
+_WARNING_STORE = frozenset({0x0001, 0x0107, 0x0116})
+
+
+# ---- responses (pure) ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Response:
+    """One C-MOVE / C-GET response. ``remaining`` only in pending and cancel responses;
+    ``failed_uids`` (Failed SOP Instance UID List) only with warning, failure or cancel."""
+
+    status: int
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    failed_uids: tuple[str, ...] | None = None
+    comment: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.status != statuses.PENDING
+
+
+def pending(remaining: int, completed: int, failed: int, warning: int) -> Response:
+    return Response(statuses.PENDING, remaining, completed, failed, warning)
+
+
+def final_response(state: str, remaining: int, completed: int, failed: int, warning: int,
+                   failed_uids: list[str] | tuple[str, ...], error: str = "") -> Response:
+    """The last response of a retrieve from its outcome (PS3.4 C.4.2.1.4, C.4.3.1.4)."""
+    uids = tuple(failed_uids)
+    if state == "canceled":
+        return Response(statuses.CANCEL, remaining, completed, failed, warning, uids, error)
+    if state == "expired":
+        return Response(statuses.SUBOPERATIONS_UNABLE, None, 0, 0, 0, None, error)
+    if state == "done" and not failed and not warning:
+        return Response(statuses.SUCCESS, None, completed, 0, 0)
+    if not completed and not warning:  # nothing arrived: a failure, not a warning
+        return Response(statuses.SUBOPERATIONS_UNABLE, None, 0, failed + remaining, 0, uids,
+                        error)
+    return Response(statuses.SUBOPERATIONS_WARNING, None, completed, failed + remaining, warning,
+                    uids, error)
+
+
+def identifier_status(exc: QueryError) -> int:
+    return (statuses.IDENTIFIER_DOES_NOT_MATCH if exc.kind == "identifier"
+            else statuses.UNABLE_TO_PROCESS)
+
+
+def read_identifier(identifier: Dataset, model: str) -> str:
+    """The level of a retrieve identifier, checked as far as it can be without the index
+    (raises ``QueryError``)."""
+    level = _query_level(identifier, model)
+    build_instances(level, identifier)
+    return level
+
+
+def store_outcome(status: int | None) -> str:
+    if status == 0x0000:
+        return "completed"
+    if status is not None and (status in _WARNING_STORE or 0xB000 <= status <= 0xBFFF):
+        return "warning"
+    return "failed"
+
+
+# ---- the service class pynetdicom runs for the C-MOVE / C-GET contexts ------------------------
+
+class RetrieveServiceClass(QueryRetrieveServiceClass):  # type: ignore[misc]
+    """Sends what the bound EVT_C_MOVE / EVT_C_GET handler yields: ``Response`` values, the
+    last one final. No sub-operation logic here."""
+
+    def _move_scp(self, req: C_MOVE, context: PresentationContext) -> None:
+        self._relay(req, context, C_MOVE, evt.EVT_C_MOVE)
+
+    def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
+        self._relay(req, context, C_GET, evt.EVT_C_GET)
+
+    def _relay(self, req: Any, context: PresentationContext, kind: Any, event: Any) -> None:
+        cx_id = int(context.context_id or 0)
+        syntax = context.transfer_syntax[0]
+        try:
+            responses = evt.trigger(self.assoc, event, {
+                "request": req, "context": context.as_tuple, "_is_cancelled": self.is_cancelled})
+            for response in responses or ():
+                if not self.assoc.is_established:
+                    return
+                self.dimse.send_msg(_primitive(kind, req, response, syntax), cx_id)
+                if response.final:
+                    return
+        except Exception:
+            log.exception("retrieve handler failed")
+            if self.assoc.is_established:
+                failure = Response(statuses.UNABLE_TO_PROCESS)
+                self.dimse.send_msg(_primitive(kind, req, failure, syntax), cx_id)
+
+
+def _primitive(kind: Any, req: Any, r: Response, syntax: Any) -> Any:
+    rsp = kind()
+    rsp.MessageIDBeingRespondedTo = req.MessageID
+    rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+    rsp.Status = r.status
+    rsp.NumberOfRemainingSuboperations = r.remaining
+    rsp.NumberOfCompletedSuboperations = r.completed
+    rsp.NumberOfFailedSuboperations = r.failed
+    rsp.NumberOfWarningSuboperations = r.warning
+    if r.comment and r.final and r.status not in (statuses.SUCCESS, statuses.CANCEL):
+        rsp.ErrorComment = r.comment[:64]
+    if r.failed_uids is not None and r.status != statuses.SUCCESS:
+        ds = Dataset()
+        ds.FailedSOPInstanceUIDList = list(r.failed_uids)
+        raw = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        rsp.Identifier = BytesIO(raw or b"")
+    return rsp
+
+
+_original_lookup = _association.uid_to_service_class  # type: ignore[attr-defined]
+
+
+def _service_class_for(uid: str) -> Any:
+    if uid in MOVE_MODELS or uid in GET_MODELS:
+        return RetrieveServiceClass
+    return _original_lookup(uid)
+
+
+def install(ae: AE) -> None:
+    """Serve C-MOVE / C-GET with ``RetrieveServiceClass`` (process-wide: the gateway is the one
+    AE here) and add their contexts, with the SCP role for storage so C-GET can send back."""
+    _association.uid_to_service_class = _service_class_for  # type: ignore[attr-defined]
+    _config.STORE_SEND_CHUNKED_DATASET = True  # C-GET sends stored files from disk
+    for uid in (*MOVE_MODELS, *GET_MODELS):
+        ae.add_supported_context(uid)
+    for cx in AllStoragePresentationContexts:
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, [], scu_role=False, scp_role=True)
+
+
+# ---- progress from the movers -------------------------------------------------------------------
+
+class ProgressBoard:
+    """Routes ``move.progress`` messages (every mover's, to every gateway) to the association
+    thread waiting for that job; others' jobs are ignored."""
+
+    def __init__(self) -> None:
+        self._inboxes: dict[str, queue.SimpleQueue[MoveProgress]] = {}
+        self._lock = threading.Lock()
+
+    def open(self, job_id: str) -> queue.SimpleQueue[MoveProgress]:
+        inbox: queue.SimpleQueue[MoveProgress] = queue.SimpleQueue()
+        with self._lock:
+            self._inboxes[job_id] = inbox
+        return inbox
+
+    def close(self, job_id: str) -> None:
+        with self._lock:
+            self._inboxes.pop(job_id, None)
+
+    def deliver(self, progress: MoveProgress) -> None:
+        with self._lock:
+            inbox = self._inboxes.get(progress.job_id)
+        if inbox is not None:
+            inbox.put(progress)
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self.deliver(MoveProgress.from_bytes(message.body))
+        except BadMessage as exc:
+            log.warning("ignoring unreadable move progress: %s", exc)
+
+
+# ---- the handlers ------------------------------------------------------------------------------
+
+@dataclass
+class Retriever:
+    settings: GatewaySettings
+    bridge: LoopBridge
+    publisher: Publisher
+    pool: asyncpg.Pool
+    s3: Minio
+    board: ProgressBoard
+    ids: Callable[[Any], int]
+    tmpdir: Path
+
+    def handlers(self) -> list[Any]:
+        return [(evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
+
+    def _db(self, coro: Any) -> Any:
+        return self.bridge.run(coro, self.settings.dimse_timeout)
+
+    async def _node(self, aet: str) -> Node | None:
+        async with self.pool.acquire() as conn:
+            return await nodes.by_aet(conn, aet)
+
+    def _publish(self, message: Any) -> bool:
+        try:
+            self.bridge.run(self.publisher.publish(message), self.settings.confirm_timeout + 1)
+        except Exception as exc:
+            log.warning("%s not published: %s", type(message).__name__, exc)
+            return False
+        return True
+
+    def _read(self, event: Event, models: dict[str, str]) -> tuple[str, Dataset]:
+        identifier = event.identifier
+        return read_identifier(identifier, models[event.context.abstract_syntax]), identifier
+
+    def on_move(self, event: Event) -> Iterator[Response]:
+        req: Any = event.request
+        assoc = event.assoc
+        who = f"assoc={self.ids(assoc)} msg={req.MessageID}"
+        try:
+            level, identifier = self._read(event, MOVE_MODELS)
+            body = identifier.to_json_dict()
+        except QueryError as exc:
+            log.warning("%s C-MOVE identifier refused: %s", who, exc.reason)
+            yield Response(identifier_status(exc), comment=exc.reason)
+            return
+        except Exception as exc:
+            log.warning("%s C-MOVE identifier unreadable: %s", who, exc)
+            yield Response(statuses.IDENTIFIER_DOES_NOT_MATCH, comment="unreadable identifier")
+            return
+        destination = str(req.MoveDestination or "").strip()
+        node = self._db(self._node(destination))
+        if node is None:
+            log.warning("%s C-MOVE %s to unknown destination %r -> 0xA801", who, level,
+                        destination)
+            yield Response(statuses.MOVE_DESTINATION_UNKNOWN,
+                           comment="move destination unknown")
+            return
+        timeout = self.settings.move_start_timeout
+        job = MoveRequested(
+            job_id=str(uuid.uuid4()), level=level, identifier=body, destination=node.name,
+            requested_by_aet=assoc.requestor.ae_title.strip(),
+            requested_by_host=str(assoc.requestor.address),
+            move_originator_message_id=int(req.MessageID),
+            requested_at=datetime.now(UTC).isoformat(), start_by=time.time() + timeout)
+        inbox = self.board.open(job.job_id)
+        try:
+            if not self._publish(job):
+                yield Response(statuses.SUBOPERATIONS_UNABLE, comment="could not queue the job")
+                return
+            log.info("%s C-MOVE %s to %s (%s@%s:%d): job=%s", who, level, destination,
+                     node.name, node.host, node.port, job.job_id[:8])
+            yield from self._relay(event, job.job_id, inbox, who)
+        finally:
+            self.board.close(job.job_id)
+
+    def _relay(self, event: Event, job_id: str, inbox: queue.SimpleQueue[MoveProgress],
+               who: str) -> Iterator[Response]:
+        s = self.settings
+        deadline = time.monotonic() + s.move_start_timeout + 1.0
+        why = f"no mover took the job within {s.move_start_timeout:g}s"
+        cancelling = False
+        last: tuple[int, int, int, int] | None = None
+        while True:
+            if not cancelling and event.is_cancelled:
+                log.info("%s C-CANCEL: cancelling job=%s", who, job_id[:8])
+                cancelling = True
+                self._publish(MoveCancel(job_id))
+                deadline = time.monotonic() + 10.0
+                why = "the mover did not confirm the cancel"
+            if not event.assoc.is_established:
+                self._publish(MoveCancel(job_id))
+                return
+            try:
+                progress = inbox.get(timeout=0.05)
+            except queue.Empty:
+                if time.monotonic() < deadline:
+                    continue
+                self._publish(MoveCancel(job_id))
+                log.warning("%s job=%s: %s", who, job_id[:8], why)
+                if cancelling and last is not None:
+                    yield Response(statuses.CANCEL, *last, failed_uids=())
+                else:
+                    yield Response(statuses.SUBOPERATIONS_UNABLE, comment=why)
+                return
+            deadline = time.monotonic() + s.move_idle_timeout
+            why = f"no progress from the mover for {s.move_idle_timeout:g}s"
+            p = progress
+            if p.final:
+                r = final_response(p.state, p.remaining, p.completed, p.failed, p.warning,
+                                   p.failed_uids, p.error)
+                log.info("%s C-MOVE job=%s %s -> %s: %d completed, %d failed, %d warning%s",
+                         who, job_id[:8], p.state, statuses.describe(r.status), p.completed,
+                         p.failed, p.warning, f" ({p.error})" if p.error else "")
+                yield r
+                return
+            counts = (p.remaining, p.completed, p.failed, p.warning)
+            if counts != last:
+                last = counts
+                yield pending(*counts)
+
+    # -- C-GET ---------------------------------------------------------------------------------
+    def on_get(self, event: Event) -> Iterator[Response]:
+        req: Any = event.request
+        assoc = event.assoc
+        who = f"assoc={self.ids(assoc)} msg={req.MessageID}"
+        try:
+            level, identifier = self._read(event, GET_MODELS)
+            refs = self._db(find_instances(self.pool, level, identifier))
+        except QueryError as exc:
+            log.warning("%s C-GET identifier refused: %s", who, exc.reason)
+            yield Response(identifier_status(exc), comment=exc.reason)
+            return
+        started = time.perf_counter()
+        remaining, completed, failed, warning = len(refs), 0, 0, 0
+        failed_uids: list[str] = []
+        log.info("%s C-GET %s: %d instances", who, level, remaining)
+        for n, ref in enumerate(refs):
+            if event.is_cancelled:
+                log.info("%s C-CANCEL after %d of %d", who, n, len(refs))
+                yield final_response("canceled", remaining, completed, failed, warning,
+                                     failed_uids)
+                return
+            if not assoc.is_established:
+                return
+            outcome = store_outcome(self._store(assoc, ref, (int(req.MessageID) + n) % 65535 + 1,
+                                                who))
+            remaining -= 1
+            if outcome == "completed":
+                completed += 1
+            elif outcome == "warning":
+                warning += 1
+            else:
+                failed += 1
+                failed_uids.append(ref.sop_instance_uid)
+            if remaining:
+                yield pending(remaining, completed, failed, warning)
+        r = final_response("done", 0, completed, failed, warning, failed_uids)
+        seconds = time.perf_counter() - started
+        log.info("%s C-GET -> %s: %d completed, %d failed, %d warning in %.2fs", who,
+                 statuses.describe(r.status), completed, failed, warning, seconds)
+        yield r
+
+    def _store(self, assoc: Any, ref: Any, msg_id: int, who: str) -> int | None:
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.tmpdir, prefix="get-",
+                                             suffix=".dcm") as tmp:
+                response = self.s3.get_object(self.settings.s3_bucket, ref.object_key)
+                try:
+                    for chunk in response.stream(1024 * 1024):
+                        tmp.write(chunk)
+                finally:
+                    response.close()
+                    response.release_conn()
+                tmp.flush()
+                status = assoc.send_c_store(Path(tmp.name), msg_id=msg_id)
+        except Exception as exc:  # S3 error, no accepted context for it, association gone
+            log.warning("%s C-GET sub-operation failed: %s: %s", who, type(exc).__name__, exc)
+            return None
+        value = getattr(status, "Status", None)
+        return int(value) if value is not None else None
+
+
+# ---- wiring ----------------------------------------------------------------------------------
+
+@dataclass
+class RetrieveResources:
+    retriever: Retriever
+    listener: AbstractQueue
+    tag: str
+
+    async def close(self) -> None:
+        await self.listener.cancel(self.tag)
+
+
+async def open_retrieve(settings: GatewaySettings, pool: asyncpg.Pool,
+                        connection: AbstractRobustConnection, publisher: Publisher,
+                        bridge: LoopBridge, ids: Callable[[Any], int]) -> RetrieveResources:
+    """Everything C-MOVE / C-GET need: the nodes seeded into the index, S3, and a listener
+    for move progress."""
+    async with pool.acquire() as conn:
+        await nodes.seed(conn, settings.nodes)
+    log.info("remote nodes seeded from settings: %s", ", ".join(
+        f"{n.name}={n.aet}@{n.host}:{n.port}" for n in settings.nodes.values()) or "none")
+    tmpdir = Path(settings.spool_dir) / "retrieve"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    board = ProgressBoard()
+    channel = await connection.channel()
+    listener = await topology.declare_listener(channel, topology.MOVE_PROGRESS)
+    tag = await listener.consume(board.on_message, no_ack=True)
+    retriever = Retriever(settings, bridge, publisher, pool, s3.client(settings), board, ids,
+                          tmpdir)
+    return RetrieveResources(retriever, listener, tag)

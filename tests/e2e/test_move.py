@@ -1,0 +1,412 @@
+"""Issue 3, C-MOVE end to end: DCMTK movescu asks minipacs to send to ARCHIVE, a real Orthanc;
+the mover sends; Orthanc's REST API shows exactly the requested instances, byte-identical.
+Also: pending counts, unknown destination, ARCHIVE down, mover down, C-CANCEL, jobs in
+PostgreSQL, "send study X to node Y" jobs, and Orthanc as the client (/modalities/x/move)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from scripts.native import Stack
+from shared.messages import MoveRequested
+from tests.conftest import TEST_NODES, dsn, make_stack, teardown
+from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
+from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
+from tests.orthanc import Orthanc, start_orthanc
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class World:
+    stack: Stack
+    archive: Orthanc
+    data: list[Made]
+    ct: list[Made]
+    tmp: Path
+
+    @property
+    def port(self) -> int:
+        return self.stack.config.gateway_port
+
+
+def indexed(stack: Stack, sop_uids: Sequence[str]) -> int:
+    rows = pg(dsn(stack), "SELECT count(*) AS n FROM instance WHERE sop_instance_uid = "
+              "ANY($1::text[])", list(sop_uids))
+    return int(rows[0]["n"])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("move")
+    stack = make_stack(tmp, "move", MINIPACS_MOVE_START_TIMEOUT="3",
+                       MINIPACS_MOVE_IDLE_TIMEOUT="20")
+    archive = start_orthanc(tmp / "archive", "ARCHIVE",
+                            {"minipacs": ["MINIPACS", "127.0.0.1", stack.config.gateway_port]})
+    stack.config.extra_env["MINIPACS_NODES"] = json.dumps(
+        {**TEST_NODES, "archive": ["ARCHIVE", "127.0.0.1", archive.dicom_port],
+         # a known node nobody listens on: "ARCHIVE down"
+         "offline": ["OFFLINE", "127.0.0.1", 9], "orthanc": ["ARCHIVE", "127.0.0.1", 9]})
+    try:
+        stack.start()
+        data = small_set(tmp / "small", patients=2, studies=2, series=2, per_series=3,
+                         tag="mv")
+        ct = ct_series(tmp / "ct", count=40, tag="mvct", size=128)
+        sent = storescu(stack.config.gateway_port, [m.path for m in data + ct])
+        assert sent.successes == len(data) + len(ct), sent.output
+        wait_until(lambda: indexed(stack, [m.sop_uid for m in data + ct]) == len(data + ct),
+                   60, what="the test data indexed")
+        yield World(stack, archive, data, ct, tmp)
+    finally:
+        archive.stop()
+        teardown(stack)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+def clear_archive(archive: Orthanc) -> None:
+    for pid in archive.rest("GET", "/patients"):
+        archive.rest("DELETE", f"/patients/{pid}")
+
+
+def archive_instances(archive: Orthanc) -> dict[str, str]:
+    """SOP Instance UID -> Orthanc id of everything the archive holds."""
+    out = {}
+    for oid in archive.rest("GET", "/instances"):
+        tags = archive.rest("GET", f"/instances/{oid}/simplified-tags")
+        out[tags["SOPInstanceUID"]] = oid
+    return out
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_archive_holds_exactly(w: World, expected: Sequence[Made]) -> None:
+    held = archive_instances(w.archive)
+    assert set(held) == {m.sop_uid for m in expected}
+    for m in expected:
+        path = w.tmp / "from-archive.dcm"
+        path.write_bytes(w.archive.rest("GET", f"/instances/{held[m.sop_uid]}/file"))
+        assert sha(dataset_bytes(path)) == sha(dataset_bytes(m.path)), m.sop_uid
+
+
+@dataclass
+class MoveResult:
+    returncode: int
+    output: str
+    pending: list[tuple[int, int, int, int]]  # (remaining, completed, failed, warning)
+    final: str
+
+
+def movescu(port: int, keys: dict[str, str], model: str = "-S", dest: str = "ARCHIVE",
+            extra: Sequence[str] = (), timeout: float = 120) -> MoveResult:
+    cmd = [dcmtk("movescu"), "-v", "-d", model, "-aet", "MOVESCU", "-aec", "MINIPACS",
+           "-aem", dest, *extra]
+    for k, v in keys.items():
+        cmd += ["-k", f"{k}={v}"]
+    cmd += ["127.0.0.1", str(port)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(),
+                          timeout=timeout)
+    return parse_move_output(proc.returncode, proc.stdout + proc.stderr)
+
+
+def parse_move_output(code: int, out: str) -> MoveResult:
+    """DCMTK's debug dump (``-d``) of each C-MOVE-RSP: the counts, then the status."""
+    pending = []
+    final = ""
+    for block in re.split(r"(?=I: Received (?:Final )?Move Response)", out)[1:]:
+
+        def count(name: str, text: str = block) -> int:
+            found = re.search(rf"{name} Suboperations\s*:\s*(\d+)", text)
+            return int(found.group(1)) if found else -1
+
+        if re.search(r"DIMSE Status\s*:\s*0xff00", block, re.I):
+            pending.append((count("Remaining"), count("Completed"), count("Failed"),
+                            count("Warning")))
+        else:
+            final = block
+    return MoveResult(code, out, pending, final)
+
+
+def final_has(result: MoveResult, status_hex: str) -> bool:
+    return re.search(rf"DIMSE Status\s*:\s*0x{status_hex}", result.final, re.I) is not None
+
+
+def job_rows(w: World, requested_by: str = "MOVESCU") -> list[dict[str, object]]:
+    return [dict(r) for r in pg(dsn(w.stack), "SELECT * FROM move_job WHERE requested_by_aet "
+                                "= $1 ORDER BY started_at", requested_by)]
+
+
+# ---- the seed's round trip ----------------------------------------------------------------------
+
+def test_nodes_are_seeded_from_settings(world: World) -> None:
+    rows = pg(dsn(world.stack), "SELECT name, aet, host, port, source FROM remote_node "
+              "ORDER BY name")
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["archive"]["aet"] == "ARCHIVE"
+    assert by_name["archive"]["port"] == world.archive.dicom_port
+    assert by_name["archive"]["source"] == "settings"
+    assert set(by_name) == {*TEST_NODES, "archive", "offline", "orthanc"}
+
+
+@pytest.mark.parametrize("level", ["PATIENT", "STUDY", "SERIES"])
+@pytest.mark.parametrize("model", ["-P", "-S"])
+def test_move_sends_exactly_the_requested_instances(world: World, level: str,
+                                                    model: str) -> None:
+    if model == "-S" and level == "PATIENT":
+        pytest.skip("the Study Root model has no PATIENT level (see the refusal test)")
+    clear_archive(world.archive)
+    first = world.data[0]
+    keys = {"QueryRetrieveLevel": level, "PatientID": first.patient_id}
+    if level in ("STUDY", "SERIES"):
+        keys["StudyInstanceUID"] = first.study_uid
+    if level == "SERIES":
+        keys["SeriesInstanceUID"] = first.series_uid
+    expected = [m for m in world.data if m.patient_id == first.patient_id
+                and (level == "PATIENT" or m.study_uid == first.study_uid)
+                and (level != "SERIES" or m.series_uid == first.series_uid)]
+    assert len(expected) == {"PATIENT": 12, "STUDY": 6, "SERIES": 3}[level]
+
+    result = movescu(world.port, keys, model)
+
+    assert final_has(result, "0000"), result.output
+    assert_archive_holds_exactly(world, expected)
+    # pending responses count down: remaining + completed = total, never going backwards
+    assert result.pending, result.output
+    for remaining, completed, failed, warning in result.pending:
+        assert remaining + completed + failed + warning == len(expected)
+        assert failed == warning == 0
+    assert [p[0] for p in result.pending] == sorted((p[0] for p in result.pending),
+                                                    reverse=True)
+    assert re.search(rf"Completed Suboperations\s*:\s*{len(expected)}", result.final)
+    job = job_rows(world)[-1]
+    assert job["state"] == "done" and job["completed"] == len(expected)
+    assert job["destination"] == "archive" and job["level"] == level
+
+
+def test_pending_responses_count_down_one_by_one_for_a_ct_series(world: World) -> None:
+    clear_archive(world.archive)
+    ct = world.ct
+    result = movescu(world.port, {"QueryRetrieveLevel": "SERIES",
+                                  "StudyInstanceUID": ct[0].study_uid,
+                                  "SeriesInstanceUID": ct[0].series_uid})
+    assert final_has(result, "0000"), result.output
+    assert_archive_holds_exactly(world, ct)
+    assert result.pending[0][0] == len(ct)  # the first pending response: nothing sent yet
+    assert len(result.pending) >= 2
+    assert all(r + c == len(ct) for r, c, _, _ in result.pending)
+
+
+def test_unknown_destination_is_a801_without_a_job(world: World) -> None:
+    before = len(job_rows(world))
+    result = movescu(world.port, {"QueryRetrieveLevel": "STUDY",
+                                  "StudyInstanceUID": world.data[0].study_uid},
+                     dest="NOBODY")
+    assert final_has(result, "A801"), result.output
+    assert not result.pending
+    assert len(job_rows(world)) == before
+
+
+@pytest.mark.parametrize(("keys", "model"), [
+    ({"PatientID": "MV-0000"}, "-P"),                               # no QueryRetrieveLevel
+    ({"QueryRetrieveLevel": "PATIENT", "PatientID": "MV-0000"}, "-S"),  # not in Study Root
+    ({"QueryRetrieveLevel": "STUDY", "PatientID": "MV-0000"}, "-S"),    # no StudyInstanceUID
+    ({"QueryRetrieveLevel": "WARD", "PatientID": "MV-0000"}, "-P"),
+])
+def test_malformed_identifiers_are_refused(world: World, keys: dict[str, str],
+                                           model: str) -> None:
+    result = movescu(world.port, keys, model)
+    assert final_has(result, "A900"), result.output
+
+
+def test_archive_down_fails_clearly_and_the_job_is_recorded_failed(world: World) -> None:
+    # "ORTHANC" is a known node whose AE title is ARCHIVE-like but nothing listens on it:
+    # use the OFFLINE node.
+    study = world.data[0].study_uid
+    expected = sum(1 for m in world.data if m.study_uid == study)
+    result = movescu(world.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                     dest="OFFLINE")
+    assert final_has(result, "A702"), result.output
+    assert re.search(rf"Failed Suboperations\s*:\s*{expected}", result.final)
+    job = job_rows(world)[-1]
+    assert job["state"] == "failed" and job["failed"] == expected
+    assert "OFFLINE" in str(job["error"])
+
+
+def store_deflated(w: World) -> Made:
+    """One MR instance in Deflated Explicit VR Little Endian, sent as is (pynetdicom, chunked:
+    the file's bytes on the wire) so minipacs stores it in that transfer syntax."""
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from pynetdicom import AE, _config
+
+    from tests.dicomgen import MR_IMAGE, make_instance, uid
+
+    path = w.tmp / "deflated.dcm"
+    sop = uid("mv-deflated")
+    make_instance(path, sop_class=MR_IMAGE, sop_uid=sop, study_uid=uid("mv-deflated", "st"),
+                  series_uid=uid("mv-deflated", "se"), patient_id="MV-DEFL",
+                  patient_name="DEFLATED^MOVE", rows=32, cols=32, modality="MR",
+                  instance_number=1)
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(MR_IMAGE, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", w.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(path).Status == 0x0000
+    finally:
+        assoc.release()
+    wait_until(lambda: indexed(w.stack, [sop]) == 1, 60, what="the deflated instance indexed")
+    return Made(path, "MV-DEFL", str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop)
+
+
+def test_archive_refusing_some_instances_gives_b000_with_their_uids(world: World) -> None:
+    """This Orthanc refuses the deflated transfer syntax: the deflated instance of a mixed
+    move fails (it is never converted), the CT one arrives byte-identical."""
+    deflated = store_deflated(world)
+    archive2 = start_orthanc(world.tmp / "picky", "ARCHIVE2",
+                             {"minipacs": ["MINIPACS", "127.0.0.1", world.port]},
+                             {"DeflatedTransferSyntaxAccepted": False})
+    try:
+        pg(dsn(world.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
+           "('picky', 'ARCHIVE2', '127.0.0.1', $1)", archive2.dicom_port)
+        ct = world.ct[0]
+        result = movescu(world.port, {
+            "QueryRetrieveLevel": "IMAGE",
+            "StudyInstanceUID": f"{deflated.study_uid}\\{ct.study_uid}",
+            "SeriesInstanceUID": f"{deflated.series_uid}\\{ct.series_uid}",
+            "SOPInstanceUID": f"{deflated.sop_uid}\\{ct.sop_uid}"}, dest="ARCHIVE2")
+        assert final_has(result, "B000"), result.output
+        assert re.search(r"Completed Suboperations\s*:\s*1\b", result.final)
+        assert re.search(r"Failed Suboperations\s*:\s*1\b", result.final)
+        assert deflated.sop_uid in result.final and ct.sop_uid not in result.final
+        assert set(archive_instances(archive2)) == {ct.sop_uid}
+        row = job_rows(world)[-1]
+        assert row["failed_uids"] == [deflated.sop_uid] and row["state"] == "done"
+    finally:
+        archive2.stop()
+
+
+def test_send_study_to_node_job_without_c_move(world: World) -> None:
+    """The API / routing-rule path: a move.requested message straight onto the broker."""
+    import asyncio
+
+    from shared import broker
+
+    clear_archive(world.archive)
+    study = world.data[-1].study_uid
+    expected = [m for m in world.data if m.study_uid == study]
+    ident = Dataset()
+    ident.StudyInstanceUID = study
+    job = MoveRequested(job_id=str(uuid.uuid4()), level="STUDY",
+                        identifier=ident.to_json_dict(), destination="archive", origin="api",
+                        requested_by_aet="API")
+
+    async def publish() -> None:
+        conn = await broker.connect(world.stack.env["MINIPACS_AMQP_URL"], 10)
+        try:
+            pub = broker.Publisher(conn, 10)
+            await pub.open()
+            await pub.publish(job)
+        finally:
+            await conn.close()
+
+    asyncio.run(publish())
+    wait_until(lambda: [r for r in job_rows(world, "API") if r["state"] == "done"], 60,
+               what="the API job done")
+    assert_archive_holds_exactly(world, expected)
+    row = job_rows(world, "API")[-1]
+    assert row["origin"] == "api" and row["completed"] == len(expected)
+
+
+def test_orthanc_as_the_client_moves_from_minipacs(world: World) -> None:
+    """Orthanc's REST /modalities/minipacs/move: minipacs sends the study to Orthanc itself."""
+    clear_archive(world.archive)
+    study = world.data[1]
+    expected = [m for m in world.data if m.study_uid == study.study_uid]
+    world.archive.rest("POST", "/modalities/minipacs/move", {
+        "Level": "Study", "Resources": [{"StudyInstanceUID": study.study_uid}],
+        "TargetAet": "ARCHIVE", "Timeout": 60})
+    assert_archive_holds_exactly(world, expected)
+    assert job_rows(world, "ARCHIVE")[-1]["state"] == "done"
+
+
+def test_orthanc_as_the_client_retrieves_from_minipacs(world: World) -> None:
+    """Orthanc's query + /answers/0/retrieve (a C-MOVE to itself)."""
+    clear_archive(world.archive)
+    study = world.data[2]
+    expected = [m for m in world.data if m.study_uid == study.study_uid]
+    q = world.archive.rest("POST", "/modalities/minipacs/query", {
+        "Level": "Study", "Query": {"StudyInstanceUID": study.study_uid}})
+    world.archive.rest("POST", f"/queries/{q['ID']}/answers/0/retrieve",
+                       {"TargetAet": "ARCHIVE", "Synchronous": True})
+    assert_archive_holds_exactly(world, expected)
+
+
+def test_c_cancel_stops_the_move(world: World) -> None:
+    """pynetdicom as the SCU (DCMTK's movescu cannot cancel): C-CANCEL after the first pending
+    responses; the final response is 0xFE00 and the job is recorded canceled, not all sent."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    clear_archive(world.archive)
+    # slow the destination: one association, so the 40 instances take a while
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", world.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "SERIES"
+    ident.StudyInstanceUID = world.ct[0].study_uid
+    ident.SeriesInstanceUID = world.ct[0].series_uid
+    statuses = []
+    try:
+        for n, (status, _) in enumerate(assoc.send_c_move(
+                ident, "ARCHIVE", StudyRootQueryRetrieveInformationModelMove, msg_id=7)):
+            statuses.append(status)
+            if n == 1:
+                assoc.send_c_cancel(7, query_model=StudyRootQueryRetrieveInformationModelMove)
+    finally:
+        assoc.release()
+    final = statuses[-1]
+    if final.Status == 0x0000:
+        pytest.skip("the move finished before the C-CANCEL arrived")
+    assert final.Status == 0xFE00
+    row = job_rows(world)[-1]
+    assert row["state"] == "canceled"
+    assert row["completed"] < len(world.ct)
+    assert len(archive_instances(world.archive)) == row["completed"]
+
+
+def test_mover_not_running_is_a_clear_failure_not_a_hang(world: World) -> None:
+    world.stack.kill("mover")
+    try:
+        started = time.monotonic()
+        result = movescu(world.port, {"QueryRetrieveLevel": "STUDY",
+                                      "StudyInstanceUID": world.data[0].study_uid}, timeout=60)
+        took = time.monotonic() - started
+        assert final_has(result, "A702"), result.output
+        assert took < 15, took
+    finally:
+        world.stack.start_service("mover")
+    # the job the gateway gave up on is recorded as expired once a mover sees it, not run
+    wait_until(lambda: [r for r in job_rows(world) if r["state"] == "expired"], 60,
+               what="the abandoned job recorded as expired")
