@@ -1,0 +1,174 @@
+"""Issue 3, C-GET end to end: DCMTK getscu retrieves from minipacs on the same association;
+the files it writes carry the very dataset bytes that were stored."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from scripts.native import Stack
+from tests.conftest import dsn, make_stack, teardown
+from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
+from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class World:
+    stack: Stack
+    data: list[Made]
+    ct: list[Made]
+
+    @property
+    def port(self) -> int:
+        return self.stack.config.gateway_port
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("get")
+    stack = make_stack(tmp, "get")
+    try:
+        stack.start()
+        data = small_set(tmp / "small", patients=2, studies=2, series=2, per_series=3,
+                         tag="gt")
+        ct = ct_series(tmp / "ct", count=30, tag="gtct", size=128)
+        sent = storescu(stack.config.gateway_port, [m.path for m in data + ct])
+        assert sent.successes == len(data) + len(ct), sent.output
+        uids = [m.sop_uid for m in data + ct]
+
+        def indexed() -> bool:
+            rows = pg(dsn(stack), "SELECT count(*) AS n FROM instance WHERE sop_instance_uid "
+                      "= ANY($1::text[])", uids)
+            return int(rows[0]["n"]) == len(uids)
+
+        wait_until(indexed, 60, what="the test data indexed")
+        yield World(stack, data, ct)
+    finally:
+        teardown(stack)
+
+
+@dataclass
+class GetResult:
+    returncode: int
+    output: str
+    pending: list[tuple[int, int, int, int]]
+    final: str
+
+
+def getscu(port: int, keys: dict[str, str], out: Path, model: str = "-S",
+           extra: Sequence[str] = ()) -> GetResult:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [dcmtk("getscu"), "-d", model, "-aet", "GETSCU", "-aec", "MINIPACS", "-od", str(out),
+           *extra]
+    for k, v in keys.items():
+        cmd += ["-k", f"{k}={v}"]
+    cmd += ["127.0.0.1", str(port)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=120)
+    text = proc.stdout + proc.stderr
+    pending, final = [], ""
+    for block in re.split(r"(?=Received C-GET Response|Received Final C-GET Response)",
+                          text)[1:]:
+
+        def count(name: str, b: str = block) -> int:
+            found = re.search(rf"{name} Suboperations\s*:\s*(\d+)", b)
+            return int(found.group(1)) if found else -1
+
+        if re.search(r"DIMSE Status\s*:\s*0xff00", block, re.I):
+            pending.append((count("Remaining"), count("Completed"), count("Failed"),
+                            count("Warning")))
+        elif "DIMSE Status" in block and "C-GET RSP" in block:
+            final = block
+    return GetResult(proc.returncode, text, pending, final)
+
+
+def received(out: Path) -> dict[str, Path]:
+    files = {}
+    for path in out.iterdir():
+        if path.is_file():
+            files[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
+    return files
+
+
+def test_getscu_retrieves_a_study_byte_identical(world: World, tmp_path: Path) -> None:
+    first = world.data[0]
+    expected = [m for m in world.data if m.study_uid == first.study_uid]
+    result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
+                                 "StudyInstanceUID": first.study_uid}, tmp_path / "out")
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+    files = received(tmp_path / "out")
+    assert set(files) == {m.sop_uid for m in expected}
+    for m in expected:
+        assert dataset_bytes(files[m.sop_uid]) == dataset_bytes(m.path), m.sop_uid
+    # pending responses after each sub-operation but the last, counting down
+    assert [p[0] for p in result.pending] == list(range(len(expected) - 1, 0, -1))
+    assert all(r + c == len(expected) and f == w == 0 for r, c, f, w in result.pending)
+
+
+def test_getscu_patient_root_series_level(world: World, tmp_path: Path) -> None:
+    ct = world.ct
+    result = getscu(world.port, {"QueryRetrieveLevel": "SERIES", "PatientID": ct[0].patient_id,
+                                 "StudyInstanceUID": ct[0].study_uid,
+                                 "SeriesInstanceUID": ct[0].series_uid}, tmp_path / "out",
+                    model="-P")
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+    files = received(tmp_path / "out")
+    assert set(files) == {m.sop_uid for m in ct}
+    for m in ct:
+        assert dataset_bytes(files[m.sop_uid]) == dataset_bytes(m.path)
+
+
+def test_get_of_nothing_is_success_with_zero_counts(world: World, tmp_path: Path) -> None:
+    result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
+                                 "StudyInstanceUID": "1.2.3.4.5.6.7.8.9"}, tmp_path / "out")
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("keys", [
+    {"StudyInstanceUID": "1.2.3"},                                    # no QueryRetrieveLevel
+    {"QueryRetrieveLevel": "PATIENT", "PatientID": "GT-0000"},        # not in Study Root
+    {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": "1.2.3"},    # no SeriesInstanceUID
+])
+def test_malformed_identifiers_are_refused(world: World, tmp_path: Path,
+                                           keys: dict[str, str]) -> None:
+    result = getscu(world.port, keys, tmp_path / "out")
+    assert re.search(r"DIMSE Status\s*:\s*0xa900", result.final, re.I), result.output
+
+
+def test_get_without_a_storage_context_fails_the_sub_operations(world: World) -> None:
+    """A C-GET SCU that offers no storage context for the stored SOP class: every
+    sub-operation fails, the final status is 0xA702 with the failed UIDs, nothing hangs."""
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)  # the study is MR
+    assoc = ae.associate("127.0.0.1", world.port, ae_title="MINIPACS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)])
+    assert assoc.is_established
+    study = world.data[0].study_uid
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "STUDY"
+    ident.StudyInstanceUID = study
+    try:
+        responses = list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
+    finally:
+        assoc.release()
+    status, identifier = responses[-1]
+    expected = {m.sop_uid for m in world.data if m.study_uid == study}
+    assert status.Status == 0xA702
+    assert status.NumberOfFailedSuboperations == len(expected)
+    assert set(identifier.FailedSOPInstanceUIDList) == expected
