@@ -1,0 +1,179 @@
+"""Pure parts of C-MOVE / C-GET: final statuses, identifier checks, sub-operation outcomes,
+presentation-context planning, the tally, progress routing and the move messages."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import pytest
+from pydicom.dataset import Dataset
+
+from services.gateway import statuses
+from services.gateway.retrieve import (
+    ProgressBoard,
+    final_response,
+    identifier_status,
+    pending,
+    read_identifier,
+    store_outcome,
+)
+from services.mover.send import MAX_CONTEXTS, Tally, classify, plan_contexts
+from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
+from shared.query import PATIENT_ROOT, STUDY_ROOT, QueryError
+
+
+@dataclass(frozen=True)
+class Ref:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    object_key: str = "k"
+
+
+# ---- final responses ---------------------------------------------------------------------------
+
+def test_all_completed_is_success_without_a_failed_list() -> None:
+    r = final_response("done", 0, 5, 0, 0, [])
+    assert (r.status, r.completed, r.failed, r.remaining, r.failed_uids) == (
+        statuses.SUCCESS, 5, 0, None, None)
+    assert r.final
+
+
+def test_some_failed_is_b000_with_the_failed_uids() -> None:
+    r = final_response("done", 0, 3, 2, 0, ["1.2.3", "1.2.4"])
+    assert r.status == statuses.SUBOPERATIONS_WARNING == 0xB000
+    assert r.failed_uids == ("1.2.3", "1.2.4") and r.remaining is None
+
+
+def test_warnings_alone_are_b000() -> None:
+    assert final_response("done", 0, 0, 0, 2, []).status == 0xB000
+
+
+def test_nothing_delivered_is_a702_and_counts_the_unsent_as_failed() -> None:
+    r = final_response("failed", 0, 0, 4, 0, ["1", "2", "3", "4"], "ARCHIVE is not reachable")
+    assert r.status == statuses.SUBOPERATIONS_UNABLE == 0xA702
+    assert r.failed == 4 and r.comment == "ARCHIVE is not reachable"
+
+
+def test_cancel_keeps_remaining() -> None:
+    r = final_response("canceled", 7, 3, 0, 0, [])
+    assert (r.status, r.remaining, r.completed) == (0xFE00, 7, 3)
+    assert r.failed_uids == ()
+
+
+def test_expired_is_a702() -> None:
+    assert final_response("expired", 0, 0, 0, 0, []).status == 0xA702
+
+
+def test_pending_is_not_final() -> None:
+    p = pending(3, 1, 0, 0)
+    assert p.status == 0xFF00 and not p.final and p.remaining == 3
+
+
+# ---- identifiers --------------------------------------------------------------------------------
+
+def ident(**keys: str) -> Dataset:
+    ds = Dataset()
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def test_read_identifier_levels() -> None:
+    assert read_identifier(ident(QueryRetrieveLevel="PATIENT", PatientID="P"),
+                           PATIENT_ROOT) == "PATIENT"
+    assert read_identifier(ident(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2",
+                                 SeriesInstanceUID="1.2.3"), STUDY_ROOT) == "SERIES"
+
+
+@pytest.mark.parametrize(("keys", "model"), [
+    ({"PatientID": "P"}, PATIENT_ROOT),
+    ({"QueryRetrieveLevel": "PATIENT", "PatientID": "P"}, STUDY_ROOT),
+    ({"QueryRetrieveLevel": "STUDY"}, STUDY_ROOT),
+    ({"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.*"}, STUDY_ROOT),
+    ({"QueryRetrieveLevel": "WARD", "PatientID": "P"}, PATIENT_ROOT),
+])
+def test_read_identifier_refuses(keys: dict[str, str], model: str) -> None:
+    with pytest.raises(QueryError) as info:
+        read_identifier(ident(**keys), model)
+    assert identifier_status(info.value) == statuses.IDENTIFIER_DOES_NOT_MATCH
+
+
+# ---- sub-operation outcomes ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    (0x0000, "completed"), (0xB000, "warning"), (0xB007, "warning"), (0x0001, "warning"),
+    (0xA700, "failed"), (0xC000, "failed"), (0x0122, "failed"), (None, "failed"),
+])
+def test_store_statuses(status: int | None, outcome: str) -> None:
+    assert classify(status) == outcome
+    assert store_outcome(status) == outcome
+
+
+# ---- presentation contexts ---------------------------------------------------------------------
+
+def test_one_context_per_stored_class_and_syntax() -> None:
+    refs = [Ref("1", "ct", "ex"), Ref("2", "ct", "ex"), Ref("3", "ct", "jpeg"),
+            Ref("4", "mr", "ex")]
+    assert plan_contexts(refs) == [refs]
+
+
+def test_too_many_pairs_are_split_keeping_each_pair_in_one_group() -> None:
+    refs = [Ref(str(i), f"class{i % 200}", "ex") for i in range(400)]
+    groups = plan_contexts(refs)
+    assert sum(len(g) for g in groups) == 400
+    for g in groups:
+        assert len({(r.sop_class_uid, r.transfer_syntax) for r in g}) <= MAX_CONTEXTS
+    owner = {}
+    for n, g in enumerate(groups):
+        for r in g:
+            assert owner.setdefault(r.sop_class_uid, n) == n
+
+
+# ---- tally and progress routing ------------------------------------------------------------------
+
+def test_tally_counts_from_many_threads() -> None:
+    changes = []
+    tally = Tally(400, on_change=lambda: changes.append(1))
+
+    def work(k: int) -> None:
+        for i in range(100):
+            tally.record(f"{k}.{i}", ("completed", "failed", "warning", "completed")[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    remaining, completed, failed, warning, uids = tally.snapshot()
+    assert (remaining, completed, failed, warning) == (0, 200, 100, 100)
+    assert len(uids) == 100 and len(changes) == 400
+
+
+def test_progress_goes_only_to_the_waiting_job() -> None:
+    board = ProgressBoard()
+    inbox = board.open("job-a")
+    board.deliver(MoveProgress("job-b", "running", 3))
+    board.deliver(MoveProgress("job-a", "running", 2, 1))
+    assert inbox.get_nowait() == MoveProgress("job-a", "running", 2, 1)
+    assert inbox.empty()
+    board.close("job-a")
+    board.deliver(MoveProgress("job-a", "done"))
+    assert inbox.empty()
+
+
+# ---- messages ----------------------------------------------------------------------------------
+
+def test_move_messages_round_trip() -> None:
+    job = MoveRequested(job_id="0b7e", level="STUDY",
+                        identifier={"0020000D": {"vr": "UI", "Value": ["1.2.3"]}},
+                        destination="archive", origin="api", start_by=12.5)
+    assert MoveRequested.from_bytes(job.to_bytes()) == job
+    done = MoveProgress("0b7e", "done", 0, 2, 1, 0, ["1.2.3.4"])
+    assert MoveProgress.from_bytes(done.to_bytes()) == done and done.final
+    assert not MoveProgress("0b7e", "running").final
+    assert MoveCancel.from_bytes(MoveCancel("0b7e").to_bytes()).job_id == "0b7e"
+    assert job.routing_key == "move.requested" and done.routing_key == "move.progress"
+    with pytest.raises(BadMessage):
+        MoveRequested.from_bytes(b'{"v": 1, "job_id": "x"}')
