@@ -69,9 +69,10 @@ def rabbitmq() -> list[psutil.Process]:
 
 
 def busy_seconds() -> float:
-    """Machine-wide non-idle CPU seconds so far."""
+    """Machine-wide CPU seconds spent running something so far (not idle, iowait, steal;
+    guest time is already inside user)."""
     t = psutil.cpu_times()
-    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+    return float(sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq")))
 
 
 def rusage_seconds(who: int) -> float:

@@ -40,7 +40,7 @@ class Row:
     vs: dict[str, float]  # minipacs / peer, median of the per-trial (paired) ratios
     indexed: float  # median of (time until all indexed) / (ack time); inf if a run timed out
     lost: int  # instances not acknowledged, over all runs of this cell
-    others: float  # median CPU-s used by other processes on the machine during a run
+    others: dict[str, float]  # per server: median CPU-s of other processes during its runs
     parts: dict[str, float]  # minipacs CPU s per 1000 instances by component (medians)
 
 
@@ -72,7 +72,7 @@ def rows(runs: list[Run]) -> list[Row]:
                        {s: per(s, lambda r: r.mb_rate) for s in servers},
                        {s: per(s, lambda r: r.cpu_per_1000) for s in servers},
                        vs, idx, sum(r.count - r.acked for r in cell),
-                       median(r.others for r in cell), parts))
+                       {s: per(s, lambda r: r.others) for s in servers}, parts))
     return out
 
 
@@ -184,8 +184,9 @@ def markdown(table: list[Row], trials: int, command: str) -> str:
     for k in names:
         out.append(f"| minipacs: {k} | "
                    + " | ".join(_f(r.parts.get(k, math.nan), 2) for r in table) + " |")
-    out.append("| other processes on the machine, CPU-s per run (noise) | "
-               + " | ".join(_f(r.others, 1) for r in table) + " |")
+    for s in SERVERS:
+        out.append(f"| noise: CPU-s used by other processes during a {s} run | "
+                   + " | ".join(_f(r.others.get(s, math.nan), 1) for r in table) + " |")
     lost = sum(r.lost for r in table)
     out += ["", f"Instances not acknowledged: {lost}." if lost else
             "Every instance sent was acknowledged with Success by every server.", "", END]
