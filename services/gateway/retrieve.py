@@ -334,8 +334,9 @@ class Retriever:
                 else:
                     yield Response(statuses.SUBOPERATIONS_UNABLE, comment=why)
                 return
-            deadline = time.monotonic() + s.move_idle_timeout
-            why = f"no progress from the mover for {s.move_idle_timeout:g}s"
+            if not cancelling:  # a cancel has its own, fixed deadline
+                deadline = time.monotonic() + s.move_idle_timeout
+                why = f"no progress from the mover for {s.move_idle_timeout:g}s"
             p = progress
             if p.final:
                 r = final_response(p.state, p.remaining, p.completed, p.failed, p.warning,
@@ -345,10 +346,10 @@ class Retriever:
                          p.failed, p.warning, f" ({p.error})" if p.error else "")
                 yield r
                 return
-            counts = (p.remaining, p.completed, p.failed, p.warning)
-            if counts != last:
-                last = counts
-                yield pending(*counts)
+            # every running message, even a keep-alive with the same counts: SCUs with a DIMSE
+            # timeout (pynetdicom's 30 s) must hear from us while a large instance travels
+            last = (p.remaining, p.completed, p.failed, p.warning)
+            yield pending(*last)
 
     # -- C-GET ---------------------------------------------------------------------------------
     def on_get(self, event: Event) -> Iterator[Response]:

@@ -390,7 +390,9 @@ def test_c_cancel_stops_the_move(world: World) -> None:
     if final.Status == 0x0000:
         pytest.skip("the move finished before the C-CANCEL arrived")
     assert final.Status == 0xFE00
-    row = job_rows(world)[-1]
+    row = wait_until(lambda: next((r for r in job_rows(world)[-1:]
+                                   if r["state"] != "running"), None), 60,
+                     what="the cancelled job recorded")
     assert row["state"] == "canceled"
     assert row["completed"] < len(world.ct)
     assert len(archive_instances(world.archive)) == row["completed"]
