@@ -35,6 +35,8 @@ def wait_for(what: str, check: object, timeout: float = 60.0, every: float = 0.2
         try:
             if check():  # type: ignore[operator]
                 return
+        except RuntimeError:
+            raise  # the thing we wait for has died: no point waiting on
         except Exception as exc:
             last = exc
         time.sleep(every)
@@ -51,6 +53,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int = 8) -> int:
+    """A base port P with P..P+size and their gRPC twins P+10000.. all free (SeaweedFS opens
+    both), outside the kernel's ephemeral range so other clients don't take them meanwhile."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 30000 - size)  # noqa: S311
+        if all(_bindable(p) and _bindable(p + 10000) for p in range(base, base + size)):
+            return base
+    raise RuntimeError("no free block of ports for SeaweedFS")
 
 
 def _psql(sql: str, db: str = "postgres") -> str:
@@ -185,7 +208,15 @@ class Stack:
                            f"-volume.port={p + 2}", f"-filer.port={p + 3}",
                            f"-admin.port={p + 4}", f"-s3.port.iceberg={p + 5}",
                            f"-s3.metricsPort={p + 6}", "-admin.ui=false", "-webdav=false"], env)
-        wait_for("SeaweedFS S3", lambda: _http_up(f"http://127.0.0.1:{p}/"), 90)
+        proc = self.procs["s3"]
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited with {proc.returncode}: "
+                                   f"{self.log_text('s3')[-500:]}")
+            return _http_up(f"http://127.0.0.1:{p}/")
+
+        wait_for("SeaweedFS S3", up, 90)
 
     def prepare(self) -> None:
         c = self.config

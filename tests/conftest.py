@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from minio import Minio
 
-from scripts.native import Stack, StackConfig, drop_database, drop_vhost, free_port
+from scripts.native import (
+    Stack,
+    StackConfig,
+    drop_database,
+    drop_vhost,
+    free_port,
+    free_port_block,
+)
 
 # DCMTK's default calling AE titles, and ours for pynetdicom clients, all from loopback.
 TEST_NODES = {
@@ -28,9 +35,7 @@ TEST_NODES = {
 
 def make_stack(tmp: Path, name: str, **env: str) -> Stack:
     tag = f"{name}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    s3_port = free_port()
-    while s3_port > 50000 or s3_port < 2000:
-        s3_port = free_port()
+    s3_port = free_port_block()
     config = StackConfig(
         base_dir=tmp / tag,
         gateway_port=free_port(),
