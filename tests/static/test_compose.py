@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 import yaml
 
-from shared.settings import Common, GatewaySettings, IndexerSettings, StorageSettings, parse_nodes
+from shared.settings import (
+    Common,
+    GatewaySettings,
+    IndexerSettings,
+    MoverSettings,
+    StorageSettings,
+    parse_nodes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -32,6 +39,7 @@ PYTHON_SERVICES = {  # compose service -> the settings class its process reads
     "gateway": GatewaySettings,
     "storage": StorageSettings,
     "indexer": IndexerSettings,
+    "mover": MoverSettings,
 }
 ONE_SHOT = {"migrate"}
 INFRA = {"postgres", "rabbitmq", "minio"}
