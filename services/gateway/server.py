@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from services.gateway import fastpath
 from shared.settings import GatewaySettings
 
 TRANSFER_SYNTAXES = [
@@ -58,6 +59,7 @@ class NoDelayServer(ThreadedAssociationServer):
 def build_ae(settings: GatewaySettings) -> AE:
     # Received datasets go straight to a temp file in the spool (bounded memory), never to RAM.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    fastpath.install()
     _config.LOG_HANDLER_LEVEL = "standard"
     ae = AE(ae_title=settings.gateway_aet)
     ae.maximum_associations = settings.max_associations
