@@ -28,6 +28,9 @@ TEST_NODES = {
     "movescu": ["MOVESCU", "127.0.0.1", 104],
     "getscu": ["GETSCU", "127.0.0.1", 104],
     "testscu": ["TESTSCU", "127.0.0.1", 104],
+    # may echo and query, not store or retrieve (Orthanc's Allow* flags)
+    "readonly": {"AET": "READONLY", "Host": "127.0.0.1", "Port": 104, "AllowStore": False,
+                 "AllowMove": False, "AllowGet": False},
     # known, but only from another host: used to prove the host check
     "elsewhere": ["ELSEWHERE", "127.0.0.2", 104],
 }

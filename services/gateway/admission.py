@@ -35,6 +35,18 @@ def host_matches(node_host: str, peer_host: str,
     return peer_host in (resolve or _addresses)(node_host)
 
 
+def permitted(operation: str, calling_aet: str, peer_host: str, allow_list: bool,
+              check_host: bool, nodes: dict[str, Node]) -> bool:
+    """May this caller use ``operation`` (echo / store / find / move / get)? With the allow-list
+    off every caller may; with it on, a node matching the caller must allow it (Orthanc's
+    ``AllowEcho``, ``AllowStore``, ``AllowFind``, ``AllowMove``, ``AllowGet``)."""
+    if not allow_list:
+        return True
+    calling = calling_aet.strip()
+    return any(n.may(operation) for n in nodes.values()
+               if n.aet == calling and (not check_host or host_matches(n.host, peer_host)))
+
+
 def admit(calling_aet: str, called_aet: str, peer_host: str, our_aet: str,
           require_called_aet: bool, allow_list: bool, check_host: bool,
           nodes: dict[str, Node]) -> Decision:

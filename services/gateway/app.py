@@ -48,9 +48,10 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
 
     gateway = Gateway(settings, Ingest(spool, publish), AssociationIds())
     ae = build_ae(settings)
-    finder = Finder(settings, pool, bridge, gateway.ids)
+    finder = Finder(settings, pool, bridge, gateway.ids, gateway.may)
     install(ae)  # C-MOVE / C-GET served by retrieve.py, not by pynetdicom's sub-operations
     retrieve = await open_retrieve(settings, pool, connection, publisher, bridge, gateway.ids)
+    retrieve.retriever.may = gateway.may
     handlers = [*gateway.handlers(), (evt.EVT_C_FIND, finder.on_find),
                 *retrieve.retriever.handlers()]
     server = start(ae, settings, handlers)

@@ -65,6 +65,7 @@ class Finder:
     pool: asyncpg.Pool
     bridge: LoopBridge
     ids: Callable[[Association], int]
+    may: Callable[[Association, str], bool] = lambda _assoc, _op: True  # per-node permission
 
     def options(self) -> Options:
         s = self.settings
@@ -78,6 +79,9 @@ class Finder:
         what = f"assoc={self.ids(event.assoc)} msg={req.MessageID} C-FIND " \
                f"{_MODEL_NAME.get(model, 'unknown-model')}"
         opts = self.options()
+        if not self.may(event.assoc, "find"):
+            yield failure(statuses.NOT_AUTHORIZED, "this node may not query"), None
+            return
         try:
             identifier = event.identifier
             log.debug("%s identifier: %s", what, describe_keys(identifier))

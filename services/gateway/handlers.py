@@ -17,7 +17,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from services.gateway import statuses
-from services.gateway.admission import admit
+from services.gateway.admission import admit, permitted
 from shared.ingest import Caller, Ingest
 from shared.settings import GatewaySettings
 
@@ -53,6 +53,16 @@ class Gateway:
 
     def caller(self, assoc: Association) -> Caller:
         return Caller(assoc.requestor.ae_title.strip(), str(assoc.requestor.address))
+
+    def may(self, assoc: Association, operation: str) -> bool:
+        """Per-node permission for ``operation``; logs the refusal."""
+        s = self.settings
+        calling, host = assoc.requestor.ae_title.strip(), str(assoc.requestor.address)
+        if permitted(operation, calling, host, s.allow_list, s.check_host, s.nodes):
+            return True
+        log.warning("assoc=%d %s@%s may not %s (node settings) -> %s", self.ids(assoc), calling,
+                    host, operation, statuses.describe(statuses.NOT_AUTHORIZED))
+        return False
 
     # -- association -------------------------------------------------------------------------
     def on_requested(self, event: Event) -> None:
@@ -91,6 +101,8 @@ class Gateway:
 
     # -- DIMSE -------------------------------------------------------------------------------
     def on_echo(self, event: Event) -> int:
+        if not self.may(event.assoc, "echo"):
+            return statuses.NOT_AUTHORIZED
         log.info("assoc=%d msg=%s C-ECHO -> Success", self.ids(event.assoc),
                  event.request.MessageID)
         return statuses.SUCCESS
@@ -99,6 +111,8 @@ class Gateway:
         started = time.perf_counter()
         req = cast(C_STORE, event.request)
         assoc = event.assoc
+        if not self.may(assoc, "store"):
+            return statuses.NOT_AUTHORIZED
         path = Path(event.dataset_path)
         outcome = self.ingest.accept_file(
             path, str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),

@@ -241,6 +241,7 @@ class Retriever:
     board: ProgressBoard
     ids: Callable[[Any], int]
     tmpdir: Path
+    may: Callable[[Any, str], bool] = lambda _assoc, _op: True  # per-node permission
 
     def handlers(self) -> list[Any]:
         return [(evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
@@ -268,6 +269,9 @@ class Retriever:
         req: Any = event.request
         assoc = event.assoc
         who = f"assoc={self.ids(assoc)} msg={req.MessageID}"
+        if not self.may(assoc, "move"):
+            yield Response(statuses.NOT_AUTHORIZED, comment="this node may not C-MOVE")
+            return
         try:
             level, identifier = self._read(event, MOVE_MODELS)
             body = identifier.to_json_dict()
@@ -356,6 +360,9 @@ class Retriever:
         req: Any = event.request
         assoc = event.assoc
         who = f"assoc={self.ids(assoc)} msg={req.MessageID}"
+        if not self.may(assoc, "get"):
+            yield Response(statuses.NOT_AUTHORIZED, comment="this node may not C-GET")
+            return
         try:
             level, identifier = self._read(event, GET_MODELS)
             refs = self._db(find_instances(self.pool, level, identifier))

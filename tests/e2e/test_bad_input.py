@@ -74,7 +74,8 @@ def nothing_stored(stack: Stack, *sop_uids: str) -> bool:
 
 def _queue_busy(stack: Stack) -> bool:
     out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost, "name",
-                          "messages", "--no-table-headers"], capture_output=True, text=True, check=True).stdout
+                          "messages", "--no-table-headers"], capture_output=True, text=True,
+                         check=True).stdout
     return any(line.split()[-1] != "0" for line in out.splitlines()
                if line.strip() and not line.split()[0].endswith(".dead"))
 
@@ -130,6 +131,15 @@ def test_unknown_calling_ae_title_is_rejected(stack: Stack, tmp_path: Path) -> N
     result = storescu(stack.config.gateway_port, [path], aet="INTRUDER")
     assert result.successes == 0
     assert nothing_stored(stack, uid("bad", "intruder"))
+
+
+def test_a_node_that_may_not_store_gets_not_authorized(stack: Stack, tmp_path: Path) -> None:
+    assert echo(stack, "-aec", "MINIPACS", "-aet", "READONLY").returncode == 0  # echo allowed
+    path = instance(tmp_path, "readonly")
+    result = storescu(stack.config.gateway_port, [path], aet="READONLY")
+    assert result.successes == 0 and result.failures == 1, result.output[-1000:]
+    assert "READONLY@127.0.0.1 may not store" in stack.log_text("gateway")
+    assert nothing_stored(stack, uid("bad", "readonly"))
 
 
 def test_known_ae_title_from_another_host_is_rejected(stack: Stack) -> None:

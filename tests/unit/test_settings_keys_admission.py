@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from services.gateway import statuses
-from services.gateway.admission import REJECT_CALLED_AET, REJECT_CALLING_AET, admit
+from services.gateway.admission import REJECT_CALLED_AET, REJECT_CALLING_AET, admit, permitted
 from shared.keys import InvalidUID, object_key, validate_uid
 from shared.settings import GatewaySettings, SettingsError, parse_nodes
 
@@ -64,6 +64,16 @@ def test_admission() -> None:
     assert _admit("NOBODY") == (False, REJECT_CALLING_AET)
     assert _admit("FAR") == (False, REJECT_CALLING_AET)
     assert _admit("NOBODY", allow_list=False)[0]
+
+
+def test_per_operation_permissions() -> None:
+    nodes = parse_nodes('{"ro": {"AET": "RO", "Host": "127.0.0.1", "Port": 1, '
+                        '"AllowStore": false}, "far": ["FAR", "10.9.9.9", 104]}')
+    assert permitted("find", "RO", "127.0.0.1", True, True, nodes)
+    assert not permitted("store", "RO", "127.0.0.1", True, True, nodes)
+    assert not permitted("find", "FAR", "127.0.0.1", True, True, nodes)
+    assert not permitted("echo", "NOBODY", "127.0.0.1", True, True, nodes)
+    assert permitted("store", "RO", "127.0.0.1", False, True, nodes)  # allow-list off
 
 
 def test_statuses_are_named() -> None:
