@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import signal
@@ -67,10 +68,8 @@ def _bindable(port: int) -> bool:
 def free_port_block(size: int = 8) -> int:
     """A base port P with P..P+size and their gRPC twins P+10000.. all free (SeaweedFS opens
     both), outside the kernel's ephemeral range so other clients don't take them meanwhile."""
-    import random
-
     for _ in range(200):
-        base = random.randrange(20000, 30000 - size)  # noqa: S311
+        base = random.randrange(20000, 30000 - size)
         if all(_bindable(p) and _bindable(p + 10000) for p in range(base, base + size)):
             return base
     raise RuntimeError("no free block of ports for SeaweedFS")
