@@ -1,4 +1,5 @@
-"""``python -m bench [--quick] [--trials N] [--only ingest] [--no-doc] [--keep]``."""
+"""``python -m bench [ingest|query|retrieve] [--quick] [--trials N] [--only B] [--no-doc]
+[--keep]``."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from types import FrameType
 
 from bench.datasets import OUT
 from bench.ingest import Options, run_ingest
+from bench.qr import run_query_bench, run_retrieve_bench
 from bench.report import DOC, markdown, rows, save_runs, targets, text_table, write_doc
 
-BENCHES = ("ingest",)
+BENCHES = ("ingest", "query", "retrieve")
 FULL = {"ct": 300, "small": 2000}
 QUICK = {"ct": 60, "small": 300}
 
@@ -52,6 +54,10 @@ def main(argv: list[str]) -> int:
         else:
             write_doc(section)
             print(f"\nwrote {DOC}")
+    if chosen in (None, "query"):  # 200 C-FINDs of each kind; 1M instances (quick: 100k)
+        run_query_bench(args.quick, args.no_doc, args.keep, argv)
+    if chosen in (None, "retrieve"):
+        run_retrieve_bench(args.quick, args.trials, args.no_doc, args.keep, argv)
     return 0
 
 

@@ -1,0 +1,205 @@
+"""The retrieve bench: the 300-instance CT study stored into minipacs and into Orthanc, then
+C-MOVE of the study (DCMTK ``movescu``) to a fresh receiving DCMTK ``storescp``, and C-GET of
+the study with DCMTK ``getscu`` into a fresh directory, from each server; trials interleaved,
+the server order rotating from trial to trial. Every DCMTK tool runs with TCP_NODELAY=1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.datasets import OUT, dataset
+from bench.dimse import (
+    GETSCU_AET,
+    MOVESCU_AET,
+    RECEIVER_AET,
+    QROrthanc,
+    Receiver,
+    fmt,
+    getscu,
+    movescu,
+)
+from bench.report import machine
+from bench.send import send
+from bench.servers import Server, settle
+from bench.target import Minipacs
+from scripts.native import free_port
+
+OPS = ("move", "get")
+OP_TEXT = {"move": "C-MOVE to a fresh `storescp`", "get": "C-GET with `getscu`"}
+TARGET = 1.0
+
+
+@dataclass(frozen=True)
+class Options:
+    count: int = 300
+    trials: int = 3
+    keep: bool = False
+
+
+@dataclass(frozen=True)
+class Run:
+    op: str
+    server: str
+    trial: int
+    expected: int
+    received: int
+    seconds: float
+    exit_code: int
+
+    @property
+    def rate(self) -> float:
+        return self.received / self.seconds if self.seconds else 0.0
+
+
+def _files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def measure(server: Server, op: str, trial: int, study_uid: str, expected: int,
+            receiver_port: int, work: Path) -> Run:
+    folder = work / f"{op}-{server.name}-t{trial}"
+    log = folder / f"{op}scu.log"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        if op == "move":
+            with Receiver(receiver_port, folder / "receiver") as receiver:
+                settle(0.3)
+                seconds, code = movescu(server.port, server.aet, study_uid, log)
+                received = receiver.received()
+        else:
+            out = folder / "get"
+            settle(0.3)
+            seconds, code = getscu(server.port, server.aet, study_uid, out, log)
+            received = _files(out)
+    finally:
+        for sub in ("receiver/files", "get"):
+            shutil.rmtree(folder / sub, ignore_errors=True)  # 160 MB each: not kept
+    return Run(op, server.name, trial, expected, received, seconds, code)
+
+
+def run_retrieve(opts: Options) -> list[Run]:
+    data = dataset("ct", opts.count, "bretrieve")
+    study_uid = _study_uid(data.files[0])
+    work = OUT / f"run-retrieve-{time.strftime('%Y%m%d-%H%M%S')}"
+    work.mkdir(parents=True, exist_ok=True)
+    receiver_port = free_port()
+    runs: list[Run] = []
+    with ExitStack() as cleanup:
+        if not opts.keep:
+            cleanup.callback(shutil.rmtree, work, True)
+        minipacs = Minipacs(work)
+        minipacs.stack.config.extra_env["MINIPACS_NODES"] = json.dumps({
+            "receiver": [RECEIVER_AET, "127.0.0.1", receiver_port],
+            "getscu": [GETSCU_AET, "127.0.0.1", 104],
+            "movescu": [MOVESCU_AET, "127.0.0.1", 104],
+        })
+        cleanup.callback(minipacs.close)
+        orthanc = QROrthanc(receiver_port)
+        cleanup.callback(orthanc.close)
+        print("retrieve: starting the minipacs stack and Orthanc", flush=True)
+        minipacs.open()
+        minipacs.begin(work)
+        orthanc.begin(work)
+        servers: list[Server] = [orthanc, minipacs]
+        for server in servers:
+            print(f"retrieve: storing the CT study ({data.count}) into {server.name}",
+                  flush=True)
+            sent = send(data.files, server.port, server.aet, 1, work / "storescu" / server.name)
+            if sent.acked != data.count:
+                raise RuntimeError(f"{server.name}: {sent.acked} of {data.count} acknowledged")
+            if server is minipacs and server.indexed_after(sent.t0, sent.acked, 300) is None:
+                raise RuntimeError("minipacs did not index the CT study in time")
+        settle(2.0)
+        for trial in range(opts.trials):
+            print(f"retrieve: trial {trial + 1}/{opts.trials}", flush=True)
+            order = servers[trial % 2:] + servers[:trial % 2]
+            for op in OPS:
+                for server in order:
+                    run = measure(server, op, trial, study_uid, data.count, receiver_port,
+                                  work)
+                    runs.append(run)
+                    bad = (f", only {run.received} of {run.expected} received"
+                           if run.received != run.expected else "")
+                    print(f"  {op:4} {server.name:8} trial {trial + 1}: {run.rate:7.1f} inst/s "
+                          f"({run.seconds:.2f} s, exit {run.exit_code}){bad}", flush=True)
+    return runs
+
+
+def _study_uid(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    op: str
+    rate: dict[str, float]  # median instances/s per server
+    ratio: float  # median of the per-trial minipacs / Orthanc ratios
+    incomplete: int  # runs that did not receive every instance
+
+
+def summarize(runs: list[Run]) -> list[Summary]:
+    out = []
+    for op in OPS:
+        cell = [r for r in runs if r.op == op]
+        rate = {s: statistics.median([r.rate for r in cell if r.server == s])
+                for s in ("orthanc", "minipacs") if any(r.server == s for r in cell)}
+        by = {(r.server, r.trial): r for r in cell}
+        ratios = [by[("minipacs", t)].rate / by[("orthanc", t)].rate
+                  for (s, t) in by if s == "orthanc" and ("minipacs", t) in by
+                  and by[("orthanc", t)].rate > 0]
+        out.append(Summary(op, rate, statistics.median(ratios) if ratios else float("nan"),
+                           sum(r.received != r.expected for r in cell)))
+    return out
+
+
+def target_lines(summary: list[Summary]) -> list[str]:
+    out = []
+    for s in summary:
+        ok = s.ratio >= TARGET and s.incomplete == 0
+        out.append(f"{'PASS' if ok else 'FAIL'}: {OP_TEXT[s.op]}, CT study, instances/s vs "
+                   f"Orthanc: {fmt(s.ratio, 2)}x (target ≥ {TARGET}x)"
+                   + (f"; {s.incomplete} incomplete run(s)" if s.incomplete else ""))
+    return out
+
+
+def text_table(summary: list[Summary]) -> str:
+    lines = [f"{'op':6}{'orthanc':>10}{'minipacs':>10}{'ratio':>8}"]
+    for s in summary:
+        lines.append(f"{s.op:6}{fmt(s.rate.get('orthanc', float('nan'))):>10}"
+                     f"{fmt(s.rate.get('minipacs', float('nan'))):>10}{fmt(s.ratio, 2) + 'x':>8}")
+    return "\n".join(lines)
+
+
+def markdown(runs: list[Run], trials: int, command: str) -> str:
+    summary = summarize(runs)
+    count = runs[0].expected if runs else 0
+    out = [f"Last run: {time.strftime('%Y-%m-%d %H:%M %Z')} on {machine()}; `{command}`; "
+           f"CT study of {count} instances, {trials} trial(s) interleaved, medians.", "",
+           "**Targets (issue 3)**", ""]
+    out += [f"- {line}" for line in target_lines(summary)]
+    out += ["", "**Instances/s** (launch of `movescu` / `getscu` until it exits)", "",
+            "| operation | Orthanc, TCP_NODELAY=1 | minipacs (native stack) | "
+            "minipacs / Orthanc |", "|---|---|---|---|"]
+    for s in summary:
+        out.append(f"| {OP_TEXT[s.op]} | {fmt(s.rate.get('orthanc', float('nan')))} | "
+                   f"{fmt(s.rate.get('minipacs', float('nan')))} | {fmt(s.ratio, 2)}x |")
+    incomplete = sum(s.incomplete for s in summary)
+    out += ["", f"Runs that did not receive every instance: {incomplete}." if incomplete else
+            "Every run received every instance of the study."]
+    return "\n".join(out)
+
+
+def save(runs: list[Run], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(r) for r in runs], indent=1))
