@@ -6,7 +6,7 @@ The client is synchronous; services call these functions through ``asyncio.to_th
 from __future__ import annotations
 
 import hashlib
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from minio import Minio
 from minio.error import S3Error
@@ -61,6 +61,19 @@ def stored_size(s3: Minio, bucket: str, key: str, sha256: str) -> int | None:
     if meta.get("x-amz-meta-" + SHA_META) != sha256:
         return None
     return stat.size
+
+
+def download_to(s3: Minio, bucket: str, key: str, fp: IO[bytes],
+                chunk: int = 1024 * 1024) -> None:
+    """Stream an object into an open file, ``chunk`` bytes at a time (bounded memory)."""
+    response = s3.get_object(bucket, key)
+    try:
+        for data in response.stream(chunk):
+            fp.write(data)
+    finally:
+        response.close()
+        response.release_conn()
+    fp.flush()
 
 
 def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha256: str,

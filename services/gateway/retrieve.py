@@ -404,14 +404,7 @@ class Retriever:
         try:
             with tempfile.NamedTemporaryFile(dir=self.tmpdir, prefix="get-",
                                              suffix=".dcm") as tmp:
-                response = self.s3.get_object(self.settings.s3_bucket, ref.object_key)
-                try:
-                    for chunk in response.stream(1024 * 1024):
-                        tmp.write(chunk)
-                finally:
-                    response.close()
-                    response.release_conn()
-                tmp.flush()
+                s3.download_to(self.s3, self.settings.s3_bucket, ref.object_key, tmp)
                 status = assoc.send_c_store(Path(tmp.name), msg_id=msg_id)
         except Exception as exc:  # S3 error, no accepted context for it, association gone
             log.warning("%s C-GET sub-operation failed: %s: %s", who, type(exc).__name__, exc)

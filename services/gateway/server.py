@@ -59,6 +59,9 @@ class NoDelayServer(ThreadedAssociationServer):
 def build_ae(settings: GatewaySettings) -> AE:
     # Received datasets go straight to a temp file in the spool (bounded memory), never to RAM.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # C-GET sub-operations stream the stored file as it is: no decode / re-encode in pydicom,
+    # no silent transfer syntax conversion.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     fastpath.install()
     _config.LOG_HANDLER_LEVEL = "standard"
     ae = AE(ae_title=settings.gateway_aet)

@@ -23,6 +23,7 @@ from minio import Minio
 from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
 
+from shared.s3 import download_to
 from shared.settings import MoverSettings
 
 log = logging.getLogger("minipacs.mover")
@@ -227,14 +228,7 @@ class Sender:
         try:
             with tempfile.NamedTemporaryFile(dir=self.tmpdir, prefix="mover-",
                                              suffix=".dcm") as tmp:
-                response = self.s3.get_object(self.settings.s3_bucket, ref.object_key)
-                try:
-                    for chunk in response.stream(1024 * 1024):
-                        tmp.write(chunk)
-                finally:
-                    response.close()
-                    response.release_conn()
-                tmp.flush()
+                download_to(self.s3, self.settings.s3_bucket, ref.object_key, tmp)
                 status = assoc.send_c_store(Path(tmp.name), msg_id=msg_id,
                                             originator_aet=self.originator_aet,
                                             originator_id=self.originator_id)
