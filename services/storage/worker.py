@@ -1,6 +1,7 @@
 """The storage consumer. Order per message (each step idempotent, so redelivery is safe):
 
-1. the spool file behind the message -> S3 under its content hash (skipped if already there)
+1. the spool file behind the message -> S3 under its content hash (large ones: skipped if
+   already there; small ones are simply put again, same key, same bytes)
 2. verify size and SHA-256, read the header as DICOM JSON
 3. publish ``instance.stored`` and wait for the broker's confirm
 4. remove the spool file, then ack
@@ -31,6 +32,11 @@ from shared.settings import StorageSettings
 from shared.spool import Spool
 
 log = logging.getLogger("minipacs.storage")
+
+
+# Below this size a duplicate is cheaper to upload again (same key, same bytes) than every new
+# instance is to check for first with a HEAD request; above it, check first.
+PRECHECK_MIN_SIZE = 4 * 1024 * 1024
 
 
 class Permanent(Exception):
@@ -81,7 +87,10 @@ class StorageWorker:
         started = time.perf_counter()
         bucket = self.settings.s3_bucket
         path = self.spool.path_of(received.spool_name)
-        existing = await asyncio.to_thread(s3.stored_size, self.s3, bucket, key, received.sha256)
+        existing: int | None = None
+        if path is None or received.size >= PRECHECK_MIN_SIZE:
+            existing = await asyncio.to_thread(s3.stored_size, self.s3, bucket, key,
+                                               received.sha256)
         if path is None:
             if existing == received.size:
                 log.info("obj=%s already stored and announced (redelivery)", received.sha256[:12])
