@@ -40,11 +40,13 @@ class HashingReader:
     def __init__(self, fp: BinaryIO) -> None:
         self._fp = fp
         self.sha = hashlib.sha256()
+        self.md5 = hashlib.md5()  # noqa: S324 - compared with S3's ETag, not for security
         self.count = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._fp.read(n)
         self.sha.update(data)
+        self.md5.update(data)
         self.count += len(data)
         return data
 
@@ -78,13 +80,21 @@ def download_to(s3: Minio, bucket: str, key: str, fp: IO[bytes],
 
 def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha256: str,
                  part_size: int) -> None:
-    """Stream ``fp`` to ``key`` and verify: the bytes read hash to ``sha256`` and the stored
-    object has the expected size. Memory is bounded by ``part_size``."""
+    """Stream ``fp`` to ``key`` and verify: the bytes read hash to ``sha256``, and S3 holds
+    them: for a single-part upload its ETag (the MD5 S3 computed of what it received) equals
+    ours; for a multipart upload a HEAD checks size and checksum. Memory is bounded by
+    ``part_size``."""
     reader = HashingReader(fp)
-    s3.put_object(bucket, key, reader, size, content_type="application/dicom",  # type: ignore[arg-type]
-                  metadata={SHA_META: sha256}, part_size=part_size)
+    result = s3.put_object(bucket, key, reader, size,  # type: ignore[arg-type]
+                           content_type="application/dicom", metadata={SHA_META: sha256},
+                           part_size=part_size)
     if reader.sha.hexdigest() != sha256 or reader.count != size:
         s3.remove_object(bucket, key)
         raise VerifyFailed("the spooled bytes do not hash to the SHA-256 in the message")
+    etag = (result.etag or "").strip('"').lower()
+    if "-" not in etag and etag:
+        if etag != reader.md5.hexdigest():
+            raise VerifyFailed("S3 received bytes whose MD5 differs from what was sent")
+        return
     if stored_size(s3, bucket, key, sha256) != size:
         raise VerifyFailed("the stored object's size or checksum differs after upload")
