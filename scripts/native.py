@@ -57,7 +57,10 @@ def free_port() -> int:
 
 
 def _bindable(port: int) -> bool:
+    """Free for a server: nothing listens on it (TIME_WAIT leftovers don't count, as servers
+    set SO_REUSEADDR)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -219,6 +222,10 @@ class Stack:
 
     def prepare(self) -> None:
         c = self.config
+        busy = [p for p in (c.gateway_port, c.s3_port) if not _bindable(p)]
+        if busy:
+            raise RuntimeError(f"port(s) {busy} already in use on 127.0.0.1: is another "
+                               "minipacs (or another DICOM server / S3 store) running?")
         c.base_dir.mkdir(parents=True, exist_ok=True)
         ensure_postgres()
         ensure_rabbitmq()
@@ -230,8 +237,12 @@ class Stack:
         subprocess.run([sys.executable, "-m", "services.migrate", "up"], env=self.env,
                        check=True, cwd=ROOT)
 
+    def heartbeat_file(self, name: str) -> str:
+        return str(self.config.base_dir / f"{name}.alive")
+
     def start_service(self, name: str) -> None:
-        self._spawn(name, [sys.executable, "-m", f"services.{name}"], self.env)
+        env = {**self.env, "MINIPACS_HEARTBEAT_FILE": self.heartbeat_file(name)}
+        self._spawn(name, [sys.executable, "-m", f"services.{name}"], env)
 
     def start(self) -> Stack:
         self.prepare()

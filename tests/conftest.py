@@ -50,7 +50,6 @@ def make_stack(tmp: Path, name: str, **env: str) -> Stack:
             "MINIPACS_ALLOW_LIST": "true",
             "MINIPACS_NODES": json.dumps(TEST_NODES),
             "MINIPACS_LOG_LEVEL": "INFO",
-            "MINIPACS_HEARTBEAT_FILE": str(tmp / tag / "alive"),
             **env,
         },
     )

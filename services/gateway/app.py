@@ -8,7 +8,7 @@ import tempfile
 import time
 
 import asyncpg
-from pynetdicom import evt
+from pynetdicom import AE, evt
 
 from services.gateway.bridge import LoopBridge
 from services.gateway.find import Finder
@@ -74,7 +74,9 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
         log.info("gateway stopped")
 
 
-def _wait_associations(ae: object, timeout: float) -> None:
+def _wait_associations(ae: AE, timeout: float) -> None:
+    """Let established associations finish (up to ``timeout``). Connections that never sent an
+    A-ASSOCIATE-RQ (port probes, scanners) are not waited for: they are daemon threads."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and getattr(ae, "active_associations", []):
+    while time.monotonic() < deadline and any(a.is_established for a in ae.active_associations):
         time.sleep(0.1)

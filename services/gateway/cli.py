@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 
 from services.gateway.app import run
 from shared.lifecycle import check_heartbeat, heartbeat_path
@@ -16,4 +18,10 @@ def main(argv: list[str]) -> int:
     configure(settings.log_level, "gateway")
     logging.getLogger("minipacs.gateway").info("settings: %s", settings.masked())
     asyncio.run(run(settings))
-    return 0
+    # Established associations have finished and everything is closed. What may be left are
+    # pynetdicom threads of connections that never sent an A-ASSOCIATE-RQ, blocked until their
+    # ACSE timeout; they are not daemon threads, so exit without waiting for them.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
