@@ -79,10 +79,17 @@ def test_storage_indexer_and_gateway_killed_mid_ingest(tmp_path: Path) -> None:
 def test_rabbitmq_unreachable_means_failure_status_never_success(tmp_path: Path) -> None:
     proxy = CuttableProxy(5672, free_port_block(1)).start()
     stack = make_stack(tmp_path, "amqp", MINIPACS_CONFIRM_TIMEOUT="3")
-    stack.config.extra_env["MINIPACS_AMQP_URL"] = (
-        f"amqp://guest:guest@127.0.0.1:{proxy.port}/{stack.config.vhost}")
     stack.start()
     try:
+        # Only the gateway's broker connection goes through the cuttable proxy: this test is
+        # about what the gateway answers while the broker is unreachable.
+        direct = stack.env["MINIPACS_AMQP_URL"]
+        stack.kill("gateway")
+        stack.env["MINIPACS_AMQP_URL"] = (
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/{stack.config.vhost}")
+        stack.start_service("gateway")
+        stack.env["MINIPACS_AMQP_URL"] = direct
+        wait_until(lambda: port_open(stack.config.gateway_port), 60, what="gateway up")
         made = ct_series(tmp_path / "ct", count=6, tag="amqp-ct", size=32)
         port = stack.config.gateway_port
         assert storescu(port, [m.path for m in made[:2]]).successes == 2
