@@ -7,9 +7,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("minipacs.lifecycle")
@@ -74,4 +74,19 @@ def check_heartbeat(path: str, max_age: float = 15.0) -> int:
         print(f"unhealthy: heartbeat is {age:.0f}s old")
         return 1
     print("healthy")
+    return 0
+
+
+def service_main(name: str, argv: list[str], settings_type: type[Any],
+                 run: Callable[[Any], Coroutine[Any, Any, None]]) -> int:
+    """The whole ``__main__`` of a service: ``--check`` for health, else configure logging, log
+    the (masked) settings and run until SIGTERM / Ctrl-C."""
+    from shared.logs import configure
+
+    settings = settings_type.from_env()
+    if "--check" in argv:
+        return check_heartbeat(heartbeat_path(settings.heartbeat_file, name))
+    configure(settings.log_level, name)
+    logging.getLogger(f"minipacs.{name}").info("settings: %s", settings.masked())
+    asyncio.run(run(settings))
     return 0
