@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -25,6 +26,13 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
              b"SV", b"UV"}
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+# Every service that handles DICOM imports this module. The values we rely on are validated
+# here and in shared.keys; pydicom's own per-element checks (a regex per value, on reading and
+# on writing every command set and header) only warn, and cost more per instance than the
+# checks we need, so they are off.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
 
 class InvalidInstance(ValueError):
@@ -154,13 +162,16 @@ def _info_from(ds: Dataset, transfer_syntax: str) -> InstanceInfo:
     )
 
 
-def header_json(path: Path, bulk_threshold: int = 4096) -> dict[str, Any]:
+def header_json(source: Path | BinaryIO, bulk_threshold: int = 4096) -> dict[str, Any]:
     """The dataset's header (everything before Pixel Data) as DICOM JSON (PS3.18 F.2).
 
     Binary values larger than ``bulk_threshold`` are left out (an empty ``BulkDataURI``), so the
     message that carries this to the indexer stays small."""
-    with path.open("rb") as fp:
-        ds = dcmread(fp, stop_before_pixels=True)
+    if isinstance(source, Path):
+        with source.open("rb") as fp:
+            ds = dcmread(fp, stop_before_pixels=True)
+    else:
+        ds = dcmread(source, stop_before_pixels=True)
     return dataset_json(ds, bulk_threshold)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from typing import Any
@@ -63,7 +64,11 @@ def build_ae(settings: GatewaySettings) -> AE:
     # no silent transfer syntax conversion.
     _config.STORE_SEND_CHUNKED_DATASET = True
     fastpath.install()
-    _config.LOG_HANDLER_LEVEL = "standard"
+    # pynetdicom's standard handlers format every PDU and DIMSE message for its logger: only
+    # worth it when that logger shows them (TRACE); otherwise they would also turn off the
+    # hand-encoded C-STORE response (fastpath).
+    tracing = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+    _config.LOG_HANDLER_LEVEL = "standard" if tracing else "none"
     ae = AE(ae_title=settings.gateway_aet)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu

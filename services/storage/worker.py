@@ -15,10 +15,12 @@ files are dead-lettered.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from aio_pika.abc import AbstractIncomingMessage
 from minio import Minio
@@ -37,6 +39,9 @@ log = logging.getLogger("minipacs.storage")
 # Below this size a duplicate is cheaper to upload again (same key, same bytes) than every new
 # instance is to check for first with a HEAD request; above it, check first.
 PRECHECK_MIN_SIZE = 4 * 1024 * 1024
+# Files up to this size are read into memory once, for both the upload and the header (bounded:
+# ``concurrency`` of them at a time); larger ones are streamed.
+IN_MEMORY_MAX = 4 * 1024 * 1024
 
 
 class Permanent(Exception):
@@ -96,12 +101,8 @@ class StorageWorker:
                 log.info("obj=%s already stored and announced (redelivery)", received.sha256[:12])
                 return
             raise Permanent("spool file is gone and the object is not in S3")
-        if existing != received.size:
-            await asyncio.to_thread(self._put, path, key, received)
-        try:
-            header = await asyncio.to_thread(header_json, path)
-        except Exception as exc:
-            raise Permanent(f"header unreadable: {type(exc).__name__}") from exc
+        header = await asyncio.to_thread(self._put_and_read_header, path, key, received,
+                                         existing != received.size)
         await self.publisher.publish(InstanceStored(
             sop_instance_uid=received.sop_instance_uid,
             sop_class_uid=received.sop_class_uid,
@@ -120,13 +121,31 @@ class StorageWorker:
                  "" if existing != received.size else " (already in S3)",
                  (time.perf_counter() - started) * 1000)
 
-    def _put(self, path: Path, key: str, received: InstanceReceived) -> None:
-        with path.open("rb") as fp:
-            try:
-                s3.put_verified(self.s3, self.settings.s3_bucket, key, fp, received.size,
-                                received.sha256, self.settings.part_size)
-            except s3.VerifyFailed as exc:
-                raise Permanent(str(exc)) from exc
+    def _put_and_read_header(self, path: Path, key: str, received: InstanceReceived,
+                             upload: bool) -> dict[str, Any]:
+        """The upload (unless the object is already there) and the header, in one worker-thread
+        hop. A file up to ``IN_MEMORY_MAX`` is read once and both use those bytes."""
+        if received.size <= IN_MEMORY_MAX:
+            data = path.read_bytes()
+            if upload:
+                self._put(io.BytesIO(data), key, received)
+            source: Path | BinaryIO = io.BytesIO(data)
+        else:
+            if upload:
+                with path.open("rb") as fp:
+                    self._put(fp, key, received)
+            source = path
+        try:
+            return header_json(source)
+        except Exception as exc:
+            raise Permanent(f"header unreadable: {type(exc).__name__}") from exc
+
+    def _put(self, fp: BinaryIO, key: str, received: InstanceReceived) -> None:
+        try:
+            s3.put_verified(self.s3, self.settings.s3_bucket, key, fp, received.size,
+                            received.sha256, self.settings.part_size)
+        except s3.VerifyFailed as exc:
+            raise Permanent(str(exc)) from exc
 
     async def sweep_forever(self) -> None:
         while not self.stop.is_set():
