@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
 from shared.keys import InvalidUID, validate_uid
+from shared.walk import Malformed, walk_file
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
@@ -108,31 +110,35 @@ def _check_fragments(fp: BinaryIO, size: int, end: str) -> None:
         fp.seek(target)
 
 
+_TAGS = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
+         "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E}
+_WANTED = frozenset(_TAGS.values())
+
+
 def inspect_instance(path: Path, command_sop_class: str, command_sop_instance: str,
                      transfer_syntax: str) -> InstanceInfo:
     """Check a received Part-10 file: readable, not truncated, the UIDs we key on present and
     well formed, and the dataset's SOP Class/Instance equal to the command's.
 
-    Never decodes pixel data; memory stays bounded whatever the instance size."""
+    Never decodes pixel data; memory stays bounded whatever the instance size. The fast path
+    is a structural walk (``shared.walk``); files it refuses, and deflated ones, get pydicom's
+    verdict, so the walk can only ever save time, never refuse what pydicom reads."""
     try:
         cmd_iuid = validate_uid(command_sop_instance, "Affected SOP Instance UID")
         cmd_cuid = validate_uid(command_sop_class, "Affected SOP Class UID")
     except InvalidUID as exc:
         raise InvalidInstance("missing_uid", str(exc)) from exc
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as fp:
-            ds = dcmread(fp, stop_before_pixels=True, force=False)
-            if transfer_syntax != DEFLATED:
-                check_tail(fp, size, implicit=transfer_syntax == IMPLICIT_LE,
-                           little=transfer_syntax != EXPLICIT_BE)
-            info = _info_from(ds, transfer_syntax)
-    except InvalidInstance:
-        raise
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-            struct.error, NotImplementedError) as exc:
-        raise InvalidInstance("unreadable", f"dataset cannot be parsed: {type(exc).__name__}"
-                              ) from exc
+    info: InstanceInfo | None = None
+    if transfer_syntax != DEFLATED:
+        try:
+            raw = walk_file(path, implicit=transfer_syntax == IMPLICIT_LE,
+                            little=transfer_syntax != EXPLICIT_BE, wanted=_WANTED)
+        except (Malformed, OSError, ValueError):
+            pass
+        else:
+            info = _info_from(lambda keyword: _raw_uid(raw, keyword), transfer_syntax)
+    if info is None:
+        info = _inspect_with_pydicom(path, transfer_syntax)
     if info.sop_instance_uid != cmd_iuid:
         raise InvalidInstance("mismatch", "SOP Instance UID in the dataset differs from the "
                               "command's Affected SOP Instance UID")
@@ -142,14 +148,45 @@ def inspect_instance(path: Path, command_sop_class: str, command_sop_instance: s
     return info
 
 
-def _info_from(ds: Dataset, transfer_syntax: str) -> InstanceInfo:
+def _raw_uid(raw: dict[int, bytes], keyword: str) -> str | None:
+    value = raw.get(_TAGS[keyword])
+    if value is None:
+        return None
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        return "?"  # not a UID: validate_uid says so
+
+
+def _inspect_with_pydicom(path: Path, transfer_syntax: str) -> InstanceInfo:
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fp:
+            ds = dcmread(fp, stop_before_pixels=True, force=False)
+            if transfer_syntax != DEFLATED:
+                check_tail(fp, size, implicit=transfer_syntax == IMPLICIT_LE,
+                           little=transfer_syntax != EXPLICIT_BE)
+
+            def get(keyword: str) -> str | None:
+                try:
+                    value = ds.get(keyword)
+                except Exception as exc:  # pydicom raises lazily on bad values
+                    raise InvalidInstance("missing_uid", f"{keyword} cannot be read") from exc
+                return None if value is None else str(value)
+
+            return _info_from(get, transfer_syntax)
+    except InvalidInstance:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+            struct.error, NotImplementedError) as exc:
+        raise InvalidInstance("unreadable", f"dataset cannot be parsed: {type(exc).__name__}"
+                              ) from exc
+
+
+def _info_from(get: Callable[[str], str | None], transfer_syntax: str) -> InstanceInfo:
     def uid(keyword: str) -> str:
         try:
-            raw = ds.get(keyword)
-        except Exception as exc:  # pydicom raises lazily on bad values
-            raise InvalidInstance("missing_uid", f"{keyword} cannot be read") from exc
-        try:
-            return validate_uid(None if raw is None else str(raw), keyword)
+            return validate_uid(get(keyword), keyword)
         except InvalidUID as exc:
             raise InvalidInstance("missing_uid", str(exc)) from exc
 
