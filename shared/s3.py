@@ -78,6 +78,26 @@ def download_to(s3: Minio, bucket: str, key: str, fp: IO[bytes],
     fp.flush()
 
 
+def read_object(s3: Minio, bucket: str, key: str, limit: int) -> bytes:
+    """A whole object as one ``bytes`` (one read, no chunk list); refuses objects over
+    ``limit`` bytes, so memory stays bounded. The HTTP connection goes back to the client's
+    pool for the next request (closing the response would close the connection)."""
+    response = s3.get_object(bucket, key)
+    try:
+        length = int(response.headers.get("Content-Length", "-1"))
+        if length > limit:
+            raise ValueError(f"object {key}: {length} bytes, over the {limit} in-memory limit")
+        data = response.read() if length >= 0 else response.read(limit + 1)
+    except BaseException:
+        response.close()
+        response.release_conn()
+        raise
+    response.release_conn()
+    if len(data) > limit:
+        raise ValueError(f"object {key}: over the {limit} in-memory limit")
+    return data
+
+
 def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha256: str,
                  part_size: int) -> None:
     """Stream ``fp`` to ``key`` and verify: the bytes read hash to ``sha256``, and S3 holds

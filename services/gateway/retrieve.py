@@ -10,20 +10,23 @@ responses that our handlers yield.
   ``move.progress`` messages become pending responses with Remaining / Completed / Failed /
   Warning, then the final status. No mover in ``move_start_timeout``, or silence for
   ``move_idle_timeout``: 0xA702, not a hang. C-CANCEL: the job is cancelled, 0xFE00.
-- C-GET (``Retriever.on_get``): the instances go back on the same association, each streamed
-  from S3 to a temp file and sent as stored (SOP class, transfer syntax, bytes).
+- C-GET (``Retriever.on_get``): the instances go back on the same association, sent as stored
+  (SOP class, transfer syntax, dataset bytes). S3 GETs run ahead in a few threads
+  (``shared.prefetch``); while the sub-operations run, this thread owns the socket
+  (``SocketTakeover``): hand-encoded C-STORE requests and pending responses, the C-STORE
+  responses and a C-CANCEL read here, without pynetdicom's polling threads in between.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import tempfile
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -33,20 +36,31 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from minio import Minio
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import association as _association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from services.gateway import statuses
 from services.gateway.bridge import LoopBridge
+from shared import dimse_wire as wire
 from shared import nodes, s3, topology
 from shared.broker import Publisher
+from shared.logs import TRACE
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
-from shared.query import PATIENT_ROOT, STUDY_ROOT, QueryError, build_instances, find_instances
+from shared.prefetch import Blob, Fetched, Prefetcher, fetcher
+from shared.query import (
+    PATIENT_ROOT,
+    STUDY_ROOT,
+    InstanceRef,
+    QueryError,
+    build_instances,
+    find_instances,
+)
 from shared.query import query_level as _query_level
 from shared.settings import GatewaySettings, Node
 
@@ -146,6 +160,10 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):  # type: ignore[misc]
             for response in responses or ():
                 if not self.assoc.is_established:
                     return
+                taken = SocketTakeover.of(self.assoc)
+                if taken is not None and kind is C_GET and not response.final:
+                    taken.send_pending(cx_id, req, response)
+                    continue
                 self.dimse.send_msg(_primitive(kind, req, response, syntax), cx_id)
                 if response.final:
                     return
@@ -186,14 +204,138 @@ def _service_class_for(uid: str) -> Any:
 
 def install(ae: AE) -> None:
     """Serve C-MOVE / C-GET with ``RetrieveServiceClass`` (process-wide: the gateway is the one
-    AE here) and add their contexts, with the SCP role for storage so C-GET can send back."""
+    AE here) and add their contexts, with the SCP role for storage so C-GET can send back.
+    pynetdicom's DUL reads sockets through ``_transport_event`` (for ``SocketTakeover``)."""
     _association.uid_to_service_class = _service_class_for  # type: ignore[attr-defined]
-    _config.STORE_SEND_CHUNKED_DATASET = True  # C-GET sends stored files from disk
+    DULServiceProvider._is_transport_event = _transport_event  # type: ignore[method-assign]
     for uid in (*MOVE_MODELS, *GET_MODELS):
         ae.add_supported_context(uid)
     for cx in AllStoragePresentationContexts:
         if cx.abstract_syntax is not None:
             ae.add_supported_context(cx.abstract_syntax, [], scu_role=False, scp_role=True)
+
+
+# ---- the C-GET association's socket, taken over from pynetdicom during the sub-operations -----
+
+_LOCK = "_minipacs_socket_lock"
+_TAKEN = "_minipacs_socket_taken"
+_original_transport_event = DULServiceProvider._is_transport_event
+
+
+def _transport_event(self: DULServiceProvider) -> bool:
+    """pynetdicom's DUL checking its socket for incoming PDUs, unless a ``SocketTakeover``
+    holds it. The lock makes taking over wait for a PDU the DUL is reading."""
+    lock = self.__dict__.setdefault(_LOCK, threading.Lock())
+    with lock:
+        if self.__dict__.get(_TAKEN) is not None:
+            return False
+        return bool(_original_transport_event(self))
+
+
+class SocketTakeover:
+    """While a C-GET sends its sub-operations the handler's thread owns the association's
+    socket: pynetdicom's DUL thread stops reading it, and nothing else writes to it (the
+    association's own thread is the one running the handler). C-STORE requests and pending
+    C-GET responses are written here, C-STORE responses and a C-CANCEL of the C-GET read here.
+    Any other PDU (A-ABORT, A-RELEASE-RQ, another request) is handed back to pynetdicom."""
+
+    def __init__(self, assoc: Any, get_msg_id: int, timeout: float) -> None:
+        self.assoc = assoc
+        self.dul = assoc.dul
+        self.sock: socket.socket = assoc.dul.socket.socket
+        self.max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
+        self.get_msg_id = get_msg_id
+        self.timeout = timeout
+        self.cancelled = False
+        self.lost = False
+        self._saved_timeout: float | None = None
+
+    @staticmethod
+    def of(assoc: Any) -> SocketTakeover | None:
+        taken = assoc.dul.__dict__.get(_TAKEN)
+        return taken if isinstance(taken, SocketTakeover) else None
+
+    def __enter__(self) -> SocketTakeover:
+        with self.dul.__dict__.setdefault(_LOCK, threading.Lock()):
+            self.dul.__dict__[_TAKEN] = self
+        self._saved_timeout = self.sock.gettimeout()
+        self.sock.settimeout(self.timeout)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.lost:
+            self.sock.settimeout(self._saved_timeout)
+        self.dul.__dict__[_TAKEN] = None
+
+    def send_pending(self, cx_id: int, req: Any, r: Response) -> None:
+        command = wire.c_get_pending(int(req.MessageID), str(req.AffectedSOPClassUID),
+                                     r.status, r.remaining or 0, r.completed or 0,
+                                     r.failed or 0, r.warning or 0)
+        self._send(cx_id, command, None)
+
+    def store(self, cx_id: int, msg_id: int, ref: InstanceRef, blob: Blob) -> int:
+        """One C-STORE sub-operation: its response status (raises ``OSError`` when the
+        association is gone or the SCU answered something else)."""
+        command = wire.c_store_rq(msg_id, ref.sop_class_uid, ref.sop_instance_uid)
+        if log.isEnabledFor(TRACE):
+            log.log(TRACE, "C-STORE-RQ msg=%d cx=%d %s (%d bytes)", msg_id, cx_id,
+                    ref.sop_instance_uid, blob.length)
+        self._send(cx_id, command, blob)
+        status = self._response(msg_id)
+        log.log(TRACE, "C-STORE-RSP msg=%d status=0x%04X", msg_id, status)
+        return status
+
+    def _send(self, cx_id: int, command: bytes, dataset: Blob | None) -> None:
+        try:
+            wire.send_message(self.sock, cx_id, command, dataset, self.max_pdu)
+        except OSError:
+            self.lost = True
+            raise
+
+    def _response(self, msg_id: int) -> int:
+        command = bytearray()
+        held: list[bytearray] = []  # the PDUs of a message that is not ours, to hand back
+        try:
+            while True:
+                kind, pdu = wire.read_pdu(self.sock)
+                self.dul._idle_timer.restart()
+                if kind != wire.P_DATA_TF:
+                    self._hand_back([pdu])
+                    raise wire.WireError(f"the SCU sent PDU type 0x{kind:02X} during C-GET")
+                fragments = list(wire.pdvs(pdu))
+                if any(not control & 0x01 for _, control, _ in fragments):
+                    self._hand_back([pdu])  # a dataset: not ours
+                    continue
+                held.append(pdu)
+                for _cx, control, fragment in fragments:
+                    command += fragment
+                    if not control & 0x02:
+                        continue
+                    fields = wire.parse_command(command)
+                    field = wire.us_value(fields, 0x0100)
+                    status = wire.us_value(fields, 0x0900)
+                    if (field == wire.C_STORE_RSP and wire.us_value(fields, 0x0120) == msg_id
+                            and status is not None):
+                        return status
+                    if (field == wire.C_CANCEL_RQ
+                            and wire.us_value(fields, 0x0120) == self.get_msg_id):
+                        self.cancelled = True
+                    else:
+                        self._hand_back(held)
+                    command, held = bytearray(), []
+        except OSError:
+            self.lost = True
+            raise
+
+    def _hand_back(self, pdus: list[bytearray]) -> None:
+        for raw in pdus:
+            try:
+                pdu, event = self.dul._decode_pdu(raw)
+            except Exception:  # undecodable: pynetdicom would abort too
+                self.dul.event_queue.put("Evt19")
+                continue
+            self.dul.event_queue.put(event)
+            self.dul._recv_pdu.put(pdu)
 
 
 # ---- progress from the movers -------------------------------------------------------------------
@@ -242,6 +384,11 @@ class Retriever:
     ids: Callable[[Any], int]
     tmpdir: Path
     may: Callable[[Any, str], bool] = lambda _assoc, _op: True  # per-node permission
+    prefetch_threads: int = 3
+    prefetch_depth: int = 6
+
+    def __post_init__(self) -> None:
+        self.fetch = fetcher(self.s3, self.settings.s3_bucket, self.tmpdir)
 
     def handlers(self) -> list[Any]:
         return [(evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
@@ -371,46 +518,100 @@ class Retriever:
             yield Response(identifier_status(exc), comment=exc.reason)
             return
         started = time.perf_counter()
-        remaining, completed, failed, warning = len(refs), 0, 0, 0
-        failed_uids: list[str] = []
-        log.info("%s C-GET %s: %d instances", who, level, remaining)
-        for n, ref in enumerate(refs):
-            if event.is_cancelled:
-                log.info("%s C-CANCEL after %d of %d", who, n, len(refs))
-                yield final_response("canceled", remaining, completed, failed, warning,
-                                     failed_uids)
-                return
-            if not assoc.is_established:
-                return
-            outcome = store_outcome(self._store(assoc, ref, (int(req.MessageID) + n) % 65535 + 1,
-                                                who))
-            remaining -= 1
-            if outcome == "completed":
-                completed += 1
-            elif outcome == "warning":
-                warning += 1
-            else:
-                failed += 1
-                failed_uids.append(ref.sop_instance_uid)
-            if remaining:
-                yield pending(remaining, completed, failed, warning)
-        r = final_response("done", 0, completed, failed, warning, failed_uids)
+        counts = Counts(len(refs))
+        log.info("%s C-GET %s: %d instances", who, level, len(refs))
+        with (SocketTakeover(assoc, int(req.MessageID), self.settings.dimse_timeout) as taken,
+              Prefetcher(refs, self.fetch, self.prefetch_threads,
+                         self.prefetch_depth) as work):
+            yield from self._sub_operations(event, taken, work, counts, who)
+        if taken.lost:
+            log.warning("%s C-GET: association lost after %d of %d", who,
+                        len(refs) - counts.remaining, len(refs))
+            return
+        if counts.cancelled:
+            log.info("%s C-CANCEL after %d of %d", who, len(refs) - counts.remaining, len(refs))
+            yield final_response("canceled", *counts.values())
+            return
+        r = final_response("done", *counts.values())
         seconds = time.perf_counter() - started
         log.info("%s C-GET -> %s: %d completed, %d failed, %d warning in %.2fs", who,
-                 statuses.describe(r.status), completed, failed, warning, seconds)
+                 statuses.describe(r.status), counts.completed, counts.failed, counts.warning,
+                 seconds)
         yield r
 
-    def _store(self, assoc: Any, ref: Any, msg_id: int, who: str) -> int | None:
-        try:
-            with tempfile.NamedTemporaryFile(dir=self.tmpdir, prefix="get-",
-                                             suffix=".dcm") as tmp:
-                s3.download_to(self.s3, self.settings.s3_bucket, ref.object_key, tmp)
-                status = assoc.send_c_store(Path(tmp.name), msg_id=msg_id)
-        except Exception as exc:  # S3 error, no accepted context for it, association gone
-            log.warning("%s C-GET sub-operation failed: %s: %s", who, type(exc).__name__, exc)
+    def _sub_operations(self, event: Event, taken: SocketTakeover,
+                        work: Prefetcher[InstanceRef], counts: Counts,
+                        who: str) -> Iterator[Response]:
+        """The C-STORE sub-operations, a pending response after each but the last."""
+        contexts: dict[tuple[str, str], int | None] = {}
+        req: Any = event.request
+        msg_id = int(req.MessageID)
+        while (item := work.next()) is not None:
+            if event.is_cancelled or taken.cancelled:
+                counts.cancelled = True
+                if item.blob is not None:
+                    item.blob.close()
+                return
+            msg_id = msg_id % 65535 + 1
+            try:
+                status = self._store(event.assoc, taken, contexts, item, msg_id, who)
+            except OSError as exc:  # the association is gone: no more responses
+                log.warning("%s C-GET sub-operation failed: %s: %s", who,
+                            type(exc).__name__, exc)
+                return
+            finally:
+                if item.blob is not None:
+                    item.blob.close()
+            counts.record(item.ref.sop_instance_uid, store_outcome(status))
+            if counts.remaining:
+                yield pending(*counts.values()[:4])
+
+    def _store(self, assoc: Any, taken: SocketTakeover,
+               contexts: dict[tuple[str, str], int | None], item: Fetched[InstanceRef],
+               msg_id: int, who: str) -> int | None:
+        ref = item.ref
+        if item.blob is None:
+            log.warning("%s C-GET sub-operation failed: not read from S3: %s: %s", who,
+                        type(item.error).__name__, item.error)
             return None
-        value = getattr(status, "Status", None)
-        return int(value) if value is not None else None
+        pair = (ref.sop_class_uid, ref.transfer_syntax)
+        if pair not in contexts:
+            try:
+                cx = assoc._get_valid_context(*pair, "scu", allow_conversion=False)
+                contexts[pair] = cx.context_id
+            except ValueError:
+                contexts[pair] = None
+        cx_id = contexts[pair]
+        if cx_id is None:
+            log.warning("%s C-GET sub-operation failed: no accepted context with the SCP role "
+                        "for %s in %s", who, *pair)
+            return None
+        return taken.store(cx_id, msg_id, ref, item.blob)
+
+
+@dataclass
+class Counts:
+    """The sub-operation counts of one C-GET."""
+
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    cancelled: bool = False
+
+    def record(self, uid: str, outcome: str) -> None:
+        self.remaining -= 1
+        if outcome == "completed":
+            self.completed += 1
+        elif outcome == "warning":
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(uid)
+
+    def values(self) -> tuple[int, int, int, int, list[str]]:
+        return self.remaining, self.completed, self.failed, self.warning, self.failed_uids
 
 
 # ---- wiring ----------------------------------------------------------------------------------

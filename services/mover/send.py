@@ -1,17 +1,17 @@
 """The C-STORE sub-operations of one move job: instances from S3 to the destination node.
 
-Synchronous (pynetdicom is), run in worker threads by ``worker.py``. Each instance goes out
-byte-for-byte as stored: its object is streamed from S3 to a temp file and sent with
-pynetdicom's chunked sending, under a presentation context of its own stored SOP class and
-transfer syntax (no conversion). Several associations to the destination run in parallel.
-Memory stays bounded whatever the instance size.
+Synchronous, run in worker threads by ``worker.py``. Each instance goes out byte-for-byte as
+stored (its dataset after the file's meta group), under a presentation context of its own
+stored SOP class and transfer syntax (no conversion), on associations of our own
+(``scu.StoreAssociation``: no pynetdicom reactor threads). Several associations to the
+destination run in parallel, sharing one ``Prefetcher`` that GETs the next objects from S3
+while they send. Memory stays bounded whatever the instance size (``shared.prefetch``).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import socket
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Protocol
 
 from minio import Minio
-from pynetdicom import AE, _config, build_context
-from pynetdicom.association import Association
 
-from shared.s3 import download_to
+from services.mover.scu import Refused, StoreAssociation, Timeouts
+from shared.prefetch import Fetched, Prefetcher, fetcher
 from shared.settings import MoverSettings
 
 log = logging.getLogger("minipacs.mover")
@@ -43,6 +42,8 @@ class Ref(Protocol):
     def transfer_syntax(self) -> str: ...
     @property
     def object_key(self) -> str: ...
+    @property
+    def size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -119,20 +120,17 @@ class DestinationRefused(RuntimeError):
 class Sender:
     def __init__(self, settings: MoverSettings, s3: Minio, destination: Destination,
                  tally: Tally, cancelled: threading.Event, originator_aet: str = "",
-                 originator_message_id: int = 0) -> None:
+                 originator_message_id: int = 0, prefetch_threads: int = 3) -> None:
         self.settings = settings
-        self.s3 = s3
         self.destination = destination
         self.tally = tally
         self.cancelled = cancelled
-        self.originator_aet = originator_aet or None
+        self.originator_aet = originator_aet
         self.originator_id = originator_message_id or None
-        self.tmpdir = Path(tempfile.gettempdir())
-        _config.STORE_SEND_CHUNKED_DATASET = True  # send files from disk, never whole in RAM
-        self.ae = AE(ae_title=settings.gateway_aet)
-        self.ae.acse_timeout = settings.acse_timeout
-        self.ae.dimse_timeout = settings.dimse_timeout
-        self.ae.network_timeout = settings.network_timeout
+        self.fetch = fetcher(s3, settings.s3_bucket, Path(tempfile.gettempdir()))
+        self.prefetch_threads = prefetch_threads
+        self.timeouts = Timeouts(settings.acse_timeout, settings.dimse_timeout,
+                                 settings.network_timeout)
 
     def run(self, refs: Sequence[Ref]) -> str:
         """Send ``refs``; returns "" or the reason the job failed as a whole (destination
@@ -153,48 +151,44 @@ class Sender:
     # -- one group of instances over up to ``associations`` parallel associations ---------
     def _send_group(self, group: list[Ref]) -> None:
         contexts = sorted({(r.sop_class_uid, r.transfer_syntax) for r in group})
-        work: queue.SimpleQueue[Ref] = queue.SimpleQueue()
-        for ref in group:
-            work.put(ref)
         first = self._associate(contexts)  # raises DestinationRefused: nothing was sent
-        extra = max(0, min(self.settings.associations, len(group)) - 1)
-        threads = [threading.Thread(target=self._drain, args=(work, contexts, None),
-                                    name=f"mover-send-{i}", daemon=True) for i in range(extra)]
-        for t in threads:
-            t.start()
-        self._drain(work, contexts, first)
-        for t in threads:
-            t.join()
+        parallel = max(1, min(self.settings.associations, len(group)))
+        # handed back by a sending thread whose association could not be re-opened
+        orphans: queue.SimpleQueue[Fetched[Ref]] = queue.SimpleQueue()
+        with Prefetcher(group, self.fetch, self.prefetch_threads, 2 * parallel) as work:
+            threads = [threading.Thread(target=self._drain,
+                                        args=(work, orphans, contexts, None),
+                                        name=f"mover-send-{i}", daemon=True)
+                       for i in range(parallel - 1)]
+            for t in threads:
+                t.start()
+            self._drain(work, orphans, contexts, first)
+            for t in threads:
+                t.join()
+            left = work.give_back()
         # Every sending thread gave up (association lost twice): what is left failed.
+        while not orphans.empty():
+            item = orphans.get()
+            if item.blob is not None:
+                item.blob.close()
+            if not self.cancelled.is_set():
+                self.tally.record(item.ref.sop_instance_uid, "failed")
         if not self.cancelled.is_set():
-            while True:
-                try:
-                    ref = work.get_nowait()
-                except queue.Empty:
-                    break
+            for ref in left:
                 self.tally.record(ref.sop_instance_uid, "failed")
 
-    def _associate(self, contexts: list[tuple[str, str]]) -> Association:
+    def _associate(self, contexts: list[tuple[str, str]]) -> StoreAssociation:
         d = self.destination
-        cxs = [build_context(sop_class, [ts]) for sop_class, ts in contexts]
         try:
-            assoc = self.ae.associate(d.host, d.port, contexts=cxs, ae_title=d.aet,
-                                      max_pdu=self.settings.max_pdu)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise DestinationRefused(f"cannot associate with {d.aet}@{d.host}:{d.port}: "
-                                     f"{exc}") from exc
-        if not assoc.is_established:
-            why = "rejected the association" if assoc.is_rejected else (
-                "aborted the association" if assoc.is_aborted else "is not reachable")
-            raise DestinationRefused(f"{d.aet}@{d.host}:{d.port} {why}")
-        raw = getattr(assoc.dul.socket, "socket", None)
-        if isinstance(raw, socket.socket):
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return assoc
+            return StoreAssociation.open(d.host, d.port, self.settings.gateway_aet, d.aet,
+                                         contexts, self.settings.max_pdu, self.timeouts)
+        except Refused as exc:
+            raise DestinationRefused(f"{d.aet}@{d.host}:{d.port} {exc}") from exc
 
-    def _drain(self, work: queue.SimpleQueue[Ref], contexts: list[tuple[str, str]],
-               assoc: Association | None) -> None:
+    def _drain(self, work: Prefetcher[Ref], orphans: queue.SimpleQueue[Fetched[Ref]],
+               contexts: list[tuple[str, str]], assoc: StoreAssociation | None) -> None:
         retried = False
+        item: Fetched[Ref] | None = None
         try:
             if assoc is None:
                 try:
@@ -204,37 +198,49 @@ class Sender:
                     return
             msg_id = 0
             while not self.cancelled.is_set():
-                try:
-                    ref = work.get_nowait()
-                except queue.Empty:
+                item = _take(orphans) or work.next()
+                if item is None:
                     return
-                if not assoc.is_established:
+                if item.blob is None:
+                    log.warning("instance not read from S3 for %s: %s: %s",
+                                self.destination.aet, type(item.error).__name__, item.error)
+                    self.tally.record(item.ref.sop_instance_uid, "failed")
+                    item = None
+                    continue
+                if not assoc.alive:
                     if retried:
-                        work.put(ref)
                         return
                     retried = True
                     try:
                         assoc = self._associate(contexts)
                     except DestinationRefused:
-                        work.put(ref)
                         return
                 msg_id = msg_id % 65535 + 1
-                self.tally.record(ref.sop_instance_uid, classify(self._store(assoc, ref, msg_id)))
+                status = self._store(assoc, item, msg_id)
+                item.blob.close()
+                self.tally.record(item.ref.sop_instance_uid, classify(status))
+                item = None
         finally:
-            if assoc is not None and assoc.is_established:
+            if item is not None:
+                orphans.put(item)
+            if assoc is not None:
                 assoc.release()
 
-    def _store(self, assoc: Association, ref: Ref, msg_id: int) -> int | None:
+    def _store(self, assoc: StoreAssociation, item: Fetched[Ref], msg_id: int) -> int | None:
+        ref, blob = item.ref, item.blob
+        assert blob is not None
         try:
-            with tempfile.NamedTemporaryFile(dir=self.tmpdir, prefix="mover-",
-                                             suffix=".dcm") as tmp:
-                download_to(self.s3, self.settings.s3_bucket, ref.object_key, tmp)
-                status = assoc.send_c_store(Path(tmp.name), msg_id=msg_id,
-                                            originator_aet=self.originator_aet,
-                                            originator_id=self.originator_id)
-        except Exception as exc:  # S3 error, no accepted context, aborted association
+            return assoc.store(msg_id, ref.sop_class_uid, ref.sop_instance_uid,
+                               ref.transfer_syntax, blob, self.originator_aet,
+                               self.originator_id)
+        except (OSError, LookupError) as exc:  # aborted association, no accepted context
             log.warning("C-STORE of one instance to %s failed: %s: %s", self.destination.aet,
                         type(exc).__name__, exc)
             return None
-        value = getattr(status, "Status", None)
-        return int(value) if value is not None else None
+
+
+def _take(orphans: queue.SimpleQueue[Fetched[Ref]]) -> Fetched[Ref] | None:
+    try:
+        return orphans.get_nowait()
+    except queue.Empty:
+        return None

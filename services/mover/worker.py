@@ -2,7 +2,7 @@
 
 Per job: record it (``move_job``), resolve what the identifier matches through the shared
 query module, send it with ``send.Sender`` in worker threads, publish ``move.progress`` while it
-runs (one per change while confirms keep up, coalesced when they don't; at least every
+runs (at most one per ``PROGRESS_INTERVAL``, carrying the counts of that moment; at least every
 ``keepalive_every`` seconds),
 record the outcome, then ack. A job taken after its ``start_by`` is recorded as expired and not
 run; a cancel (``move.cancel``) stops it between two instances.
@@ -31,6 +31,8 @@ from shared.query import find_instances
 from shared.settings import MoverSettings
 
 log = logging.getLogger("minipacs.mover")
+
+PROGRESS_INTERVAL = 0.1  # seconds between two progress messages of a running job, at least
 
 
 @dataclass
@@ -121,8 +123,9 @@ class MoverWorker:
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
 
-        def notify() -> None:
-            loop.call_soon_threadsafe(changed.set)
+        def notify() -> None:  # from the sending threads: wake the reporter once, not per change
+            if not changed.is_set():
+                loop.call_soon_threadsafe(changed.set)
 
         tally = Tally(len(refs), on_change=notify)
         await self.publish(MoveProgress(job.job_id, "running", remaining=len(refs)))
@@ -178,8 +181,10 @@ class MoverWorker:
                 last_db = time.monotonic()
                 async with self.pool.acquire() as conn:
                     await jobs.progress(conn, job_id, *counts)
-            if self.settings.progress_every:
-                await asyncio.sleep(self.settings.progress_every)
+            # at most one progress message per interval: each one is a broker round trip and
+            # a pending response; the counts they carry are exact, the final message too
+            await asyncio.wait({sending},
+                               timeout=max(self.settings.progress_every, PROGRESS_INTERVAL))
 
 
 async def _nothing() -> str:

@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -172,3 +173,100 @@ def test_get_without_a_storage_context_fails_the_sub_operations(world: World) ->
     assert status.Status == 0xA702
     assert status.NumberOfFailedSuboperations == len(expected)
     assert set(identifier.FailedSOPInstanceUIDList) == expected
+
+
+def test_getscu_retrieves_a_ct_study_through_the_prefetch_byte_identical(
+        world: World, tmp_path: Path) -> None:
+    """Every instance of the CT series (prefetched from S3 while the previous ones are sent),
+    pending responses after each sub-operation but the last, counting down exactly."""
+    ct = world.ct
+    result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
+                                 "StudyInstanceUID": ct[0].study_uid}, tmp_path / "out")
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+    files = received(tmp_path / "out")
+    assert set(files) == {m.sop_uid for m in ct}
+    for m in ct:
+        assert dataset_bytes(files[m.sop_uid]) == dataset_bytes(m.path), m.sop_uid
+    assert [p[:2] for p in result.pending] == [(len(ct) - n, n) for n in range(1, len(ct))]
+
+
+def _s3(stack: Stack) -> Any:
+    from minio import Minio
+
+    env = stack.env
+    return Minio(env["MINIPACS_S3_ENDPOINT"], access_key=env["MINIPACS_S3_ACCESS_KEY"],
+                 secret_key=env["MINIPACS_S3_SECRET_KEY"], secure=False)
+
+
+def test_an_instance_missing_from_s3_is_counted_failed_and_the_rest_arrive(
+        world: World, tmp_path: Path) -> None:
+    made = ct_series(tmp_path / "lost", count=10, tag="gtlost", size=64)
+    sent = storescu(world.port, [m.path for m in made])
+    assert sent.successes == len(made), sent.output
+    uids = [m.sop_uid for m in made]
+    wait_until(lambda: int(pg(dsn(world.stack), "SELECT count(*) AS n FROM instance WHERE "
+                              "sop_instance_uid = ANY($1::text[])", uids)[0]["n"]) == len(made),
+               60, what="the series indexed")
+    lost = made[3]
+    key = pg(dsn(world.stack), "SELECT object_key FROM instance WHERE sop_instance_uid = $1",
+             lost.sop_uid)[0]["object_key"]
+    _s3(world.stack).remove_object(world.stack.env["MINIPACS_S3_BUCKET"], key)
+
+    result = getscu(world.port, {"QueryRetrieveLevel": "SERIES",
+                                 "StudyInstanceUID": made[0].study_uid,
+                                 "SeriesInstanceUID": made[0].series_uid}, tmp_path / "out")
+    assert re.search(r"DIMSE Status\s*:\s*0xb000", result.final, re.I), result.output
+    assert re.search(r"Completed Suboperations\s*:\s*9\b", result.final)
+    assert re.search(r"Failed Suboperations\s*:\s*1\b", result.final)
+    files = received(tmp_path / "out")
+    assert set(files) == {m.sop_uid for m in made if m is not lost}
+    for m in made:
+        if m is not lost:
+            assert dataset_bytes(files[m.sop_uid]) == dataset_bytes(m.path)
+    # the pending response after the lost one already counts it as failed
+    assert (len(made) - 4, 3, 1, 0) in result.pending
+
+
+def test_c_cancel_stops_the_get(world: World) -> None:
+    """The SCU cancels from inside its handler of the first sub-operation, before answering
+    it: the C-GET stops there with 0xFE00, the rest still remaining, nothing hangs."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+        Verification,
+    )
+
+    got: list[str] = []
+    assoc: Any = None
+
+    def on_store(event: Any) -> int:
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        if len(got) == 1:
+            assoc.send_c_cancel(9, query_model=StudyRootQueryRetrieveInformationModelGet)
+        return 0x0000
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", world.port, ae_title="MINIPACS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "SERIES"
+    ident.StudyInstanceUID = world.ct[0].study_uid
+    ident.SeriesInstanceUID = world.ct[0].series_uid
+    try:
+        responses = list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet,
+                                          msg_id=9))
+        assert assoc.is_established  # the association is still usable afterwards
+        echo_ok = assoc.send_c_echo().Status == 0x0000 if assoc.is_established else False
+    finally:
+        assoc.release()
+    status, _ = responses[-1]
+    assert status.Status == 0xFE00
+    assert status.NumberOfCompletedSuboperations == len(got) == 1
+    assert status.NumberOfRemainingSuboperations == len(world.ct) - 1
+    assert echo_ok

@@ -3,8 +3,10 @@ presentation-context planning, the tally, progress routing and the move messages
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -177,3 +179,166 @@ def test_move_messages_round_trip() -> None:
     assert job.routing_key == "move.requested" and done.routing_key == "move.progress"
     with pytest.raises(BadMessage):
         MoveRequested.from_bytes(b'{"v": 1, "job_id": "x"}')
+
+
+# ---- hand-encoded DIMSE (shared.dimse_wire) against pynetdicom's own encoding ------------------
+
+def _pynetdicom_command(primitive: object) -> bytes:
+    from pynetdicom.dimse_messages import C_GET_RSP, C_STORE_RQ
+    from pynetdicom.dsutils import encode
+
+    message = (C_STORE_RQ if type(primitive).__name__ == "C_STORE" else C_GET_RSP)()
+    message.primitive_to_message(primitive)
+    return bytes(encode(message.command_set, True, True) or b"")
+
+
+@pytest.mark.parametrize(("aet", "origin"), [("", None), ("MOVESCU", 7), ("ODD", 65535)])
+def test_c_store_rq_is_byte_identical_to_pynetdicom(aet: str, origin: int | None) -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from shared import dimse_wire
+
+    p = C_STORE()
+    p.MessageID = 12
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    p.AffectedSOPInstanceUID = "1.2.3.45"
+    p.Priority = 2
+    p.MoveOriginatorApplicationEntityTitle = aet or None
+    p.MoveOriginatorMessageID = origin
+    p.DataSet = BytesIO(b"\x00" * 8)
+    ours = dimse_wire.c_store_rq(12, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", 2, aet, origin)
+    assert ours == _pynetdicom_command(p)
+    fields = dimse_wire.parse_command(ours)
+    assert dimse_wire.us_value(fields, 0x0100) == 0x0001
+    assert dimse_wire.us_value(fields, 0x0110) == 12
+
+
+def test_c_get_pending_is_byte_identical_to_pynetdicom() -> None:
+    from pynetdicom.dimse_primitives import C_GET
+
+    from shared import dimse_wire
+
+    p = C_GET()
+    p.MessageIDBeingRespondedTo = 3
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.3"
+    p.Status = 0xFF00
+    p.NumberOfRemainingSuboperations = 297
+    p.NumberOfCompletedSuboperations = 2
+    p.NumberOfFailedSuboperations = 1
+    p.NumberOfWarningSuboperations = 0
+    assert dimse_wire.c_get_pending(3, "1.2.840.10008.5.1.4.1.2.2.3", 0xFF00, 297, 2, 1,
+                                    0) == _pynetdicom_command(p)
+
+
+def test_dataset_offset_agrees_with_pynetdicom(tmp_path: Path) -> None:
+    from pynetdicom.dsutils import split_dataset
+
+    from shared import dimse_wire
+    from tests.dicomgen import ct_series
+
+    made = ct_series(tmp_path, count=1, tag="wire", size=16)[0]
+    raw = made.path.read_bytes()
+    assert dimse_wire.dataset_offset(raw) == split_dataset(made.path)[1]
+    # without the preamble and DICM, and a bare dataset
+    bare = raw[dimse_wire.dataset_offset(raw):]
+    assert dimse_wire.dataset_offset(raw[132:]) == dimse_wire.dataset_offset(raw) - 132
+    assert dimse_wire.dataset_offset(bare) == 0
+
+
+def _read_message(sock: socket.socket) -> tuple[bytes, bytes, list[int]]:
+    """(command, dataset, size of each dataset fragment) of one DIMSE message."""
+    from shared import dimse_wire
+
+    command, data, sizes = b"", b"", []
+    while True:
+        kind, pdu = dimse_wire.read_pdu(sock)
+        assert kind == dimse_wire.P_DATA_TF
+        for _cx, control, fragment in dimse_wire.pdvs(pdu):
+            if control & 0x01:
+                command += bytes(fragment)
+            else:
+                data += bytes(fragment)
+                sizes.append(len(fragment))
+            if control & 0x02 and not control & 0x01:
+                return command, data, sizes
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_send_message_fragments_the_stored_dataset_unchanged(tmp_path: Path,
+                                                             in_memory: bool) -> None:
+    from shared import dimse_wire
+    from shared.prefetch import Blob
+    from tests.dicomgen import ct_series, dataset_bytes
+
+    made = ct_series(tmp_path, count=1, tag="frag", size=128)[0]
+    blob = Blob(data=made.path.read_bytes()) if in_memory else Blob(path=made.path)
+    a, b = socket.socketpair()
+    got: list[tuple[bytes, bytes, list[int]]] = []
+    reader = threading.Thread(target=lambda: got.append(_read_message(b)))
+    reader.start()
+    try:
+        dimse_wire.send_message(a, 1, b"CMD!", blob, max_pdu=4096, batch=10_000)
+        reader.join(10)
+    finally:
+        a.close()
+        b.close()
+    command, data, sizes = got[0]
+    assert command == b"CMD!"
+    assert data == dataset_bytes(made.path)
+    assert max(sizes) == 4096 - 6 and len(sizes) == -(-len(data) // (4096 - 6))
+
+
+# ---- prefetching -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Obj:
+    object_key: str
+    size: int = 0
+
+
+def test_prefetcher_keeps_order_counts_failures_and_stays_bounded() -> None:
+    from shared.prefetch import Blob, Prefetcher
+
+    refs = [Obj(str(i)) for i in range(20)]
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def fetch(ref: Obj) -> Blob:
+        with lock:
+            started.append(ref.object_key)
+        if ref.object_key == "7":
+            raise OSError("S3 said no")
+        return Blob(data=ref.object_key.encode())
+
+    taken = []
+    with Prefetcher(refs, fetch, threads=3, depth=4) as work:
+        while (item := work.next()) is not None:
+            assert len(started) <= len(taken) + 1 + 4  # never more than `depth` ahead
+            taken.append(item)
+    assert [i.ref for i in taken] == refs
+    assert [i.ref.object_key for i in taken if i.blob is None] == ["7"]
+    assert isinstance(taken[7].error, OSError)
+    assert bytes(taken[3].blob.data or b"") == b"3"  # type: ignore[union-attr]
+
+
+def test_prefetcher_gives_back_what_was_not_taken(tmp_path: Path) -> None:
+    from shared.prefetch import Blob, Prefetcher
+
+    files = []
+
+    def fetch(ref: Obj) -> Blob:
+        path = tmp_path / ref.object_key
+        path.write_bytes(b"x")
+        files.append(path)
+        return Blob(path=path)
+
+    refs = [Obj(str(i)) for i in range(10)]
+    work = Prefetcher(refs, fetch, threads=2, depth=3)
+    first = work.next()
+    assert first is not None and first.ref == refs[0]
+    assert work.give_back() == refs[1:]
+    assert work.next() is None
+    work.close()
+    assert not any(p.exists() for p in files[1:])  # fetched ahead, not taken: deleted

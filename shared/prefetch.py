@@ -1,0 +1,164 @@
+"""Stored instances fetched from S3 ahead of the DICOM sender, a few at a time, in order.
+
+The retrieve paths (the mover's C-STOREs, the gateway's C-GET) send one instance after the
+other on an association; the S3 GET of the next ones runs meanwhile in a few threads. Memory
+stays bounded whatever the instance size: objects up to ``in_memory`` bytes are held as one
+``bytes``, larger ones go to a temp file, and at most ``depth`` are fetched ahead.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, Protocol, TypeVar
+
+from minio import Minio
+
+from shared.dimse_wire import dataset_offset
+from shared.s3 import download_to, read_object
+
+IN_MEMORY = 4 * 1024 * 1024
+_HEAD = 64 * 1024  # enough for any file meta group
+
+
+class Stored(Protocol):
+    @property
+    def object_key(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+
+
+R = TypeVar("R", bound=Stored)
+
+
+class Blob:
+    """The dataset of one stored file (its meta group skipped), in memory or in a temp file."""
+
+    def __init__(self, data: bytes | None = None, path: Path | None = None) -> None:
+        self.data = data
+        self.path = path
+        if data is not None:
+            self.offset = dataset_offset(memoryview(data)[:_HEAD])
+            self.length = len(data) - self.offset
+        elif path is not None:
+            with path.open("rb") as f:
+                self.offset = dataset_offset(f.read(_HEAD))
+                self.length = f.seek(0, 2) - self.offset
+        else:
+            raise ValueError("a Blob needs data or a path")
+
+    def blocks(self, size: int) -> Iterator[memoryview]:
+        if self.data is not None:
+            view = memoryview(self.data)
+            for start in range(self.offset, len(view), size):
+                yield view[start:start + size]
+            return
+        assert self.path is not None
+        buffer = bytearray(size)
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(self.offset)
+            while n := f.readinto(buffer):
+                yield memoryview(buffer)[:n]
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def fetcher(s3: Minio, bucket: str, tmpdir: Path,
+            in_memory: int = IN_MEMORY) -> Callable[[Stored], Blob]:
+    """A function fetching one stored instance into a ``Blob``; raises on S3 errors and on an
+    object whose size differs from the index's."""
+
+    def fetch(ref: Stored) -> Blob:
+        if 0 < ref.size <= in_memory:
+            data = read_object(s3, bucket, ref.object_key, in_memory)
+            if len(data) != ref.size:
+                raise OSError(f"object {ref.object_key}: {len(data)} bytes, "
+                              f"the index says {ref.size}")
+            return Blob(data=data)
+        with tempfile.NamedTemporaryFile(dir=tmpdir, prefix="retrieve-", suffix=".dcm",
+                                         delete=False) as tmp:
+            path = Path(tmp.name)
+            try:
+                download_to(s3, bucket, ref.object_key, tmp)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        return Blob(path=path)
+
+    return fetch
+
+
+@dataclass
+class Fetched(Generic[R]):
+    ref: R
+    blob: Blob | None
+    error: BaseException | None = None
+
+
+class Prefetcher(Generic[R]):
+    """``next()`` gives the fetched instances in the order of ``refs`` (thread-safe, so several
+    sending threads can share one); up to ``depth`` are being fetched ahead by ``threads``
+    threads. ``close()`` stops fetching and deletes what was fetched but not taken."""
+
+    def __init__(self, refs: Sequence[R], fetch: Callable[[R], Blob], threads: int = 3,
+                 depth: int = 6) -> None:
+        self._refs = refs
+        self._fetch = fetch
+        self._depth = max(1, depth)
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="s3-prefetch")
+        self._ahead: list[Future[Blob]] = []
+        self._submitted = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _top_up(self) -> None:
+        while (not self._closed and len(self._ahead) < self._depth
+               and self._submitted < len(self._refs)):
+            self._ahead.append(self._pool.submit(self._fetch, self._refs[self._submitted]))
+            self._submitted += 1
+
+    def next(self) -> Fetched[R] | None:
+        """The next instance (blob or the fetch error), or None when all were handed out."""
+        with self._lock:
+            self._top_up()
+            if not self._ahead:
+                return None
+            future = self._ahead.pop(0)
+            ref = self._refs[self._submitted - len(self._ahead) - 1]
+            self._top_up()
+        try:
+            return Fetched(ref, future.result())
+        except Exception as exc:  # counted by the caller as a failed sub-operation
+            return Fetched(ref, None, exc)
+
+    def give_back(self) -> list[R]:
+        """Stop: the refs not handed out yet (fetched blobs are deleted)."""
+        with self._lock:
+            self._closed = True
+            rest = list(self._refs[self._submitted - len(self._ahead):])
+            ahead, self._ahead = self._ahead, []
+            self._submitted = len(self._refs)
+        for future in ahead:
+            future.cancel()
+            if not future.cancelled():
+                try:
+                    future.result().close()
+                except Exception:  # noqa: S110 - a failed fetch holds nothing
+                    pass
+        return rest
+
+    def close(self) -> None:
+        self.give_back()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher[R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
