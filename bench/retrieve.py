@@ -1,18 +1,25 @@
 """The retrieve bench: the 300-instance CT study stored into minipacs and into Orthanc, then
 C-MOVE of the study (DCMTK ``movescu``) to a fresh receiving DCMTK ``storescp``, and C-GET of
 the study with DCMTK ``getscu`` into a fresh directory, from each server; trials interleaved,
-the server order rotating from trial to trial. Every DCMTK tool runs with TCP_NODELAY=1."""
+the server order rotating from trial to trial. Every DCMTK tool runs with TCP_NODELAY=1.
+CPU seconds are counted per run: the server's processes (minipacs: the whole stack, by
+component) and, apart, the DCMTK side (``movescu`` / ``getscu`` and the receiving
+``storescp``)."""
 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import statistics
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
+from bench.cpu import CpuMeter, rusage_seconds
 from bench.datasets import OUT, dataset
 from bench.dimse import (
     GETSCU_AET,
@@ -51,10 +58,17 @@ class Run:
     received: int
     seconds: float
     exit_code: int
+    cpu: dict[str, float] = field(default_factory=dict)  # server CPU seconds, by component
+    dcmtk_cpu: float = 0.0  # movescu / getscu and the receiving storescp
 
     @property
     def rate(self) -> float:
         return self.received / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms(self) -> float:
+        """Server CPU milliseconds per instance received."""
+        return sum(self.cpu.values()) * 1000 / self.received if self.received else 0.0
 
 
 def _files(folder: Path) -> int:
@@ -66,21 +80,38 @@ def measure(server: Server, op: str, trial: int, study_uid: str, expected: int,
     folder = work / f"{op}-{server.name}-t{trial}"
     log = folder / f"{op}scu.log"
     folder.mkdir(parents=True, exist_ok=True)
+    receiver_cpu: dict[str, float] = {}
     try:
         if op == "move":
             with Receiver(receiver_port, folder / "receiver") as receiver:
                 settle(0.3)
+                assert receiver.proc is not None
+                parent = psutil.Process(receiver.proc.pid)
+                receiving = CpuMeter(lambda: [("storescp", p) for p in
+                                              (parent, *parent.children())],
+                                     reaper=("storescp", parent)).start()
+                meter = server.meter().start()
+                tools = rusage_seconds(resource.RUSAGE_CHILDREN)
                 seconds, code = movescu(server.port, server.aet, study_uid, log)
+                cpu = meter.stop()
+                tools = rusage_seconds(resource.RUSAGE_CHILDREN) - tools
+                receiver_cpu = receiving.stop()
                 received = receiver.received()
         else:
             out = folder / "get"
             settle(0.3)
+            meter = server.meter().start()
+            tools = rusage_seconds(resource.RUSAGE_CHILDREN)
             seconds, code = getscu(server.port, server.aet, study_uid, out, log)
+            cpu = meter.stop()
+            tools = rusage_seconds(resource.RUSAGE_CHILDREN) - tools
             received = _files(out)
     finally:
         for sub in ("receiver/files", "get"):
             shutil.rmtree(folder / sub, ignore_errors=True)  # 160 MB each: not kept
-    return Run(op, server.name, trial, expected, received, seconds, code)
+    return Run(op, server.name, trial, expected, received, seconds, code,
+               {k: round(v, 4) for k, v in cpu.items()},
+               round(tools + sum(receiver_cpu.values()), 4))
 
 
 def run_retrieve(opts: Options) -> list[Run]:
@@ -127,8 +158,16 @@ def run_retrieve(opts: Options) -> list[Run]:
                     bad = (f", only {run.received} of {run.expected} received"
                            if run.received != run.expected else "")
                     print(f"  {op:4} {server.name:8} trial {trial + 1}: {run.rate:7.1f} inst/s "
-                          f"({run.seconds:.2f} s, exit {run.exit_code}){bad}", flush=True)
+                          f"({run.seconds:.2f} s, exit {run.exit_code}), server CPU "
+                          f"{run.cpu_ms:.2f} ms/inst {_parts(run)}{bad}", flush=True)
     return runs
+
+
+def _parts(run: Run) -> str:
+    if len(run.cpu) < 2 or not run.received:
+        return ""
+    return "(" + " ".join(f"{k} {v * 1000 / run.received:.2f}" for k, v in
+                          sorted(run.cpu.items(), key=lambda kv: -kv[1]) if v > 0) + ")"
 
 
 def _study_uid(path: Path) -> str:
@@ -146,6 +185,8 @@ class Summary:
     rate: dict[str, float]  # median instances/s per server
     ratio: float  # median of the per-trial minipacs / Orthanc ratios
     incomplete: int  # runs that did not receive every instance
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # median server CPU ms/instance
+    parts_ms: dict[str, float] = field(default_factory=dict)  # minipacs, by component
 
 
 def summarize(runs: list[Run]) -> list[Summary]:
@@ -158,8 +199,13 @@ def summarize(runs: list[Run]) -> list[Summary]:
         ratios = [by[("minipacs", t)].rate / by[("orthanc", t)].rate
                   for (s, t) in by if s == "orthanc" and ("minipacs", t) in by
                   and by[("orthanc", t)].rate > 0]
+        cpu = {s: statistics.median([r.cpu_ms for r in cell if r.server == s])
+               for s in rate}
+        ours = [r for r in cell if r.server == "minipacs" and r.received]
+        parts = {k: statistics.median([r.cpu.get(k, 0.0) * 1000 / r.received for r in ours])
+                 for k in sorted({k for r in ours for k in r.cpu})}
         out.append(Summary(op, rate, statistics.median(ratios) if ratios else float("nan"),
-                           sum(r.received != r.expected for r in cell)))
+                           sum(r.received != r.expected for r in cell), cpu, parts))
     return out
 
 
@@ -174,10 +220,14 @@ def target_lines(summary: list[Summary]) -> list[str]:
 
 
 def text_table(summary: list[Summary]) -> str:
-    lines = [f"{'op':6}{'orthanc':>10}{'minipacs':>10}{'ratio':>8}"]
+    nan = float("nan")
+    lines = [f"{'op':6}{'orthanc':>10}{'minipacs':>10}{'ratio':>8}"
+             f"{'cpu ms/inst orthanc':>22}{'minipacs':>10}"]
     for s in summary:
-        lines.append(f"{s.op:6}{fmt(s.rate.get('orthanc', float('nan'))):>10}"
-                     f"{fmt(s.rate.get('minipacs', float('nan'))):>10}{fmt(s.ratio, 2) + 'x':>8}")
+        lines.append(f"{s.op:6}{fmt(s.rate.get('orthanc', nan)):>10}"
+                     f"{fmt(s.rate.get('minipacs', nan)):>10}{fmt(s.ratio, 2) + 'x':>8}"
+                     f"{fmt(s.cpu_ms.get('orthanc', nan), 2):>22}"
+                     f"{fmt(s.cpu_ms.get('minipacs', nan), 2):>10}")
     return "\n".join(lines)
 
 
@@ -194,6 +244,15 @@ def markdown(runs: list[Run], trials: int, command: str) -> str:
     for s in summary:
         out.append(f"| {OP_TEXT[s.op]} | {fmt(s.rate.get('orthanc', float('nan')))} | "
                    f"{fmt(s.rate.get('minipacs', float('nan')))} | {fmt(s.ratio, 2)}x |")
+    out += ["", "**Server CPU milliseconds per instance** (user + system; minipacs counts the "
+            "whole stack, RabbitMQ and PostgreSQL included; the DCMTK tools and the receiving "
+            "`storescp` are not counted)", "",
+            "| operation | Orthanc | minipacs | minipacs by component |", "|---|---|---|---|"]
+    for s in summary:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in
+                          sorted(s.parts_ms.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+        out.append(f"| {OP_TEXT[s.op]} | {fmt(s.cpu_ms.get('orthanc', float('nan')), 2)} | "
+                   f"{fmt(s.cpu_ms.get('minipacs', float('nan')), 2)} | {parts} |")
     incomplete = sum(s.incomplete for s in summary)
     out += ["", f"Runs that did not receive every instance: {incomplete}." if incomplete else
             "Every run received every instance of the study."]

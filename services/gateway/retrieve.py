@@ -388,7 +388,8 @@ class Retriever:
     prefetch_depth: int = 6
 
     def __post_init__(self) -> None:
-        self.fetch = fetcher(self.s3, self.settings.s3_bucket, self.tmpdir)
+        self.fetch = fetcher(self.s3, self.settings.s3_bucket, self.tmpdir,
+                             not self.settings.s3_secure)
 
     def handlers(self) -> list[Any]:
         return [(evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]

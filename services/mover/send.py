@@ -127,7 +127,8 @@ class Sender:
         self.cancelled = cancelled
         self.originator_aet = originator_aet
         self.originator_id = originator_message_id or None
-        self.fetch = fetcher(s3, settings.s3_bucket, Path(tempfile.gettempdir()))
+        self.fetch = fetcher(s3, settings.s3_bucket, Path(tempfile.gettempdir()),
+                             not settings.s3_secure)
         self.prefetch_threads = prefetch_threads
         self.timeouts = Timeouts(settings.acse_timeout, settings.dimse_timeout,
                                  settings.network_timeout)
