@@ -1,5 +1,9 @@
 """A loopback TCP proxy that a test can cut and restore, to make a dependency unreachable
-without stopping the shared server behind it."""
+without stopping the shared server behind it.
+
+Between a cut and a restore nothing gets through: new connections are refused and the existing
+ones are reset, both sides. Outside a cut it is a plain pipe: a connection stays open however
+long either side is quiet (AMQP connections are quiet for up to a heartbeat interval)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ class CuttableProxy:
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
         self.port = listener.getsockname()[1]
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
         return self
 
@@ -37,7 +42,14 @@ class CuttableProxy:
             except OSError:
                 client.close()
                 continue
+            # create_connection's timeout is for connecting only: left on the socket it would
+            # end the pipe (and the connection) after 5 s without data from the server.
+            upstream.settimeout(None)
             with self._lock:
+                if self._listener is not listener:  # cut while we were connecting upstream
+                    client.close()
+                    upstream.close()
+                    continue
                 self._sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -55,19 +67,19 @@ class CuttableProxy:
 
     def cut(self) -> None:
         """Refuse new connections and reset the existing ones."""
-        if self._listener:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._sockets = self._sockets, []
+        if listener:
             # shutdown() wakes the thread blocked in accept(); close() alone would leave the
             # port listening until that call returns.
             with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            for s in self._sockets:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            self._sockets.clear()
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
     def restore(self) -> None:
         self.start()

@@ -4,6 +4,11 @@ one transaction and acks after the commit.
 PostgreSQL down: the batch is held and retried with backoff (not requeued, so the delivery
 limit is not used up). A batch that fails on its data is split up, so one poison message is
 dead-lettered and the rest are indexed.
+
+RabbitMQ connection lost: the broker requeues every message not yet acked on the dead channel
+and redelivers it once aio-pika has re-consumed. Held messages from that channel are dropped
+(their redelivered copies take their place), and an ack that cannot be sent any more is logged,
+not raised: indexing is idempotent, so the redelivered copy converges to the same row.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import AMQPError
 
 from services.indexer.store import write_batch
 from shared.messages import BadMessage, InstanceStored
@@ -26,6 +32,34 @@ _CONNECTION_ERRORS = (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
                       asyncpg.exceptions.CannotConnectNowError,
                       asyncpg.exceptions.InterfaceError, asyncpg.exceptions.AdminShutdownError,
                       TimeoutError)
+# An ack / reject / nack after the delivery channel died (ChannelInvalidStateError is a
+# RuntimeError), or while the connection is being torn down.
+_SETTLE_ERRORS = (AMQPError, RuntimeError, ConnectionError)
+
+
+def delivered_on_live_channel(message: AbstractIncomingMessage) -> bool:
+    """False when the channel that delivered ``message`` is closed: it can no longer be acked,
+    and the broker has put it back in the queue for redelivery."""
+    try:
+        return not message.channel.is_closed
+    except _SETTLE_ERRORS:
+        return False
+
+
+async def settle(message: AbstractIncomingMessage, how: str) -> bool:
+    """``ack`` / ``reject`` (no requeue) / ``requeue`` a message; False when its channel is gone
+    (the broker redelivers it: nothing is lost)."""
+    try:
+        if how == "ack":
+            await message.ack()
+        elif how == "reject":
+            await message.reject(requeue=False)
+        else:
+            await message.nack(requeue=True)
+    except _SETTLE_ERRORS as exc:
+        log.debug("could not %s a message (%s: %s)", how, type(exc).__name__, exc)
+        return False
+    return True
 
 
 @dataclass
@@ -41,7 +75,7 @@ class IndexerWorker:
             stored = InstanceStored.from_bytes(message.body)
         except BadMessage as exc:
             log.error("dead-lettering unreadable message: %s", exc)
-            await message.reject(requeue=False)
+            await settle(message, "reject")
             return
         self.pending.append((message, stored))
         self.wake.set()
@@ -60,7 +94,12 @@ class IndexerWorker:
                 await asyncio.sleep(self.settings.batch_wait)
             batch = self.pending[: self.settings.batch_size]
             del self.pending[: len(batch)]
-            await self.flush(batch)
+            live = [item for item in batch if delivered_on_live_channel(item[0])]
+            if len(live) < len(batch):
+                log.warning("dropping %d held messages delivered on a closed channel (the "
+                            "broker redelivers them)", len(batch) - len(live))
+            if live:
+                await self.flush(live)
 
     async def flush(self, batch: list[tuple[AbstractIncomingMessage, InstanceStored]]) -> None:
         delay = 0.5
@@ -72,7 +111,7 @@ class IndexerWorker:
             except _CONNECTION_ERRORS as exc:
                 if self.stop.is_set():
                     for message, _ in batch:
-                        await message.nack(requeue=True)
+                        await settle(message, "requeue")
                     return
                 log.warning("PostgreSQL unavailable (%s); holding %d messages, retrying in "
                             "%.1fs", type(exc).__name__, len(batch), delay)
@@ -83,14 +122,19 @@ class IndexerWorker:
                 if len(batch) == 1:
                     log.error("dead-lettering an instance the index refuses: %s: %s",
                               type(exc).__name__, exc)
-                    await batch[0][0].reject(requeue=False)
+                    await settle(batch[0][0], "reject")
                     return
                 half = len(batch) // 2
                 await self.flush(batch[:half])
                 await self.flush(batch[half:])
                 return
+            unacked = 0
             for message, _ in batch:
-                await message.ack()
+                unacked += not await settle(message, "ack")
+            if unacked:
+                log.warning("%d of %d indexed messages could not be acked (broker connection "
+                            "lost); their redelivery will be counted as duplicates", unacked,
+                            len(batch))
             log.info("indexed batch of %d: %d new, %d duplicate, %d conflict (%.1f ms)",
                      len(batch), result.inserted, result.duplicates, result.conflicts,
                      (time.perf_counter() - started) * 1000)

@@ -25,7 +25,9 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
 
     pool = await retry_until("PostgreSQL", connect_db, settings.startup_timeout)
     client = s3.client(settings)
-    connection = await broker.connect(settings.amqp_url, settings.startup_timeout)
+    connection = await broker.connect(settings.amqp_url, settings.startup_timeout,
+                                      name="minipacs-mover")
+    link = broker.health(connection)
     progress_channel = await connection.channel(publisher_confirms=True)
     exchange, _ = await topology.declare(progress_channel)
     channel = await connection.channel()
@@ -35,23 +37,25 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
     cancels = await topology.declare_listener(channel, topology.MOVE_CANCEL)
     cancel_tag = await cancels.consume(worker.on_cancel, no_ack=True)
     tasks: set[asyncio.Task[None]] = set()
+    handled = broker.log_task_failure("move job")
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         task = asyncio.create_task(worker.on_message(message))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        task.add_done_callback(handled)
 
     queue = queues[topology.MOVER.name]
     tag = await queue.consume(on_message)
     beat = asyncio.create_task(heartbeat(heartbeat_path(settings.heartbeat_file, "mover"), stop,
-                                         lambda: not connection.is_closed))
+                                         link.healthy))
     log.info("mover %s consuming %s (%d jobs at a time, %d associations each)",
              settings.gateway_aet, queue.name, settings.jobs, settings.associations)
     try:
         await stop.wait()
     finally:
         log.info("mover stopping: no new jobs, finishing %d running", len(tasks))
-        await queue.cancel(tag)
+        await broker.cancel_consumer(queue, tag)
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=30)
             if late:
@@ -59,7 +63,7 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
                 for event in worker.running.values():
                     event.set()
                 await asyncio.wait(tasks, timeout=30)
-        await cancels.cancel(cancel_tag)
+        await broker.cancel_consumer(cancels, cancel_tag)
         beat.cancel()
         await connection.close()
         await pool.close()

@@ -23,7 +23,8 @@ async def run(settings: StorageSettings, stop: asyncio.Event | None = None) -> N
         await asyncio.to_thread(s3.ensure_bucket, client, settings.s3_bucket)
 
     await retry_until("S3", bucket, settings.startup_timeout)
-    connection = await broker.connect(settings.amqp_url, settings.startup_timeout)
+    connection = await broker.connect(settings.amqp_url, settings.startup_timeout,
+                                      name="minipacs-storage")
     publisher = broker.Publisher(connection, settings.confirm_timeout)
     await publisher.open()
     channel = await connection.channel()
@@ -38,19 +39,22 @@ async def run(settings: StorageSettings, stop: asyncio.Event | None = None) -> N
     queue = queues[topology.STORAGE.name]
     log.info("storage consuming %s into bucket %s", queue.name, settings.s3_bucket)
 
+    handled = broker.log_task_failure("storage message handler")
+
     async def on_message(message: object) -> None:
         await sem.acquire()
         task = asyncio.create_task(worker.handle(message))  # type: ignore[arg-type]
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         task.add_done_callback(lambda _t: sem.release())
+        task.add_done_callback(handled)
 
     tag = await queue.consume(on_message)  # type: ignore[arg-type]
     try:
         await stop.wait()
     finally:
         log.info("storage stopping: no new messages, finishing %d in flight", len(tasks))
-        await queue.cancel(tag)
+        await broker.cancel_consumer(queue, tag)
         if tasks:
             await asyncio.wait(tasks, timeout=60)
         beat.cancel()

@@ -5,11 +5,13 @@ exactly once, and nothing that failed was reported as Success."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from scripts.native import free_port_block, port_open
+from scripts.native import ROOT, SERVICES, Stack, free_port_block, port_open
+from shared.topology import QUEUES
 from tests.conftest import dsn, make_stack, teardown
 from tests.dicomgen import ct_series
 from tests.e2e.test_ingest import assert_stored_byte_identical, indexed
@@ -76,38 +78,92 @@ def test_storage_indexer_and_gateway_killed_mid_ingest(tmp_path: Path) -> None:
         teardown(stack)
 
 
+def _work_queue_consumers(vhost: str) -> dict[str, int]:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "consumers",
+                          "--no-table-headers"], capture_output=True, text=True,
+                         check=True).stdout
+    rows = dict(line.split() for line in out.splitlines() if line.strip())
+    return {q.name: int(rows.get(q.name, 0)) for q in QUEUES}
+
+
+def _healthy(stack: Stack, name: str) -> bool:
+    env = {**stack.env, "MINIPACS_HEARTBEAT_FILE": stack.heartbeat_file(name)}
+    return subprocess.run([sys.executable, "-m", f"services.{name}", "--check"], env=env,
+                          capture_output=True, cwd=ROOT, check=False).returncode == 0
+
+
 def test_rabbitmq_unreachable_means_failure_status_never_success(tmp_path: Path) -> None:
+    """Every service's broker connection goes through a proxy that is cut mid-ingest and then
+    restored: the gateway answers failures while the broker is unreachable, every service
+    reconnects once (no reconnection loop) with its consumers, and everything acknowledged
+    before or after the outage is stored and indexed exactly once."""
     proxy = CuttableProxy(5672, free_port_block(1)).start()
     stack = make_stack(tmp_path, "amqp", MINIPACS_CONFIRM_TIMEOUT="3")
+    vhost = stack.config.vhost
+    stack.config.extra_env["MINIPACS_AMQP_URL"] = (
+        f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
     stack.start()
     try:
-        # Only the gateway's broker connection goes through the cuttable proxy: this test is
-        # about what the gateway answers while the broker is unreachable.
-        direct = stack.env["MINIPACS_AMQP_URL"]
-        stack.kill("gateway")
-        stack.env["MINIPACS_AMQP_URL"] = (
-            f"amqp://guest:guest@127.0.0.1:{proxy.port}/{stack.config.vhost}")
-        stack.start_service("gateway")
-        stack.env["MINIPACS_AMQP_URL"] = direct
-        wait_until(lambda: port_open(stack.config.gateway_port), 60, what="gateway up")
-        made = ct_series(tmp_path / "ct", count=6, tag="amqp-ct", size=32)
         port = stack.config.gateway_port
-        assert storescu(port, [m.path for m in made[:2]]).successes == 2
+        wait_until(lambda: all(n == 1 for n in _work_queue_consumers(vhost).values()), 60,
+                   what="storage, indexer and mover consuming through the proxy")
+        made = ct_series(tmp_path / "ct", count=60, tag="amqp-ct", size=32)
+        study = [made[0].study_uid]
+        before, down, after = made[:50], made[50:52], made[52:]
+
+        # Cut in the middle of an ingest: some instances are on their way through storage and
+        # the indexer when every connection is reset.
+        sender = subprocess.Popen(
+            [dcmtk("storescu"), "-v", "-aec", "MINIPACS", "127.0.0.1", str(port),
+             *[str(m.path) for m in before]], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+        wait_until(lambda: indexed(stack, study) >= 5, 60, what="ingest under way")
         proxy.cut()
-        for m in made[2:4]:  # storescu stops at the first failure: one file per run
-            down = storescu(port, [m.path])
-            assert down.successes == 0
-            assert down.failures == 1, down.output[-1500:]
-            assert "OutOfResources" in down.output
+        output, _ = sender.communicate(timeout=120)
+        acknowledged = before[:count_successes(output)]
+        assert len(acknowledged) >= 5
+        wait_until(lambda: all("RabbitMQ connection lost" in stack.log_text(s)
+                               for s in SERVICES), 30, what="every service noticed the cut")
+        for m in down:  # storescu stops at the first failure: one file per run
+            result = storescu(port, [m.path])
+            assert result.successes == 0
+            assert result.failures == 1, result.output[-1500:]
+            assert "OutOfResources" in result.output
+
         proxy.restore()
-        wait_until(lambda: storescu(port, [made[4].path]).successes == 1, 90, every=1,
+        wait_until(lambda: all("RabbitMQ connection restored" in stack.log_text(s)
+                               for s in SERVICES), 60, what="every service reconnected")
+        wait_until(lambda: all(n == 1 for n in _work_queue_consumers(vhost).values()), 60,
+                   what="every consumer restored")
+        wait_until(lambda: storescu(port, [after[0].path]).successes == 1, 90, every=1,
                    what="the gateway publishing again after the broker came back")
-        assert storescu(port, [made[5].path]).successes == 1
-        wait_until(lambda: indexed(stack, [made[0].study_uid]) == 4, 120, what="indexed")
-        rows = {r["sop_instance_uid"] for r in pg(dsn(stack), "SELECT sop_instance_uid FROM "
-                                                   "instance")}
-        assert rows == {made[i].sop_uid for i in (0, 1, 4, 5)}
+        assert storescu(port, [m.path for m in after[1:]]).successes == len(after) - 1
+        acknowledged += after
+
+        ours = {m.sop_uid for m in acknowledged}
+        wait_until(lambda: ours <= {r["sop_instance_uid"] for r in pg(
+            dsn(stack), "SELECT sop_instance_uid FROM instance")}, 120,
+            what="every acknowledged instance indexed")
+        wait_until(lambda: all(_healthy(stack, s) for s in SERVICES), 30,
+                   what="every service reporting healthy through --check")
+        # Indexed once; a non-acknowledged instance may have made it (its confirm was lost
+        # with the connection), nothing that was never sent did.
+        rows = pg(dsn(stack), "SELECT sop_instance_uid FROM instance")
+        uids = [r["sop_instance_uid"] for r in rows]
+        assert len(uids) == len(set(uids))
+        assert set(uids) <= {m.sop_uid for m in made}
+        assert_stored_byte_identical(stack, [m for m in made if m.sop_uid in set(uids)])
         assert "broker did not confirm" in stack.log_text("gateway")
+        # One loss and one recovery each: nobody looped through reconnections.
+        for s in SERVICES:
+            log = stack.log_text(s)
+            assert log.count("RabbitMQ connection lost") == 1, (s, log[-3000:])
+            assert "keeps dropping" not in log, (s, log[-3000:])
+        dead = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name",
+                               "messages", "--no-table-headers"], capture_output=True,
+                              text=True, check=True).stdout
+        assert all(line.split()[-1] == "0" for line in dead.splitlines()
+                   if ".dead" in line), dead
     finally:
         teardown(stack)
         proxy.close()
