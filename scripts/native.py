@@ -209,7 +209,8 @@ class Stack:
                            "-ip.bind=127.0.0.1", f"-s3.port={p}", f"-master.port={p + 1}",
                            f"-volume.port={p + 2}", f"-filer.port={p + 3}",
                            f"-admin.port={p + 4}", f"-s3.port.iceberg={p + 5}",
-                           f"-s3.metricsPort={p + 6}", "-admin.ui=false", "-webdav=false"], env)
+                           f"-s3.metricsPort={p + 6}", "-s3.port.lance=0", "-admin.ui=false",
+                           "-webdav=false"], env)
         proc = self.procs["s3"]
 
         def up() -> bool:
