@@ -270,3 +270,45 @@ def test_c_cancel_stops_the_get(world: World) -> None:
     assert status.NumberOfCompletedSuboperations == len(got) == 1
     assert status.NumberOfRemainingSuboperations == len(world.ct) - 1
     assert echo_ok
+
+
+def test_an_scu_aborting_mid_get_leaves_the_gateway_serving(world: World,
+                                                             tmp_path: Path) -> None:
+    """The SCU aborts the association from its handler of the second sub-operation (the
+    gateway is reading that socket itself then): the abort goes back to pynetdicom, the C-GET
+    stops, and the next C-GET is served normally."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    got: list[str] = []
+    assoc: Any = None
+
+    def on_store(event: Any) -> int:
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        if len(got) == 2:
+            assoc.abort()
+        return 0x0000
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", world.port, ae_title="MINIPACS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "SERIES"
+    ident.StudyInstanceUID = world.ct[0].study_uid
+    ident.SeriesInstanceUID = world.ct[0].series_uid
+    log_before = len(world.stack.log_text("gateway"))
+    list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
+    assert assoc.is_aborted and len(got) == 2
+    wait_until(lambda: "C-GET: association lost" in world.stack.log_text("gateway")[log_before:],
+               30, what="the gateway to see the abort")
+    first = world.data[0]
+    result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
+                                 "StudyInstanceUID": first.study_uid}, tmp_path / "out")
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output

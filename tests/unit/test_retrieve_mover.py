@@ -342,3 +342,50 @@ def test_prefetcher_gives_back_what_was_not_taken(tmp_path: Path) -> None:
     assert work.next() is None
     work.close()
     assert not any(p.exists() for p in files[1:])  # fetched ahead, not taken: deleted
+
+
+# ---- the mover's own Storage SCU against pynetdicom's SCP ----------------------------------------
+
+def test_store_association_sends_datasets_as_stored_and_releases(tmp_path: Path) -> None:
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from scripts.native import free_port
+    from services.mover.scu import Refused, StoreAssociation, Timeouts
+    from shared.prefetch import Blob
+    from tests.dicomgen import CT_IMAGE, MR_IMAGE, ct_series, dataset_bytes
+
+    got: list[tuple[str, bytes, str]] = []
+
+    def on_store(event: evt.Event) -> int:
+        got.append((str(event.request.AffectedSOPInstanceUID),
+                    bytes(event.request.DataSet.getvalue()),
+                    str(event.request.MoveOriginatorApplicationEntityTitle or "").strip()))
+        return 0x0000
+
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        made = ct_series(tmp_path, count=2, tag="scu", size=32)
+        contexts = [(CT_IMAGE, ExplicitVRLittleEndian), (MR_IMAGE, ExplicitVRLittleEndian)]
+        assoc = StoreAssociation.open("127.0.0.1", port, "MINIPACS", "DEST", contexts,
+                                      1 << 20, Timeouts(5, 5, 5))
+        assert set(assoc.accepted) == {contexts[0]}  # MR refused by the SCP
+        for n, m in enumerate(made):
+            status = assoc.store(n + 1, CT_IMAGE, m.sop_uid, ExplicitVRLittleEndian,
+                                 Blob(data=m.path.read_bytes()), "MOVESCU", 5)
+            assert status == 0x0000
+        with pytest.raises(LookupError):
+            assoc.store(9, MR_IMAGE, "1.2.3", ExplicitVRLittleEndian, Blob(data=b""))
+        assoc.release()
+        assert [(u, d) for u, d, _ in got] == [(m.sop_uid, dataset_bytes(m.path)) for m in made]
+        assert {o for _, _, o in got} == {"MOVESCU"}
+    finally:
+        server.shutdown()
+    with pytest.raises(Refused):
+        StoreAssociation.open("127.0.0.1", port, "MINIPACS", "DEST", contexts, 0,
+                              Timeouts(5, 5, 5))
