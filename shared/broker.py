@@ -25,6 +25,7 @@ from collections.abc import Callable
 from weakref import WeakKeyDictionary
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -208,6 +209,9 @@ def log_task_failure(what: str) -> Callable[[asyncio.Task[None]], None]:
     return done
 
 
+_PERSISTENT_JSON = aiormq.spec.Basic.Properties(delivery_mode=2, content_type="application/json")
+
+
 class Publisher:
     """Publishes persistent messages and returns only once the broker has confirmed them."""
 
@@ -232,19 +236,24 @@ class Publisher:
         )
 
     async def publish(self, message: _Message, headers: dict[str, str] | None = None) -> None:
-        if self._exchange is None:
+        # Straight to aiormq with prebuilt properties: aio-pika's Message and Exchange layers
+        # and a wait_for task per message were a tenth of the gateway's CPU per instance.
+        if self._channel is None or self._exchange is None:
             raise PublishFailed("publisher is not open")
-        amqp = aio_pika.Message(
-            message.to_bytes(),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            content_type="application/json",
-            headers=headers or {},  # type: ignore[arg-type]
-        )
+        properties = _PERSISTENT_JSON if not headers else aiormq.spec.Basic.Properties(
+            delivery_mode=2, content_type="application/json", headers=dict(headers))
         try:
-            await asyncio.wait_for(
-                self._exchange.publish(amqp, message.routing_key, mandatory=True),
-                self._timeout,
-            )
+            if self._channel.is_closed:
+                raise PublishFailed("the publishing channel is closed")
+            # The plain Channel's accessor: the robust one waits for a reconnection, and a
+            # publish must fail fast instead (the modality gets 0xA700 and retries).
+            channel = await aio_pika.Channel.get_underlay_channel(self._channel)  # type: ignore[arg-type]
+            await channel.basic_publish(message.to_bytes(), exchange=topology.EXCHANGE,
+                                        routing_key=message.routing_key,
+                                        properties=properties, mandatory=True,
+                                        timeout=self._timeout)
+        except PublishFailed:
+            raise
         except TimeoutError as exc:
             raise PublishFailed(f"no publisher confirm within {self._timeout}s") from exc
         except Exception as exc:
