@@ -29,10 +29,12 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
     ConsumerTag,
 )
+from aiormq.exceptions import AMQPError
 from yarl import URL
 
 from shared import topology
@@ -258,3 +260,35 @@ class Publisher:
             raise PublishFailed(f"no publisher confirm within {self._timeout}s") from exc
         except Exception as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+# ---- consumers ---------------------------------------------------------------------------------
+
+# An ack / reject / nack after the delivery channel died (ChannelInvalidStateError is a
+# RuntimeError), or while the connection is being torn down.
+_SETTLE_ERRORS = (AMQPError, RuntimeError, ConnectionError)
+
+
+def delivered_on_live_channel(message: AbstractIncomingMessage) -> bool:
+    """False when the channel that delivered ``message`` is closed: it can no longer be acked,
+    and the broker has put it back in the queue for redelivery."""
+    try:
+        return not message.channel.is_closed
+    except _SETTLE_ERRORS:
+        return False
+
+
+async def settle(message: AbstractIncomingMessage, how: str) -> bool:
+    """``ack`` / ``reject`` (no requeue) / ``requeue`` a message; False when its channel is gone
+    (the broker redelivers it: every consumer is idempotent, so nothing is lost or doubled)."""
+    try:
+        if how == "ack":
+            await message.ack()
+        elif how == "reject":
+            await message.reject(requeue=False)
+        else:
+            await message.nack(requeue=True)
+    except _SETTLE_ERRORS as exc:
+        log.debug("could not %s a message (%s: %s)", how, type(exc).__name__, exc)
+        return False
+    return True

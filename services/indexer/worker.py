@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import AMQPError
 
 from services.indexer.store import write_batch
+from shared.broker import delivered_on_live_channel, settle
 from shared.messages import BadMessage, InstanceStored
 from shared.settings import IndexerSettings
 
@@ -32,36 +32,6 @@ _CONNECTION_ERRORS = (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
                       asyncpg.exceptions.CannotConnectNowError,
                       asyncpg.exceptions.InterfaceError, asyncpg.exceptions.AdminShutdownError,
                       TimeoutError)
-# An ack / reject / nack after the delivery channel died (ChannelInvalidStateError is a
-# RuntimeError), or while the connection is being torn down.
-_SETTLE_ERRORS = (AMQPError, RuntimeError, ConnectionError)
-
-
-def delivered_on_live_channel(message: AbstractIncomingMessage) -> bool:
-    """False when the channel that delivered ``message`` is closed: it can no longer be acked,
-    and the broker has put it back in the queue for redelivery."""
-    try:
-        return not message.channel.is_closed
-    except _SETTLE_ERRORS:
-        return False
-
-
-async def settle(message: AbstractIncomingMessage, how: str) -> bool:
-    """``ack`` / ``reject`` (no requeue) / ``requeue`` a message; False when its channel is gone
-    (the broker redelivers it: nothing is lost)."""
-    try:
-        if how == "ack":
-            await message.ack()
-        elif how == "reject":
-            await message.reject(requeue=False)
-        else:
-            await message.nack(requeue=True)
-    except _SETTLE_ERRORS as exc:
-        log.debug("could not %s a message (%s: %s)", how, type(exc).__name__, exc)
-        return False
-    return True
-
-
 @dataclass
 class IndexerWorker:
     settings: IndexerSettings

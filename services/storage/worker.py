@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from minio import Minio
 
 from shared import s3
-from shared.broker import Publisher
+from shared.broker import Publisher, delivered_on_live_channel, settle
 from shared.dicom import header_json
 from shared.keys import object_key
 from shared.messages import BadMessage, InstanceReceived, InstanceStored
@@ -62,7 +62,7 @@ class StorageWorker:
             key = object_key(received.sha256)
         except (BadMessage, ValueError) as exc:
             log.error("dead-lettering unreadable message %s: %s", message.message_id, exc)
-            await message.reject(requeue=False)
+            await settle(message, "reject")
             return
         delay = 0.5
         while True:
@@ -71,11 +71,12 @@ class StorageWorker:
             except Permanent as exc:
                 log.error("dead-lettering obj=%s from %s: %s", received.sha256[:12],
                           received.calling_aet, exc)
-                await message.reject(requeue=False)
+                await settle(message, "reject")
                 return
             except Exception as exc:
-                if self.stop.is_set():
-                    await message.nack(requeue=True)
+                if self.stop.is_set() or not delivered_on_live_channel(message):
+                    # stopping, or the broker already took it back with the lost connection
+                    await settle(message, "requeue")
                     return
                 log.warning("obj=%s not stored yet (%s: %s); retrying in %.1fs",
                             received.sha256[:12], type(exc).__name__, exc, delay)
@@ -85,7 +86,9 @@ class StorageWorker:
                     pass
                 delay = min(delay * 2, 10.0)
                 continue
-            await message.ack()
+            if not await settle(message, "ack"):
+                log.warning("obj=%s stored, but its ack was lost with the broker connection: "
+                            "the redelivery will find it stored", received.sha256[:12])
             return
 
     async def store(self, received: InstanceReceived, key: str) -> None:
