@@ -238,6 +238,10 @@ class Publisher:
         )
 
     async def publish(self, message: _Message, headers: dict[str, str] | None = None) -> None:
+        await self.publish_body(message.to_bytes(), message.routing_key, headers)
+
+    async def publish_body(self, body: bytes, routing_key: str,
+                           headers: dict[str, str] | None = None) -> None:
         # Straight to aiormq with prebuilt properties: aio-pika's Message and Exchange layers
         # and a wait_for task per message were a tenth of the gateway's CPU per instance.
         if self._channel is None or self._exchange is None:
@@ -250,8 +254,8 @@ class Publisher:
             # The plain Channel's accessor: the robust one waits for a reconnection, and a
             # publish must fail fast instead (the modality gets 0xA700 and retries).
             channel = await aio_pika.Channel.get_underlay_channel(self._channel)  # type: ignore[arg-type]
-            await channel.basic_publish(message.to_bytes(), exchange=topology.EXCHANGE,
-                                        routing_key=message.routing_key,
+            await channel.basic_publish(body, exchange=topology.EXCHANGE,
+                                        routing_key=routing_key,
                                         properties=properties, mandatory=True,
                                         timeout=self._timeout)
         except PublishFailed:

@@ -1,7 +1,8 @@
 """Versioned message schemas. Every message body is JSON with ``"v"`` (schema version).
 
 instance.received v1  gateway/api -> storage   the bytes wait in the spool (claim check)
-instance.stored   v1  storage -> indexer       the object is in S3 and verified
+instance.stored   v1  storage -> indexer       the object is in S3 and verified (one event, or
+                                               ``{"v": 1, "instances": [...]}`` for several)
 move.requested    v1  gateway/api -> mover     send what ``identifier`` matches to a node
 move.progress     v1  mover -> gateway         counts of a running job, and its final state
 move.cancel       v1  gateway/api -> movers    stop a job (C-CANCEL)
@@ -10,6 +11,7 @@ move.cancel       v1  gateway/api -> movers    stop a job (C-CANCEL)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Self
 
@@ -23,12 +25,13 @@ class BadMessage(ValueError):
 class _Message:
     routing_key: str = ""
 
-    def to_bytes(self) -> bytes:
+    def to_dict(self) -> dict[str, Any]:
         # Shallow on purpose: ``dataclasses.asdict`` deep-copies every value (the header of an
         # ``instance.stored`` is a nested dict), which cost more than the JSON encoding itself.
-        body: dict[str, Any] = {"v": SCHEMA_VERSION}
-        body.update((f.name, getattr(self, f.name)) for f in fields(self))  # type: ignore[arg-type]
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    def to_bytes(self) -> bytes:
+        return _dump({"v": SCHEMA_VERSION, **self.to_dict()})
 
     @classmethod
     def from_bytes(cls, body: bytes) -> Self:
@@ -39,10 +42,20 @@ class _Message:
         if not isinstance(data, dict) or data.get("v") != SCHEMA_VERSION:
             raise BadMessage(f"{cls.__name__}: unsupported schema version")
         data.pop("v")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Self:
+        if not isinstance(data, dict):
+            raise BadMessage(f"{cls.__name__}: not an object")
         try:
             return cls(**data)
         except TypeError as exc:
             raise BadMessage(f"{cls.__name__}: {exc}") from exc
+
+
+def _dump(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,29 @@ class InstanceStored(_Message):
     received_at: str = ""
     header: dict[str, Any] = field(default_factory=dict)
     routing_key = "instance.stored"
+
+
+def stored_batch(events: Sequence[InstanceStored]) -> bytes:
+    """One ``instance.stored`` message body for several events: ``{"v": 1, "instances":
+    [...]}``. Storage sends those under load (one publish, confirm and delivery for all)."""
+    return _dump({"v": SCHEMA_VERSION, "instances": [e.to_dict() for e in events]})
+
+
+def read_stored(body: bytes) -> list[InstanceStored]:
+    """The events of an ``instance.stored`` message body, single or batched."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadMessage("instance.stored: body is not JSON") from exc
+    if not isinstance(data, dict) or data.get("v") != SCHEMA_VERSION:
+        raise BadMessage("instance.stored: unsupported schema version")
+    data.pop("v")
+    if "instances" not in data:
+        return [InstanceStored.from_dict(data)]
+    items = data["instances"]
+    if not isinstance(items, list) or not items or len(data) != 1:
+        raise BadMessage("instance.stored: a batch needs a non-empty list and nothing else")
+    return [InstanceStored.from_dict(item) for item in items]
 
 
 @dataclass(frozen=True)

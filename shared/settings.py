@@ -193,6 +193,8 @@ class StorageSettings(Common):
     concurrency: int = 8
     part_size: int = 16 * 1024 * 1024
     sweep_after: float = 3600.0
+    announce_batch: int = 32      # instance.stored events per message at most
+    announce_linger: float = 0.005  # s an event waits for others to share its message
 
 
 @dataclass(frozen=True)

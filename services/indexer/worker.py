@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from services.indexer.store import write_batch
 from shared.broker import delivered_on_live_channel, settle
-from shared.messages import BadMessage, InstanceStored
+from shared.messages import BadMessage, InstanceStored, read_stored
 from shared.settings import IndexerSettings
 
 log = logging.getLogger("minipacs.indexer")
@@ -32,23 +32,43 @@ _CONNECTION_ERRORS = (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
                       asyncpg.exceptions.CannotConnectNowError,
                       asyncpg.exceptions.InterfaceError, asyncpg.exceptions.AdminShutdownError,
                       TimeoutError)
+_DATA_ERRORS = (asyncpg.PostgresError, ValueError, TypeError, KeyError)
+Held = tuple[AbstractIncomingMessage, list[InstanceStored]]  # a message and its events
+
+
 @dataclass
 class IndexerWorker:
     settings: IndexerSettings
     pool: asyncpg.Pool
     stop: asyncio.Event
-    pending: list[tuple[AbstractIncomingMessage, InstanceStored]] = field(default_factory=list)
+    pending: list[Held] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            stored = InstanceStored.from_bytes(message.body)
+            events = read_stored(message.body)
         except BadMessage as exc:
             log.error("dead-lettering unreadable message: %s", exc)
             await settle(message, "reject")
             return
-        self.pending.append((message, stored))
+        self.pending.append((message, events))
         self.wake.set()
+
+    def held_events(self) -> int:
+        return sum(len(events) for _, events in self.pending)
+
+    def take_batch(self) -> list[Held]:
+        """Whole messages from the front of ``pending``, up to ``batch_size`` events (at least
+        one message)."""
+        count, taken = 0, 0
+        for _, events in self.pending:
+            if taken and count + len(events) > self.settings.batch_size:
+                break
+            count += len(events)
+            taken += 1
+        batch = self.pending[:taken]
+        del self.pending[:taken]
+        return batch
 
     async def run(self) -> None:
         while not self.stop.is_set() or self.pending:
@@ -60,10 +80,9 @@ class IndexerWorker:
                 waiter.cancel()
                 stopper.cancel()
                 continue
-            if len(self.pending) < self.settings.batch_size and not self.stop.is_set():
+            if self.held_events() < self.settings.batch_size and not self.stop.is_set():
                 await asyncio.sleep(self.settings.batch_wait)
-            batch = self.pending[: self.settings.batch_size]
-            del self.pending[: len(batch)]
+            batch = self.take_batch()
             live = [item for item in batch if delivered_on_live_channel(item[0])]
             if len(live) < len(batch):
                 log.warning("dropping %d held messages delivered on a closed channel (the "
@@ -71,13 +90,13 @@ class IndexerWorker:
             if live:
                 await self.flush(live)
 
-    async def flush(self, batch: list[tuple[AbstractIncomingMessage, InstanceStored]]) -> None:
+    async def flush(self, batch: list[Held]) -> None:
         delay = 0.5
         while True:
             started = time.perf_counter()
             try:
                 async with self.pool.acquire() as conn:
-                    result = await write_batch(conn, [m for _, m in batch])
+                    result = await write_batch(conn, [e for _, events in batch for e in events])
             except _CONNECTION_ERRORS as exc:
                 if self.stop.is_set():
                     for message, _ in batch:
@@ -88,11 +107,9 @@ class IndexerWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            except (asyncpg.PostgresError, ValueError, TypeError, KeyError) as exc:
+            except _DATA_ERRORS as exc:
                 if len(batch) == 1:
-                    log.error("dead-lettering an instance the index refuses: %s: %s",
-                              type(exc).__name__, exc)
-                    await settle(batch[0][0], "reject")
+                    await self.refused(batch[0], exc)
                     return
                 half = len(batch) // 2
                 await self.flush(batch[:half])
@@ -106,6 +123,32 @@ class IndexerWorker:
                             "lost); their redelivery will be counted as duplicates", unacked,
                             len(batch))
             log.info("indexed batch of %d: %d new, %d duplicate, %d conflict (%.1f ms)",
-                     len(batch), result.inserted, result.duplicates, result.conflicts,
-                     (time.perf_counter() - started) * 1000)
+                     result.inserted + result.duplicates + result.conflicts, result.inserted,
+                     result.duplicates, result.conflicts, (time.perf_counter() - started) * 1000)
             return
+
+    async def refused(self, held: Held, exc: Exception) -> None:
+        """One message the index refuses. Its events are written one by one (each its own
+        transaction), so one bad instance does not keep the others of its batch out of the
+        index; if any is refused, the whole message is dead-lettered (replaying it later is
+        idempotent: the events already written count as duplicates)."""
+        message, events = held
+        bad = [(events[0], exc)] if len(events) == 1 else []
+        for event in events if len(events) > 1 else []:
+            try:
+                async with self.pool.acquire() as conn:
+                    await write_batch(conn, [event])
+            except _DATA_ERRORS as one:
+                bad.append((event, one))
+            except _CONNECTION_ERRORS:  # PostgreSQL went away meanwhile: try it all later
+                await settle(message, "requeue")
+                return
+        if not bad:  # it was not the data after all (e.g. a conflict between two events)
+            await settle(message, "ack")
+            return
+        for event, error in bad:
+            log.error("the index refuses obj=%s: %s: %s", event.sha256[:12],
+                      type(error).__name__, error)
+        log.error("dead-lettering a message of %d events, %d refused (the others are indexed)",
+                  len(events), len(bad))
+        await settle(message, "reject")

@@ -3,7 +3,8 @@
 1. the spool file behind the message -> S3 under its content hash (large ones: skipped if
    already there; small ones are simply put again, same key, same bytes)
 2. verify size and SHA-256, read the header as DICOM JSON
-3. publish ``instance.stored`` and wait for the broker's confirm
+3. publish ``instance.stored`` and wait for the broker's confirm (events of instances that
+   finish together share one message: ``batch.py``)
 4. remove the spool file, then ack
 
 A redelivery after step 4 finds no spool file but the verified object: step 3 was already
@@ -18,13 +19,14 @@ import asyncio
 import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from aio_pika.abc import AbstractIncomingMessage
 from minio import Minio
 
+from services.storage.batch import StoredBatcher
 from shared import s3
 from shared.broker import Publisher, delivered_on_live_channel, settle
 from shared.dicom import header_json
@@ -55,6 +57,12 @@ class StorageWorker:
     s3: Minio
     publisher: Publisher
     stop: asyncio.Event
+    batcher: StoredBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batcher = StoredBatcher(
+            lambda body: self.publisher.publish_body(body, InstanceStored.routing_key),
+            self.settings.announce_batch, self.settings.announce_linger)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -106,7 +114,7 @@ class StorageWorker:
             raise Permanent("spool file is gone and the object is not in S3")
         header = await asyncio.to_thread(self._put_and_read_header, path, key, received,
                                          existing != received.size)
-        await self.publisher.publish(InstanceStored(
+        await self.batcher.announce(InstanceStored(
             sop_instance_uid=received.sop_instance_uid,
             sop_class_uid=received.sop_class_uid,
             study_instance_uid=received.study_instance_uid,

@@ -160,3 +160,38 @@ def test_garbage_bytes_are_dropped_and_the_gateway_keeps_serving(stack: Stack) -
         except (ConnectionResetError, TimeoutError):
             pass
     assert echo(stack, "-aec", "MINIPACS").returncode == 0
+
+
+def test_an_instance_the_index_refuses_is_dead_lettered_and_its_neighbours_indexed(
+        private_stack: Stack, tmp_path: Path) -> None:
+    """A NUL inside a name is accepted DICOM but no PostgreSQL text: that instance is parked in
+    the indexer's dead-letter queue (visible, replayable) and the ones around it, which may
+    share its ``instance.stored`` message, are indexed. All were stored, so all got Success."""
+    study, series = uid("poison", "st"), uid("poison", "se")
+    paths, sops = [], []
+    for n in range(8):
+        sop = uid("poison", n)
+        name = "Bad\x00Name" if n == 3 else "Good^Name"
+        paths.append(make_instance(tmp_path / f"{n}.dcm", sop_class=CT_IMAGE, sop_uid=sop,
+                                   study_uid=study, series_uid=series, patient_id="POISON",
+                                   patient_name=name, rows=8, cols=8, modality="CT",
+                                   instance_number=n))
+        sops.append(sop)
+    stack = private_stack  # its own dead-letter queue, left with the poisoned message
+    sent = storescu(stack.config.gateway_port, paths)
+    assert sent.successes == 8, sent.output
+
+    def indexed() -> set[str]:
+        rows = pg(dsn(stack), "SELECT sop_instance_uid FROM instance WHERE sop_instance_uid = "
+                  "ANY($1::text[])", sops)
+        return {r["sop_instance_uid"] for r in rows}
+
+    def parked() -> int:
+        out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost,
+                              "name", "messages", "--no-table-headers"], capture_output=True,
+                             text=True, check=True).stdout
+        counts = dict(line.split() for line in out.splitlines() if line.strip())
+        return int(counts.get("indexer.instances.dead", "0"))
+
+    wait_until(lambda: indexed() == set(sops) - {sops[3]} and parked() >= 1, timeout=60)
+    assert sops[3] not in indexed()

@@ -142,6 +142,13 @@ def stored(n: int) -> InstanceStored:
                           calling_aet="X", received_at="", header={})
 
 
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 async def test_indexer_goes_on_when_acks_are_lost_with_the_channel(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     written: list[list[str]] = []
@@ -158,16 +165,16 @@ async def test_indexer_goes_on_when_acks_are_lost_with_the_channel(
     worker = IndexerWorker(settings, Pool(), stop)  # type: ignore[arg-type]
     first = [Message(old) for _ in range(2)]
     for i, m in enumerate(first):
-        worker.pending.append((m, stored(i)))  # type: ignore[arg-type]
+        worker.pending.append((m, [stored(i)]))  # type: ignore[arg-type]
     held = Message(old)  # still held when its channel dies: redelivered, not written
-    worker.pending.append((held, stored(9)))  # type: ignore[arg-type]
+    worker.pending.append((held, [stored(9)]))  # type: ignore[arg-type]
     runner = asyncio.create_task(worker.run())
     worker.wake.set()
-    await asyncio.sleep(0.05)
+    await until(lambda: not worker.pending and len(written) == 1)
     redelivered = Message(new)
-    worker.pending.append((redelivered, stored(9)))  # type: ignore[arg-type]
+    worker.pending.append((redelivered, [stored(9)]))  # type: ignore[arg-type]
     worker.wake.set()
-    await asyncio.sleep(0.05)
+    await until(lambda: redelivered.acked)
     stop.set()
     await asyncio.wait_for(runner, 5)  # the writer did not die on the lost acks
     assert written == [["1.2.0", "1.2.1"], ["1.2.9"]]

@@ -1,0 +1,121 @@
+"""Batched ``instance.stored`` events: the message format, storage's batcher and the indexer's
+handling of a batch with one instance the index refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+
+from services.indexer import worker as indexer_worker
+from services.indexer.store import BatchResult
+from services.indexer.worker import IndexerWorker
+from services.storage.batch import StoredBatcher
+from shared.messages import BadMessage, InstanceStored, read_stored, stored_batch
+from shared.settings import IndexerSettings
+
+
+def event(n: int) -> InstanceStored:
+    return InstanceStored(sop_instance_uid=f"1.2.{n}", sop_class_uid="1.2",
+                          study_instance_uid="1", series_instance_uid="1.1",
+                          transfer_syntax="1.2.840.10008.1.2.1",
+                          object_key=f"instances/aa/{n:064d}.dcm", size=n, sha256=f"{n:064d}",
+                          header={"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Ä^B"}]}})
+
+
+def test_single_and_batched_bodies_read_back() -> None:
+    assert read_stored(event(1).to_bytes()) == [event(1)]
+    assert read_stored(stored_batch([event(1), event(2)])) == [event(1), event(2)]
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b'{"v": 2, "instances": []}', b'{"v": 1, "instances": []}',
+    b'{"v": 1, "instances": {}}', b'{"v": 1, "instances": [1]}',
+    json.dumps({"v": 1, "instances": [event(1).to_dict()], "x": 1}).encode(),
+    json.dumps({"v": 1, "instances": [{"sop_instance_uid": "1"}]}).encode(),
+])
+def test_bad_bodies_are_refused(body: bytes) -> None:
+    with pytest.raises(BadMessage):
+        read_stored(body)
+
+
+async def test_events_finishing_together_share_one_message() -> None:
+    sent: list[bytes] = []
+
+    async def send(body: bytes) -> None:
+        sent.append(body)
+
+    batcher = StoredBatcher(send, max_events=32, linger=0.01)
+    await asyncio.gather(*(batcher.announce(event(n)) for n in range(5)))
+    assert [len(read_stored(b)) for b in sent] == [5]
+    await batcher.announce(event(9))  # alone: the plain one-event message
+    assert json.loads(sent[-1])["sop_instance_uid"] == "1.2.9"
+
+
+async def test_a_full_batch_goes_at_once_and_failures_reach_every_caller() -> None:
+    sent: list[int] = []
+
+    async def send(body: bytes) -> None:
+        sent.append(len(read_stored(body)))
+        if len(sent) == 2:
+            raise RuntimeError("no confirm")
+
+    batcher = StoredBatcher(send, max_events=3, linger=60)  # only the size can trigger
+    await asyncio.wait_for(asyncio.gather(*(batcher.announce(event(n)) for n in range(3))), 5)
+    results = await asyncio.wait_for(asyncio.gather(
+        *(batcher.announce(event(n)) for n in range(3, 6)), return_exceptions=True), 5)
+    assert sent == [3, 3]
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+class Message:
+    def __init__(self) -> None:
+        self.acked = self.rejected = False
+
+    @property
+    def channel(self) -> Message:
+        return self
+
+    is_closed = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+    async def reject(self, requeue: bool = False) -> None:
+        self.rejected = True
+
+
+class Pool:
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[object]:
+        yield object()
+
+
+async def test_one_refused_instance_dead_letters_its_message_not_its_neighbours(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    indexed: set[str] = set()
+
+    async def write_batch(_conn: object, batch: list[InstanceStored]) -> BatchResult:
+        if any(e.sop_instance_uid == "1.2.3" for e in batch):
+            raise asyncpg.exceptions.CharacterNotInRepertoireError("0x00")
+        indexed.update(e.sop_instance_uid for e in batch)
+        return BatchResult(inserted=len(batch))
+
+    monkeypatch.setattr(indexer_worker, "write_batch", write_batch)
+    worker = IndexerWorker(IndexerSettings(batch_size=4, batch_wait=0.0), Pool(),  # type: ignore[arg-type]
+                           asyncio.Event())
+    poisoned, clean, single = Message(), Message(), Message()
+    worker.pending += [(poisoned, [event(1), event(2), event(3)]),  # type: ignore[list-item]
+                       (clean, [event(4)]), (single, [event(5)])]
+    assert [len(e) for _, e in worker.take_batch()] == [3, 1]  # whole messages, <= 4 events
+    worker.pending[:0] = [(poisoned, [event(1), event(2), event(3)]),  # type: ignore[list-item]
+                          (clean, [event(4)])]
+    worker.stop.set()
+    await asyncio.wait_for(worker.run(), 5)
+    assert indexed == {"1.2.1", "1.2.2", "1.2.4", "1.2.5"}
+    assert poisoned.rejected and not poisoned.acked
+    assert clean.acked and single.acked
