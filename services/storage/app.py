@@ -36,6 +36,7 @@ async def run(settings: StorageSettings, stop: asyncio.Event | None = None) -> N
     beat = asyncio.create_task(heartbeat(heartbeat_path(settings.heartbeat_file, "storage"), stop,
                                          lambda: publisher.ready))
     sweeper = asyncio.create_task(worker.sweep_forever())
+    reporter = asyncio.create_task(worker.report_forever())
     queue = queues[topology.STORAGE.name]
     log.info("storage consuming %s into bucket %s", queue.name, settings.s3_bucket)
 
@@ -59,5 +60,6 @@ async def run(settings: StorageSettings, stop: asyncio.Event | None = None) -> N
             await asyncio.wait(tasks, timeout=60)
         beat.cancel()
         sweeper.cancel()
+        reporter.cancel()
         await connection.close()
         log.info("storage stopped")

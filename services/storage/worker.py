@@ -58,6 +58,8 @@ class StorageWorker:
     publisher: Publisher
     stop: asyncio.Event
     batcher: StoredBatcher = field(init=False)
+    stored_count: int = 0
+    stored_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.batcher = StoredBatcher(
@@ -128,7 +130,9 @@ class StorageWorker:
             header=header,
         ))
         self.spool.remove(received.spool_name)
-        log.info("obj=%s stored %d bytes%s (%.1f ms)", received.sha256[:12], received.size,
+        self.stored_count += 1
+        self.stored_bytes += received.size
+        log.debug("obj=%s stored %d bytes%s (%.1f ms)", received.sha256[:12], received.size,
                  "" if existing != received.size else " (already in S3)",
                  (time.perf_counter() - started) * 1000)
 
@@ -157,6 +161,19 @@ class StorageWorker:
                             received.sha256, self.settings.part_size)
         except s3.VerifyFailed as exc:
             raise Permanent(str(exc)) from exc
+
+    async def report_forever(self, every: float = 10.0) -> None:
+        """One INFO line per ``every`` seconds with work done (per instance: DEBUG; the gateway
+        already logs each received instance at INFO)."""
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), every)
+            except TimeoutError:
+                pass
+            if self.stored_count:
+                log.info("stored %d instances (%.1f MB) in the last %.0f s", self.stored_count,
+                         self.stored_bytes / 1e6, every)
+                self.stored_count = self.stored_bytes = 0
 
     async def sweep_forever(self) -> None:
         while not self.stop.is_set():
