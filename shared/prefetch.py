@@ -3,7 +3,8 @@
 The retrieve paths (the mover's C-STOREs, the gateway's C-GET) send one instance after the
 other on an association; the S3 GET of the next ones runs meanwhile in a few threads. Memory
 stays bounded whatever the instance size: objects up to ``in_memory`` bytes are held as one
-``bytes``, larger ones go to a temp file, and at most ``depth`` are fetched ahead.
+``bytes``, larger ones go to a temp file, and at most ``depth`` objects, and beyond the first
+one at most ``budget`` bytes, are fetched ahead (one 1 GiB instance ahead, not six on disk).
 """
 
 from __future__ import annotations
@@ -185,14 +186,17 @@ class Fetched(Generic[R]):
 
 class Prefetcher(Generic[R]):
     """``next()`` gives the fetched instances in the order of ``refs`` (thread-safe, so several
-    sending threads can share one); up to ``depth`` are being fetched ahead by ``threads``
-    threads. ``close()`` stops fetching and deletes what was fetched but not taken."""
+    sending threads can share one); up to ``depth`` (and ``budget`` bytes) are being fetched
+    ahead by ``threads`` threads. ``close()`` stops fetching and deletes what was fetched but
+    not taken."""
 
     def __init__(self, refs: Sequence[R], fetch: Callable[[R], Blob], threads: int = 3,
-                 depth: int = 6) -> None:
+                 depth: int = 6, budget: int = 64 * 1024 * 1024) -> None:
         self._refs = refs
         self._fetch = fetch
         self._depth = max(1, depth)
+        self._budget = budget
+        self._ahead_bytes = 0
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="s3-prefetch")
         self._ahead: list[Future[Blob]] = []
         self._submitted = 0
@@ -200,9 +204,12 @@ class Prefetcher(Generic[R]):
         self._closed = False
 
     def _top_up(self) -> None:
-        while (not self._closed and len(self._ahead) < self._depth
-               and self._submitted < len(self._refs)):
-            self._ahead.append(self._pool.submit(self._fetch, self._refs[self._submitted]))
+        while (not self._closed and self._submitted < len(self._refs)
+               and len(self._ahead) < self._depth
+               and (not self._ahead or self._ahead_bytes < self._budget)):
+            ref = self._refs[self._submitted]
+            self._ahead.append(self._pool.submit(self._fetch, ref))
+            self._ahead_bytes += ref.size
             self._submitted += 1
 
     def next(self) -> Fetched[R] | None:
@@ -213,6 +220,7 @@ class Prefetcher(Generic[R]):
                 return None
             future = self._ahead.pop(0)
             ref = self._refs[self._submitted - len(self._ahead) - 1]
+            self._ahead_bytes -= ref.size
             self._top_up()
         try:
             return Fetched(ref, future.result())
@@ -225,6 +233,7 @@ class Prefetcher(Generic[R]):
             self._closed = True
             rest = list(self._refs[self._submitted - len(self._ahead):])
             ahead, self._ahead = self._ahead, []
+            self._ahead_bytes = 0
             self._submitted = len(self._refs)
         for future in ahead:
             future.cancel()

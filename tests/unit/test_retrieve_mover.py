@@ -389,3 +389,24 @@ def test_store_association_sends_datasets_as_stored_and_releases(tmp_path: Path)
     with pytest.raises(Refused):
         StoreAssociation.open("127.0.0.1", port, "MINIPACS", "DEST", contexts, 0,
                               Timeouts(5, 5, 5))
+
+
+def test_prefetcher_fetches_one_large_object_ahead_not_depth() -> None:
+    from shared.prefetch import Blob, Prefetcher
+
+    gib = 1 << 30
+    refs = [Obj(str(i), gib) for i in range(5)]
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def fetch(ref: Obj) -> Blob:
+        with lock:
+            started.append(ref.object_key)
+        return Blob(data=b"")
+
+    with Prefetcher(refs, fetch, threads=3, depth=6, budget=64 << 20) as work:
+        taken = 0
+        while work.next() is not None:
+            taken += 1
+            assert len(started) <= taken + 1  # one ahead of what was handed out
+    assert taken == 5
