@@ -5,7 +5,9 @@ The client is synchronous; services call these functions through ``asyncio.to_th
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 from typing import IO, BinaryIO
 
 from minio import Minio
@@ -14,6 +16,7 @@ from minio.error import S3Error
 from shared.settings import Common
 
 SHA_META = "sha256"
+CHECKSUM_HEADER = "x-amz-checksum-sha256"
 
 
 class VerifyFailed(RuntimeError):
@@ -99,22 +102,49 @@ def read_object(s3: Minio, bucket: str, key: str, limit: int) -> bytes:
 
 
 def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha256: str,
-                 part_size: int) -> None:
-    """Stream ``fp`` to ``key`` and verify: the bytes read hash to ``sha256``, and S3 holds
-    them: for a single-part upload its ETag (the MD5 S3 computed of what it received) equals
-    ours; for a multipart upload a HEAD checks size and checksum. Memory is bounded by
-    ``part_size``."""
+                 part_size: int) -> str:
+    """Store ``size`` bytes from ``fp`` under ``key`` and verify them against ``sha256`` (the
+    hash the gateway took of the bytes it received). Memory is bounded by ``part_size``.
+
+    - Up to ``part_size`` (one PUT): the request carries ``x-amz-checksum-sha256``; S3 (MinIO,
+      SeaweedFS) refuses a body that does not hash to it and echoes it when stored, so spool
+      and transfer are checked without hashing here. A store that does not echo it gets the
+      local check: our SHA-256 of the bytes, and its ETag against our MD5.
+    Returns which check it was: "checksum", "etag" or "multipart".
+    - Larger (multipart): the bytes are hashed as they are read, and a HEAD checks size and
+      checksum afterwards."""
+    if size <= part_size:
+        data = fp.read(size + 1)
+        if len(data) != size:
+            raise VerifyFailed("the spooled file's size differs from the message's")
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        try:
+            result = s3.put_object(bucket, key, io.BytesIO(data), size,
+                                   content_type="application/dicom",
+                                   metadata={SHA_META: sha256, CHECKSUM_HEADER: checksum,
+                                             "x-amz-sdk-checksum-algorithm": "SHA256"})
+        except S3Error as exc:
+            if exc.code in ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"):
+                raise VerifyFailed("the spooled bytes do not hash to the SHA-256 in the "
+                                   f"message (S3 said {exc.code})") from exc
+            raise
+        echoed = result.http_headers.get(CHECKSUM_HEADER) if result.http_headers else None
+        if echoed == checksum:  # the headers are case-insensitive
+            return "checksum"
+        md5 = hashlib.md5(data).hexdigest()  # noqa: S324 - compared with S3's ETag
+        if hashlib.sha256(data).hexdigest() != sha256:
+            s3.remove_object(bucket, key)
+            raise VerifyFailed("the spooled bytes do not hash to the SHA-256 in the message")
+        if (result.etag or "").strip('"').lower() != md5:
+            raise VerifyFailed("S3 received bytes whose MD5 differs from what was sent")
+        return "etag"
     reader = HashingReader(fp)
-    result = s3.put_object(bucket, key, reader, size,  # type: ignore[arg-type]
-                           content_type="application/dicom", metadata={SHA_META: sha256},
-                           part_size=part_size)
+    s3.put_object(bucket, key, reader, size,  # type: ignore[arg-type]
+                  content_type="application/dicom", metadata={SHA_META: sha256},
+                  part_size=part_size)
     if reader.sha.hexdigest() != sha256 or reader.count != size:
         s3.remove_object(bucket, key)
         raise VerifyFailed("the spooled bytes do not hash to the SHA-256 in the message")
-    etag = (result.etag or "").strip('"').lower()
-    if "-" not in etag and etag:
-        if etag != reader.md5.hexdigest():
-            raise VerifyFailed("S3 received bytes whose MD5 differs from what was sent")
-        return
     if stored_size(s3, bucket, key, sha256) != size:
         raise VerifyFailed("the stored object's size or checksum differs after upload")
+    return "multipart"

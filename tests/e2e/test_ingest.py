@@ -131,3 +131,26 @@ def test_same_uid_different_bytes_keeps_the_first_and_records_the_conflict(
     assert conflicts[0]["rejected_sha256"] != kept[0]["sha256"]
     assert_stored_byte_identical(stack, [Made(first, "CONFLICT", study, series, sop)])
     assert "reuses a stored SOP Instance UID" in stack.log_text("indexer")
+
+
+@pytest.mark.parametrize("size", [10_000, 530_000])
+def test_s3_refuses_bytes_that_do_not_match_the_gateways_hash(stack: Stack, size: int) -> None:
+    """storage's upload carries the SHA-256 the gateway took: the S3 store (SeaweedFS here,
+    MinIO in compose) refuses other bytes, e.g. a spool file damaged after the ack."""
+    from io import BytesIO
+
+    from shared import s3
+
+    client = s3_client(stack)
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    good = hashlib.sha256(data).hexdigest()
+    key = f"instances/{good[:2]}/{good}.dcm"
+    damaged = data[:-1] + b"\x00"
+    with pytest.raises(s3.VerifyFailed):
+        s3.put_verified(client, "minipacs", key, BytesIO(damaged), size, good, 16 << 20)
+    assert s3.stored_size(client, "minipacs", key, good) is None
+    assert s3.put_verified(client, "minipacs", key, BytesIO(data), size, good, 16 << 20) == \
+        "checksum"  # verified by the store itself, nothing hashed here
+    assert s3.stored_size(client, "minipacs", key, good) == size
+    with pytest.raises(s3.VerifyFailed):  # shorter than the message says
+        s3.put_verified(client, "minipacs", key, BytesIO(data[:-10]), size, good, 16 << 20)
