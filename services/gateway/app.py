@@ -10,6 +10,7 @@ import time
 import asyncpg
 from pynetdicom import AE, evt
 
+from services.gateway import receive
 from services.gateway.bridge import LoopBridge
 from services.gateway.find import Finder
 from services.gateway.handlers import AssociationIds, Gateway
@@ -48,6 +49,7 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
 
     gateway = Gateway(settings, Ingest(spool, publish), AssociationIds())
     ae = build_ae(settings)
+    receive.install(gateway.store_file)  # C-STORE requests read by the DUL threads
     finder = Finder(settings, pool, bridge, gateway.ids, gateway.may)
     install(ae)  # C-MOVE / C-GET served by retrieve.py, not by pynetdicom's sub-operations
     retrieve = await open_retrieve(settings, pool, connection, publisher, bridge, gateway.ids)

@@ -108,24 +108,31 @@ class Gateway:
         return statuses.SUCCESS
 
     def on_store(self, event: Event) -> int:
-        started = time.perf_counter()
+        """pynetdicom's path (TRACE, or a C-STORE ``receive.py`` leaves to pynetdicom)."""
         req = cast(C_STORE, event.request)
-        assoc = event.assoc
+        return self.store_file(event.assoc, str(req.AffectedSOPClassUID or ""),
+                               str(req.AffectedSOPInstanceUID or ""), int(req.MessageID or 0),
+                               str(event.context.transfer_syntax), Path(event.dataset_path))
+
+    def store_file(self, assoc: Association, sop_class: str, sop_instance: str, message_id: int,
+                   transfer_syntax: str, path: Path) -> int:
+        """One received C-STORE dataset (a Part-10 file in the spool's incoming folder) -> its
+        DIMSE status. Called from the association's DUL thread (``receive.py``) or by
+        pynetdicom's event."""
+        started = time.perf_counter()
         if not self.may(assoc, "store"):
             return statuses.NOT_AUTHORIZED
-        path = Path(event.dataset_path)
-        outcome = self.ingest.accept_file(
-            path, str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
-            str(event.context.transfer_syntax), self.caller(assoc))
+        outcome = self.ingest.accept_file(path, sop_class, sop_instance, transfer_syntax,
+                                          self.caller(assoc))
         status = _OUTCOME_STATUS[outcome.kind]
         ms = (time.perf_counter() - started) * 1000
         if outcome.ok:
             log.info("assoc=%d msg=%s C-STORE %d bytes obj=%s -> %s (%.1f ms)", self.ids(assoc),
-                     req.MessageID, outcome.size, outcome.sha256[:12],
-                     statuses.describe(status), ms)
+                     message_id, outcome.size, outcome.sha256[:12], statuses.describe(status),
+                     ms)
         else:
             log.warning("assoc=%d msg=%s C-STORE from %s@%s refused -> %s: %s",
-                        self.ids(assoc), req.MessageID, assoc.requestor.ae_title.strip(),
+                        self.ids(assoc), message_id, assoc.requestor.ae_title.strip(),
                         assoc.requestor.address, statuses.describe(status), outcome.reason)
         return status
 

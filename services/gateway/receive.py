@@ -1,0 +1,276 @@
+"""C-STORE requests read straight off the socket by each association's DUL thread.
+
+For every P-DATA-TF PDU pynetdicom builds PDU and PDV objects, runs its state machine, passes
+the fragments through two queues to the association's thread (which polls every millisecond),
+decodes the command set through pydicom and converts it to a primitive with validated UIDs,
+then dispatches an event. For a C-STORE request, the bulk of what a PACS receives, that was
+most of the gateway's CPU per small instance. Here the DUL thread reads the PDU itself:
+
+- a C-STORE-RQ with a dataset, on an accepted context of its SOP class: the dataset streams
+  into a spool file behind a File Meta group (as pynetdicom would write it), then the same
+  handler the pynetdicom path calls decides the status, and the hand-encoded C-STORE-RSP is
+  sent from this thread;
+- anything else (other DIMSE messages, release, abort, association PDUs): handed to pynetdicom
+  exactly as its own reader would have (``_decode_pdu``, event queue, PDU queue).
+
+Ownership is decided per DIMSE message, by its command. Disabled while pynetdicom's DIMSE
+logging is on (TRACE), so the dumps show every message. Memory is bounded by the PDU size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+from pynetdicom.dul import DULServiceProvider
+
+from services.gateway.fastpath import file_meta, store_response
+from services.gateway.statuses import OUT_OF_RESOURCES
+
+log = logging.getLogger("minipacs.gateway")
+
+P_DATA_TF = 0x04
+C_STORE_RQ = 0x0001
+NO_DATASET = 0x0101
+
+# (assoc, sop_class, sop_instance, message_id, transfer_syntax, path) -> DIMSE status
+StoreHandler = Callable[[Any, str, str, int, str, Path], int]
+
+
+@dataclass
+class Command:
+    fields: dict[int, bytes]
+
+    def us(self, elem: int) -> int | None:
+        raw = self.fields.get(elem)
+        return struct.unpack("<H", raw[:2])[0] if raw is not None and len(raw) >= 2 else None
+
+    def ui(self, elem: int) -> str:
+        raw = self.fields.get(elem, b"")
+        return raw.decode("ascii", "replace").rstrip("\0 ")
+
+
+def decode_command(raw: bytes) -> Command:
+    """The elements of a command set (Implicit VR Little Endian, group 0000), by element."""
+    fields: dict[int, bytes] = {}
+    pos, end = 0, len(raw)
+    while pos + 8 <= end:
+        group, elem, length = struct.unpack_from("<HHL", raw, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > end:
+            raise ValueError("malformed command set")
+        fields[elem] = raw[pos:pos + length]
+        pos += length
+    if pos != end:
+        raise ValueError("malformed command set")
+    return Command(fields)
+
+
+@dataclass
+class _Store:
+    """A C-STORE request being received by this module."""
+
+    context_id: int
+    sop_class: str
+    sop_instance: str
+    message_id: int
+    transfer_syntax: str
+    path: Path
+    file: IO[bytes] | None  # None after a write failed: the rest is read and dropped
+    error: str = ""
+
+
+@dataclass
+class _State:
+    """Per association: who owns the DIMSE message in progress, and its command so far."""
+
+    owner: str | _Store | None = None  # None between messages, "pynetdicom", or ours
+    command: bytearray = field(default_factory=bytearray)
+
+
+_handler: StoreHandler | None = None
+_original_read = DULServiceProvider._read_pdu_data
+
+
+def install(handler: StoreHandler) -> None:
+    global _handler
+    _handler = handler
+    DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+
+
+def _enabled() -> bool:
+    return _handler is not None and not logging.getLogger("pynetdicom").isEnabledFor(
+        logging.DEBUG)
+
+
+def _read_pdu_data(self: DULServiceProvider) -> None:
+    if not _enabled() or self.state_machine.current_state != "Sta6":
+        _original_read(self)
+        return
+    sock = cast(Any, self.socket)
+    try:
+        head = sock.recv(6)
+        pdu_type, _, length = struct.unpack(">BBL", head)
+        body = sock.recv(length) if length else b""
+    except (OSError, TimeoutError, struct.error):
+        self.event_queue.put("Evt17")
+        return
+    if len(body) != length:
+        self.event_queue.put("Evt17")
+        return
+    if pdu_type != P_DATA_TF:
+        _to_pynetdicom(self, bytes(head) + bytes(body))
+        return
+    try:
+        items = _pdvs(memoryview(body))
+    except ValueError as exc:  # a PDU we cannot frame: let pynetdicom judge it (Evt19 / abort)
+        log.warning("assoc %s: malformed P-DATA-TF (%s)", _who(self), exc)
+        _to_pynetdicom(self, bytes(head) + bytes(body))
+        return
+    _p_data(self, items)
+
+
+def _to_pynetdicom(dul: DULServiceProvider, pdu_bytes: bytes) -> None:
+    """What pynetdicom's own reader does with a complete PDU."""
+    try:
+        pdu, event = dul._decode_pdu(bytearray(pdu_bytes))
+        dul.event_queue.put(event)
+    except Exception:
+        log.exception("unable to decode a received PDU")
+        dul.event_queue.put("Evt19")
+        return
+    dul._recv_pdu.put(pdu)  # type: ignore[arg-type]
+
+
+def _pdvs(body: memoryview) -> list[tuple[int, int, memoryview]]:
+    """(context id, message control header, fragment) of each PDV item."""
+    items, pos = [], 0
+    while pos < len(body):
+        if pos + 6 > len(body):
+            raise ValueError("PDV item header truncated")
+        (length,) = struct.unpack_from(">L", body, pos)
+        if length < 2 or pos + 4 + length > len(body):
+            raise ValueError("PDV item length out of range")
+        items.append((body[pos + 4], body[pos + 5], body[pos + 6:pos + 4 + length]))
+        pos += 4 + length
+    return items
+
+
+def _encode_pdvs(items: list[tuple[int, int, memoryview]]) -> bytes:
+    body = b"".join(struct.pack(">LBB", len(data) + 2, cx, ctrl) + bytes(data)
+                    for cx, ctrl, data in items)
+    return struct.pack(">BBL", P_DATA_TF, 0, len(body)) + body
+
+
+class ProtocolError(RuntimeError):
+    """The peer broke the message framing: raised out of the DUL reader, so pynetdicom's
+    reactor aborts the association (as it does for its own decoding errors)."""
+
+
+def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -> None:
+    state: _State = dul.__dict__.setdefault("_minipacs_receive", _State())
+    handed: list[tuple[int, int, memoryview]] = []  # PDVs for pynetdicom, in order
+    for cx, ctrl, data in items:
+        if isinstance(state.owner, _Store):
+            store = state.owner
+            if ctrl & 1 or cx != store.context_id:
+                raise ProtocolError("a command, or another context, inside a C-STORE dataset")
+            _write(store, data)
+            if ctrl & 2:
+                state.owner = None
+                _finish(dul, store)
+        elif state.owner == "pynetdicom":
+            if ctrl & 1:
+                raise ProtocolError("a command inside another message's dataset")
+            handed.append((cx, ctrl, data))
+            if ctrl & 2:
+                state.owner = None
+        else:  # between messages: this is (part of) a command
+            if not ctrl & 1:
+                raise ProtocolError("a dataset fragment without a command")
+            state.command += data
+            if not ctrl & 2:
+                continue
+            raw = bytes(state.command)
+            state.command.clear()
+            try:
+                command: Command | None = decode_command(raw)
+            except ValueError:
+                command = None
+            taken = _take(dul, command, cx) if command is not None else None
+            if taken is not None:
+                state.owner = taken
+                continue
+            handed.append((cx, 0x03, memoryview(raw)))  # the whole command, one fragment
+            with_dataset = command is not None and command.us(0x0800) != NO_DATASET
+            state.owner = "pynetdicom" if with_dataset else None
+    if handed:
+        _to_pynetdicom(dul, _encode_pdvs(handed))
+
+
+def _take(dul: DULServiceProvider, command: Command, cx: int) -> _Store | None:
+    if command.us(0x0100) != C_STORE_RQ or command.us(0x0800) == NO_DATASET:
+        return None
+    assoc = dul.assoc
+    context = assoc._accepted_cx.get(cx)
+    sop_class, sop_instance = command.ui(0x0002), command.ui(0x1000)
+    message_id = command.us(0x0110)
+    if context is None or message_id is None or context.abstract_syntax != sop_class:
+        return None
+    transfer_syntax = str(context.transfer_syntax[0])
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("assoc %s: C-STORE msg=%d read by the gateway's reader", _who(dul), message_id)
+    fd, name = tempfile.mkstemp(suffix=".dcm")
+    store = _Store(cx, sop_class, sop_instance, message_id, transfer_syntax, Path(name),
+                   os.fdopen(fd, "wb"))
+    _write(store, b"\x00" * 128 + b"DICM" + file_meta(sop_class, sop_instance,
+                                                       transfer_syntax))
+    return store
+
+
+def _write(store: _Store, data: memoryview | bytes) -> None:
+    if store.file is None:
+        return
+    try:
+        store.file.write(data)
+    except OSError as exc:
+        store.error = exc.strerror or str(exc)
+        store.file.close()
+        store.file = None
+
+
+def _finish(dul: DULServiceProvider, store: _Store) -> None:
+    """The dataset is complete: decide and answer."""
+    status = OUT_OF_RESOURCES
+    try:
+        if store.file is not None:
+            store.file.close()
+            store.file = None
+            assert _handler is not None
+            status = _handler(dul.assoc, store.sop_class, store.sop_instance, store.message_id,
+                              store.transfer_syntax, store.path)
+        else:
+            log.error("assoc %s: spool write failed (%s): C-STORE -> 0x%04X", _who(dul),
+                      store.error, status)
+    except Exception:
+        log.exception("assoc %s: C-STORE handler failed", _who(dul))
+        status = 0xC211  # what pynetdicom answers for an exception in the handler
+    finally:
+        store.path.unlink(missing_ok=True)  # moved into the spool if it was accepted
+    command = store_response(store.sop_class, store.sop_instance, store.message_id, status)
+    pdu = _encode_pdvs([(store.context_id, 0x03, memoryview(command))])
+    cast(Any, dul.socket).send(pdu)
+
+
+def _who(dul: DULServiceProvider) -> str:
+    try:
+        return f"{dul.assoc.requestor.ae_title.strip()}@{dul.assoc.requestor.address}"
+    except Exception:
+        return "?"
+
