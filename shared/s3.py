@@ -75,9 +75,11 @@ def download_to(s3: Minio, bucket: str, key: str, fp: IO[bytes],
     try:
         for data in response.stream(chunk):
             fp.write(data)
+    except BaseException:
+        response.close()  # a half-read connection cannot be reused
+        raise
     finally:
-        response.close()
-        response.release_conn()
+        response.release_conn()  # after a complete read: back to the pool, kept alive
     fp.flush()
 
 

@@ -212,7 +212,7 @@ class MoverSettings(Common):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
-    progress_every: float = 0.0     # pause between progress messages (0: as fast as confirmed)
+    progress_every: float = 0.0     # s between progress messages (at least 0.1; final: always)
     keepalive_every: float = 5.0    # a progress message at least this often, even unchanged
 
     def finish(self, env: Mapping[str, str]) -> Self:
