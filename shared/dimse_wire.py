@@ -67,6 +67,14 @@ def c_store_rq(msg_id: int, sop_class: str, sop_instance: str, priority: int = 2
     return command_set(elements)
 
 
+def c_store_rsp(msg_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
+    """A C-STORE-RSP without Error Comment or Offending Element."""
+    return command_set([(0x0002, _even(sop_class.encode("ascii"), b"\x00")),
+                        (0x0100, _us(C_STORE_RSP)), (0x0120, _us(msg_id)),
+                        (0x0800, _us(NO_DATASET)), (0x0900, _us(status)),
+                        (0x1000, _even(sop_instance.encode("ascii"), b"\x00"))])
+
+
 def c_get_pending(msg_id: int, sop_class: str, status: int, remaining: int, completed: int,
                   failed: int, warning: int) -> bytes:
     """A C-GET-RSP without an identifier or comment (the pending responses)."""
@@ -195,10 +203,12 @@ def read_pdu(sock: socket.socket) -> tuple[int, bytearray]:
     return kind, head + recv_exact(sock, length)
 
 
-def pdvs(pdu: bytearray) -> Iterator[tuple[int, int, memoryview]]:
-    """(context ID, control header, fragment) of each PDV in a P-DATA-TF PDU."""
+def pdvs(pdu: bytes | bytearray | memoryview, start: int = 6
+         ) -> Iterator[tuple[int, int, memoryview]]:
+    """(context ID, control header, fragment) of each PDV in a P-DATA-TF PDU (``start`` = 0:
+    ``pdu`` is the PDU's body, without its 6-byte header)."""
     view = memoryview(pdu)
-    pos = 6
+    pos = start
     while pos + 6 <= len(view):
         length = struct.unpack_from(">L", view, pos)[0]
         if length < 2 or pos + 4 + length > len(view):

@@ -40,6 +40,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
+from shared import dimse_wire as wire
+
 _installed = False
 
 
@@ -111,22 +113,10 @@ def _write_file_meta_info(fp: IO[bytes], meta: bytes) -> None:
     fp.write(meta)
 
 
-# ---- C-STORE-RSP command set (PS3.7 9.3.1.2, Implicit VR Little Endian) ---------------------
-
-def _implicit(elem: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, elem, len(value)) + value
-
-
 def store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int,
                    status: int) -> bytes:
-    """The encoded C-STORE-RSP command set."""
-    body = (_implicit(0x0002, _uid_value(sop_class_uid))
-            + _implicit(0x0100, struct.pack("<H", 0x8001))
-            + _implicit(0x0120, struct.pack("<H", message_id))
-            + _implicit(0x0800, struct.pack("<H", 0x0101))
-            + _implicit(0x0900, struct.pack("<H", status))
-            + _implicit(0x1000, _uid_value(sop_instance_uid)))
-    return _implicit(0x0000, struct.pack("<L", len(body))) + body
+    """The encoded C-STORE-RSP command set (PS3.7 9.3.1.2, Implicit VR Little Endian)."""
+    return wire.c_store_rsp(message_id, sop_class_uid, sop_instance_uid, status)
 
 
 def _fast_send_msg(original: Callable[..., None]) -> Callable[..., None]:

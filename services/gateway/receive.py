@@ -32,44 +32,15 @@ from pynetdicom.dul import DULServiceProvider
 
 from services.gateway.fastpath import file_meta, store_response
 from services.gateway.statuses import OUT_OF_RESOURCES
+from shared import dimse_wire as wire
 
 log = logging.getLogger("minipacs.gateway")
 
-P_DATA_TF = 0x04
-C_STORE_RQ = 0x0001
-NO_DATASET = 0x0101
+P_DATA_TF = wire.P_DATA_TF
+NO_DATASET = wire.NO_DATASET
 
 # (assoc, sop_class, sop_instance, message_id, transfer_syntax, path) -> DIMSE status
 StoreHandler = Callable[[Any, str, str, int, str, Path], int]
-
-
-@dataclass
-class Command:
-    fields: dict[int, bytes]
-
-    def us(self, elem: int) -> int | None:
-        raw = self.fields.get(elem)
-        return struct.unpack("<H", raw[:2])[0] if raw is not None and len(raw) >= 2 else None
-
-    def ui(self, elem: int) -> str:
-        raw = self.fields.get(elem, b"")
-        return raw.decode("ascii", "replace").rstrip("\0 ")
-
-
-def decode_command(raw: bytes) -> Command:
-    """The elements of a command set (Implicit VR Little Endian, group 0000), by element."""
-    fields: dict[int, bytes] = {}
-    pos, end = 0, len(raw)
-    while pos + 8 <= end:
-        group, elem, length = struct.unpack_from("<HHL", raw, pos)
-        pos += 8
-        if group != 0x0000 or pos + length > end:
-            raise ValueError("malformed command set")
-        fields[elem] = raw[pos:pos + length]
-        pos += length
-    if pos != end:
-        raise ValueError("malformed command set")
-    return Command(fields)
 
 
 @dataclass
@@ -119,21 +90,39 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         pdu_type, _, length = struct.unpack(">BBL", head)
         body = sock.recv(length) if length else b""
     except (OSError, TimeoutError, struct.error):
+        _drop_partial(self)
         self.event_queue.put("Evt17")
         return
     if len(body) != length:
+        _drop_partial(self)
         self.event_queue.put("Evt17")
         return
-    if pdu_type != P_DATA_TF:
+    if pdu_type != P_DATA_TF:  # release, abort...: a C-STORE half received is dropped
+        _drop_partial(self)
         _to_pynetdicom(self, bytes(head) + bytes(body))
         return
     try:
-        items = _pdvs(memoryview(body))
-    except ValueError as exc:  # a PDU we cannot frame: let pynetdicom judge it (Evt19 / abort)
+        items = list(wire.pdvs(body, start=0))
+    except wire.WireError as exc:  # a PDU we cannot frame: let pynetdicom judge it (Evt19 / abort)
         log.warning("assoc %s: malformed P-DATA-TF (%s)", _who(self), exc)
         _to_pynetdicom(self, bytes(head) + bytes(body))
         return
     _p_data(self, items)
+
+
+def _drop_partial(dul: DULServiceProvider) -> None:
+    """The connection ended (or was released / aborted) inside a C-STORE we were receiving:
+    its spool file goes, nothing was acknowledged."""
+    state: _State | None = dul.__dict__.get("_minipacs_receive")
+    if state is None or not isinstance(state.owner, _Store):
+        return
+    store, state.owner = state.owner, None
+    if store.file is not None:
+        store.file.close()
+        store.file = None
+    store.path.unlink(missing_ok=True)
+    log.warning("assoc %s: connection ended inside C-STORE msg=%d: partial dataset dropped",
+                _who(dul), store.message_id)
 
 
 def _to_pynetdicom(dul: DULServiceProvider, pdu_bytes: bytes) -> None:
@@ -146,20 +135,6 @@ def _to_pynetdicom(dul: DULServiceProvider, pdu_bytes: bytes) -> None:
         dul.event_queue.put("Evt19")
         return
     dul._recv_pdu.put(pdu)  # type: ignore[arg-type]
-
-
-def _pdvs(body: memoryview) -> list[tuple[int, int, memoryview]]:
-    """(context id, message control header, fragment) of each PDV item."""
-    items, pos = [], 0
-    while pos < len(body):
-        if pos + 6 > len(body):
-            raise ValueError("PDV item header truncated")
-        (length,) = struct.unpack_from(">L", body, pos)
-        if length < 2 or pos + 4 + length > len(body):
-            raise ValueError("PDV item length out of range")
-        items.append((body[pos + 4], body[pos + 5], body[pos + 6:pos + 4 + length]))
-        pos += 4 + length
-    return items
 
 
 def _encode_pdvs(items: list[tuple[int, int, memoryview]]) -> bytes:
@@ -200,27 +175,32 @@ def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -
             raw = bytes(state.command)
             state.command.clear()
             try:
-                command: Command | None = decode_command(raw)
-            except ValueError:
+                command: dict[int, bytes] | None = wire.parse_command(raw)
+            except wire.WireError:
                 command = None
             taken = _take(dul, command, cx) if command is not None else None
             if taken is not None:
                 state.owner = taken
                 continue
             handed.append((cx, 0x03, memoryview(raw)))  # the whole command, one fragment
-            with_dataset = command is not None and command.us(0x0800) != NO_DATASET
+            with_dataset = command is not None and wire.us_value(command, 0x0800) != NO_DATASET
             state.owner = "pynetdicom" if with_dataset else None
     if handed:
         _to_pynetdicom(dul, _encode_pdvs(handed))
 
 
-def _take(dul: DULServiceProvider, command: Command, cx: int) -> _Store | None:
-    if command.us(0x0100) != C_STORE_RQ or command.us(0x0800) == NO_DATASET:
+def _ui(command: dict[int, bytes], elem: int) -> str:
+    return command.get(elem, b"").decode("ascii", "replace").rstrip("\0 ")
+
+
+def _take(dul: DULServiceProvider, command: dict[int, bytes], cx: int) -> _Store | None:
+    if (wire.us_value(command, 0x0100) != wire.C_STORE_RQ
+            or wire.us_value(command, 0x0800) == NO_DATASET):
         return None
     assoc = dul.assoc
     context = assoc._accepted_cx.get(cx)
-    sop_class, sop_instance = command.ui(0x0002), command.ui(0x1000)
-    message_id = command.us(0x0110)
+    sop_class, sop_instance = _ui(command, 0x0002), _ui(command, 0x1000)
+    message_id = wire.us_value(command, 0x0110)
     if context is None or message_id is None or context.abstract_syntax != sop_class:
         return None
     transfer_syntax = str(context.transfer_syntax[0])

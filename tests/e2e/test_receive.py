@@ -108,3 +108,40 @@ def test_store_find_and_echo_share_an_association(stack: Stack, tmp_path: Path) 
         assoc.release()
     wait_until(lambda: indexed_count(stack, [m.sop_uid for m in files]) == 4, 60)
     assert_stored_byte_identical(stack, files)
+
+
+def test_a_c_store_cut_off_mid_dataset_leaves_nothing_behind(stack: Stack,
+                                                             tmp_path: Path) -> None:
+    """Command and half the dataset, then an A-ABORT: no spool file is left, nothing is
+    stored or indexed, and the gateway keeps serving."""
+    import struct
+
+    from shared import dimse_wire as wire
+
+    m = made(tmp_path, "cut", 1)[0]
+    raw = m.path.read_bytes()
+    dataset = raw[wire.dataset_offset(raw):]
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT_IMAGE, "1.2.840.10008.1.2.1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
+    assert assoc.is_established
+    cx = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == CT_IMAGE)
+
+    def pdv(control: int, data: bytes) -> bytes:
+        return struct.pack(">BBLLBB", wire.P_DATA_TF, 0, len(data) + 6, len(data) + 2, cx,
+                           control) + data
+
+    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+    sock.sendall(pdv(0x03, wire.c_store_rq(7, CT_IMAGE, m.sop_uid)))
+    sock.sendall(pdv(0x00, dataset[: len(dataset) // 2]))  # not the last fragment
+    incoming = Path(stack.config.base_dir) / "spool" / "incoming"
+    wait_until(lambda: any(incoming.iterdir()), 30)  # the gateway is receiving it
+    assoc.abort()
+    wait_until(lambda: "partial dataset dropped" in stack.log_text("gateway"), 30)
+    assert not any(incoming.iterdir())
+    assert indexed_count(stack, [m.sop_uid]) == 0
+    again = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
+    assert again.is_established
+    assert again.send_c_echo().Status == 0x0000
+    again.release()
