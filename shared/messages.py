@@ -1,8 +1,9 @@
 """Versioned message schemas. Every message body is JSON with ``"v"`` (schema version).
 
 instance.received v1  gateway/api -> storage   the bytes wait in the spool (claim check)
-instance.stored   v1  storage -> indexer       the object is in S3 and verified (one event, or
-                                               ``{"v": 1, "instances": [...]}`` for several)
+instance.stored   v1  storage -> indexer       the object is in S3 and verified
+
+Both instance messages carry one event, or ``{"v": 1, "instances": [...]}`` for several.
 move.requested    v1  gateway/api -> mover     send what ``identifier`` matches to a node
 move.progress     v1  mover -> gateway         counts of a running job, and its final state
 move.cancel       v1  gateway/api -> movers    stop a job (C-CANCEL)
@@ -13,9 +14,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 SCHEMA_VERSION = 1
+M = TypeVar("M", bound="_Message")
 
 
 class BadMessage(ValueError):
@@ -90,27 +92,31 @@ class InstanceStored(_Message):
     routing_key = "instance.stored"
 
 
-def stored_batch(events: Sequence[InstanceStored]) -> bytes:
-    """One ``instance.stored`` message body for several events: ``{"v": 1, "instances":
-    [...]}``. Storage sends those under load (one publish, confirm and delivery for all)."""
+def batch_body(events: Sequence[_Message]) -> bytes:
+    """One message body for several events of one kind: ``{"v": 1, "instances": [...]}``
+    (a single event is sent as itself). The gateway and storage batch what they finish at
+    about the same time: one publish, confirm and delivery for all."""
+    if len(events) == 1:
+        return events[0].to_bytes()
     return _dump({"v": SCHEMA_VERSION, "instances": [e.to_dict() for e in events]})
 
 
-def read_stored(body: bytes) -> list[InstanceStored]:
-    """The events of an ``instance.stored`` message body, single or batched."""
+def read_batch(cls: type[M], body: bytes) -> list[M]:
+    """The events of a message body of ``cls``, single or batched."""
+    name = cls.routing_key
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadMessage("instance.stored: body is not JSON") from exc
+        raise BadMessage(f"{name}: body is not JSON") from exc
     if not isinstance(data, dict) or data.get("v") != SCHEMA_VERSION:
-        raise BadMessage("instance.stored: unsupported schema version")
+        raise BadMessage(f"{name}: unsupported schema version")
     data.pop("v")
     if "instances" not in data:
-        return [InstanceStored.from_dict(data)]
+        return [cls.from_dict(data)]
     items = data["instances"]
     if not isinstance(items, list) or not items or len(data) != 1:
-        raise BadMessage("instance.stored: a batch needs a non-empty list and nothing else")
-    return [InstanceStored.from_dict(item) for item in items]
+        raise BadMessage(f"{name}: a batch needs a non-empty list and nothing else")
+    return [cls.from_dict(item) for item in items]
 
 
 @dataclass(frozen=True)

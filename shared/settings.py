@@ -178,6 +178,7 @@ class GatewaySettings(Common):
     find_pn_ignore_case: bool = True   # PN matching ignores case, as Orthanc's default
     move_start_timeout: float = 10.0   # no mover took the C-MOVE job by then: 0xA702
     move_idle_timeout: float = 60.0    # no progress from the mover for this long: 0xA702
+    announce_batch: int = 16           # instance.received events per message at most
 
     def finish(self, env: Mapping[str, str]) -> Self:
         return replace(

@@ -11,6 +11,7 @@ import asyncpg
 from pynetdicom import AE, evt
 
 from services.gateway import receive
+from services.gateway.announce import ReceivedAnnouncer
 from services.gateway.bridge import LoopBridge
 from services.gateway.find import Finder
 from services.gateway.handlers import AssociationIds, Gateway
@@ -44,10 +45,11 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
 
     pool = await retry_until("PostgreSQL", connect_db, settings.startup_timeout)
 
-    def publish(message: InstanceReceived) -> None:
-        bridge.run(publisher.publish(message), settings.confirm_timeout + 1)
-
-    gateway = Gateway(settings, Ingest(spool, publish), AssociationIds())
+    announcer = ReceivedAnnouncer(
+        asyncio.get_running_loop(),
+        lambda body: publisher.publish_body(body, InstanceReceived.routing_key),
+        settings.announce_batch, settings.confirm_timeout + 1)
+    gateway = Gateway(settings, Ingest(spool, announcer.announce), AssociationIds())
     ae = build_ae(settings)
     receive.install(gateway.store_file)  # C-STORE requests read by the DUL threads
     finder = Finder(settings, pool, bridge, gateway.ids, gateway.may)

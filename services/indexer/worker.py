@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from services.indexer.store import write_batch
 from shared.broker import delivered_on_live_channel, settle
-from shared.messages import BadMessage, InstanceStored, read_stored
+from shared.messages import BadMessage, InstanceStored, read_batch
 from shared.settings import IndexerSettings
 
 log = logging.getLogger("minipacs.indexer")
@@ -46,7 +46,7 @@ class IndexerWorker:
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            events = read_stored(message.body)
+            events = read_batch(InstanceStored, message.body)
         except BadMessage as exc:
             log.error("dead-lettering unreadable message: %s", exc)
             await settle(message, "reject")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from shared.messages import InstanceStored, stored_batch
+from shared.messages import InstanceStored, batch_body
 
 Send = Callable[[bytes], Awaitable[None]]
 
@@ -48,8 +48,7 @@ class StoredBatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, events: list[tuple[InstanceStored, asyncio.Future[None]]]) -> None:
-        body = (events[0][0].to_bytes() if len(events) == 1
-                else stored_batch([event for event, _ in events]))
+        body = batch_body([event for event, _ in events])
         try:
             await self._send(body)
         except Exception as exc:

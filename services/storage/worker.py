@@ -31,7 +31,7 @@ from shared import s3
 from shared.broker import Publisher, delivered_on_live_channel, settle
 from shared.dicom import header_json
 from shared.keys import object_key
-from shared.messages import BadMessage, InstanceReceived, InstanceStored
+from shared.messages import BadMessage, InstanceReceived, InstanceStored, read_batch
 from shared.settings import StorageSettings
 from shared.spool import Spool
 
@@ -67,13 +67,30 @@ class StorageWorker:
             self.settings.announce_batch, self.settings.announce_linger)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
+        """One ``instance.received`` message: one event, or a batch from the gateway. Its
+        events are stored side by side; the message is acked when all are stored, dead-lettered
+        if one can never be (replaying it is idempotent: the others are found stored)."""
         try:
-            received = InstanceReceived.from_bytes(message.body)
-            key = object_key(received.sha256)
+            events = read_batch(InstanceReceived, message.body)
+            keys = [object_key(event.sha256) for event in events]
         except (BadMessage, ValueError) as exc:
             log.error("dead-lettering unreadable message %s: %s", message.message_id, exc)
             await settle(message, "reject")
             return
+        outcomes = await asyncio.gather(*(self.handle_event(message, event, key)
+                                          for event, key in zip(events, keys, strict=True)))
+        if "requeue" in outcomes:
+            await settle(message, "requeue")
+        elif "permanent" in outcomes:
+            await settle(message, "reject")
+        elif not await settle(message, "ack"):
+            log.warning("%d instance(s) stored, but the ack was lost with the broker "
+                        "connection: the redelivery will find them stored", len(events))
+
+    async def handle_event(self, message: AbstractIncomingMessage, received: InstanceReceived,
+                           key: str) -> str:
+        """"stored", "permanent" (dead-letter) or "requeue" (stopping, or the connection that
+        delivered it is gone). Transient failures are retried here, with backoff."""
         delay = 0.5
         while True:
             try:
@@ -81,13 +98,10 @@ class StorageWorker:
             except Permanent as exc:
                 log.error("dead-lettering obj=%s from %s: %s", received.sha256[:12],
                           received.calling_aet, exc)
-                await settle(message, "reject")
-                return
+                return "permanent"
             except Exception as exc:
                 if self.stop.is_set() or not delivered_on_live_channel(message):
-                    # stopping, or the broker already took it back with the lost connection
-                    await settle(message, "requeue")
-                    return
+                    return "requeue"
                 log.warning("obj=%s not stored yet (%s: %s); retrying in %.1fs",
                             received.sha256[:12], type(exc).__name__, exc, delay)
                 try:
@@ -96,10 +110,7 @@ class StorageWorker:
                     pass
                 delay = min(delay * 2, 10.0)
                 continue
-            if not await settle(message, "ack"):
-                log.warning("obj=%s stored, but its ack was lost with the broker connection: "
-                            "the redelivery will find it stored", received.sha256[:12])
-            return
+            return "stored"
 
     async def store(self, received: InstanceReceived, key: str) -> None:
         started = time.perf_counter()

@@ -1,21 +1,24 @@
-"""Batched ``instance.stored`` events: the message format, storage's batcher and the indexer's
-handling of a batch with one instance the index refuses."""
+"""Batched instance events: the message format, the gateway's group commit of
+``instance.received``, storage's batcher of ``instance.stored`` and the indexer's handling of a
+batch with one instance the index refuses."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
 
+from services.gateway.announce import ReceivedAnnouncer
 from services.indexer import worker as indexer_worker
 from services.indexer.store import BatchResult
 from services.indexer.worker import IndexerWorker
 from services.storage.batch import StoredBatcher
-from shared.messages import BadMessage, InstanceStored, read_stored, stored_batch
+from shared.broker import PublishFailed
+from shared.messages import BadMessage, InstanceReceived, InstanceStored, batch_body, read_batch
 from shared.settings import IndexerSettings
 
 
@@ -28,8 +31,8 @@ def event(n: int) -> InstanceStored:
 
 
 def test_single_and_batched_bodies_read_back() -> None:
-    assert read_stored(event(1).to_bytes()) == [event(1)]
-    assert read_stored(stored_batch([event(1), event(2)])) == [event(1), event(2)]
+    assert read_batch(InstanceStored, event(1).to_bytes()) == [event(1)]
+    assert read_batch(InstanceStored, batch_body([event(1), event(2)])) == [event(1), event(2)]
 
 
 @pytest.mark.parametrize("body", [
@@ -40,7 +43,7 @@ def test_single_and_batched_bodies_read_back() -> None:
 ])
 def test_bad_bodies_are_refused(body: bytes) -> None:
     with pytest.raises(BadMessage):
-        read_stored(body)
+        read_batch(InstanceStored, body)
 
 
 async def test_events_finishing_together_share_one_message() -> None:
@@ -51,7 +54,7 @@ async def test_events_finishing_together_share_one_message() -> None:
 
     batcher = StoredBatcher(send, max_events=32, linger=0.01)
     await asyncio.gather(*(batcher.announce(event(n)) for n in range(5)))
-    assert [len(read_stored(b)) for b in sent] == [5]
+    assert [len(read_batch(InstanceStored, b)) for b in sent] == [5]
     await batcher.announce(event(9))  # alone: the plain one-event message
     assert json.loads(sent[-1])["sop_instance_uid"] == "1.2.9"
 
@@ -60,7 +63,7 @@ async def test_a_full_batch_goes_at_once_and_failures_reach_every_caller() -> No
     sent: list[int] = []
 
     async def send(body: bytes) -> None:
-        sent.append(len(read_stored(body)))
+        sent.append(len(read_batch(InstanceStored, body)))
         if len(sent) == 2:
             raise RuntimeError("no confirm")
 
@@ -119,3 +122,55 @@ async def test_one_refused_instance_dead_letters_its_message_not_its_neighbours(
     assert indexed == {"1.2.1", "1.2.2", "1.2.4", "1.2.5"}
     assert poisoned.rejected and not poisoned.acked
     assert clean.acked and single.acked
+
+
+# -- the gateway's group commit of instance.received ------------------------------------------
+
+def received(n: int) -> InstanceReceived:
+    return InstanceReceived(sop_instance_uid=f"1.2.{n}", sop_class_uid="1.2",
+                            study_instance_uid="1", series_instance_uid="1.1",
+                            transfer_syntax="1.2.840.10008.1.2.1", size=n,
+                            sha256=f"{n:064d}", spool_name=f"{n}.dcm")
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+async def test_events_arriving_during_a_confirm_go_together() -> None:
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Event()
+    sent: list[list[str]] = []
+
+    async def send(body: bytes) -> None:
+        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
+        if len(sent) == 1:
+            await gate.wait()  # the first confirm takes a while
+
+    announcer = ReceivedAnnouncer(loop, send, max_events=16, timeout=10)
+    first = asyncio.create_task(asyncio.to_thread(announcer.announce, received(0)))
+    await until(lambda: bool(sent))
+    others = [asyncio.create_task(asyncio.to_thread(announcer.announce, received(n)))
+              for n in (1, 2, 3)]
+    await until(lambda: len(announcer._pending) == 3)  # all waiting behind the first confirm
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *others), 5)
+    assert sent[0] == ["1.2.0"]
+    assert sorted(sent[1]) == ["1.2.1", "1.2.2", "1.2.3"] and len(sent) == 2
+
+
+async def test_a_failed_publish_fails_every_caller_of_its_message() -> None:
+    async def send(body: bytes) -> None:
+        raise ConnectionError("broker gone")
+
+    announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=5)
+    with pytest.raises(PublishFailed, match="broker gone"):
+        await asyncio.to_thread(announcer.announce, received(1))
+
+
+def test_received_batches_read_back() -> None:
+    assert read_batch(InstanceReceived, batch_body([received(1), received(2)])) == \
+        [received(1), received(2)]
