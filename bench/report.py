@@ -39,7 +39,7 @@ class Row:
     cpu: dict[str, float]  # CPU s per 1000 acknowledged instances
     vs: dict[str, float]  # minipacs / peer, median of the per-trial (paired) ratios
     indexed: float  # median of (time until all indexed) / (ack time); inf if a run timed out
-    lost: int  # instances not acknowledged, over all runs of this cell
+    lost: dict[str, int]  # per server: instances not acknowledged, over its runs of this cell
     others: dict[str, float]  # per server: median CPU-s of other processes during its runs
     parts: dict[str, float]  # minipacs CPU s per 1000 instances by component (medians)
 
@@ -71,7 +71,8 @@ def rows(runs: list[Run]) -> list[Row]:
                        {s: per(s, lambda r: r.rate) for s in servers},
                        {s: per(s, lambda r: r.mb_rate) for s in servers},
                        {s: per(s, lambda r: r.cpu_per_1000) for s in servers},
-                       vs, idx, sum(r.count - r.acked for r in cell),
+                       vs, idx, {s: sum(r.count - r.acked for r in cell if r.server == s)
+                                 for s in servers},
                        {s: per(s, lambda r: r.others) for s in servers}, parts))
     return out
 
@@ -150,8 +151,9 @@ def text_table(table: list[Row]) -> str:
         if row.parts:
             lines.append("  minipacs CPU s/1000 by part: " + ", ".join(
                 f"{k} {_f(v, 2)}" for k, v in row.parts.items()))
-        if row.lost:
-            lines.append(f"  !! {row.lost} instances NOT acknowledged in this cell")
+        if any(row.lost.values()):
+            lines.append("  !! instances NOT acknowledged: " + ", ".join(
+                f"{s} {n}" for s, n in row.lost.items() if n))
     return "\n".join(lines)
 
 
@@ -187,9 +189,11 @@ def markdown(table: list[Row], trials: int, command: str) -> str:
     for s in SERVERS:
         out.append(f"| noise: CPU-s used by other processes during a {s} run | "
                    + " | ".join(_f(r.others.get(s, math.nan), 1) for r in table) + " |")
-    lost = sum(r.lost for r in table)
-    out += ["", f"Instances not acknowledged: {lost}." if lost else
-            "Every instance sent was acknowledged with Success by every server.", "", END]
+    lost = [f"{s} {n} ({r.kind}, {r.associations} assoc)" for r in table
+            for s, n in r.lost.items() if n]
+    out += ["", "Instances not acknowledged (over all trials): " + "; ".join(lost) + "."
+            if lost else "Every instance sent was acknowledged with Success by every server.",
+            "", END]
     return "\n".join(out)
 
 
@@ -202,6 +206,10 @@ def write_doc(section: str, path: Path = DOC) -> None:
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
     path.write_text(text)
+
+
+def load_runs(path: Path) -> list[Run]:
+    return [Run(**r) for r in json.loads(path.read_text())]
 
 
 def save_runs(runs: list[Run], path: Path) -> None:
