@@ -37,14 +37,7 @@ class _Message:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> Self:
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadMessage(f"{cls.__name__}: body is not JSON") from exc
-        if not isinstance(data, dict) or data.get("v") != SCHEMA_VERSION:
-            raise BadMessage(f"{cls.__name__}: unsupported schema version")
-        data.pop("v")
-        return cls.from_dict(data)
+        return cls.from_dict(_load(cls.__name__, body))
 
     @classmethod
     def from_dict(cls, data: object) -> Self:
@@ -58,6 +51,19 @@ class _Message:
 
 def _dump(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _load(name: str, body: bytes) -> dict[str, Any]:
+    """A message body as a dict without its ``"v"``; ``BadMessage`` unless it is JSON of our
+    schema version."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadMessage(f"{name}: body is not JSON") from exc
+    if not isinstance(data, dict) or data.get("v") != SCHEMA_VERSION:
+        raise BadMessage(f"{name}: unsupported schema version")
+    data.pop("v")
+    return data
 
 
 @dataclass(frozen=True)
@@ -103,19 +109,12 @@ def batch_body(events: Sequence[_Message]) -> bytes:
 
 def read_batch(cls: type[M], body: bytes) -> list[M]:
     """The events of a message body of ``cls``, single or batched."""
-    name = cls.routing_key
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadMessage(f"{name}: body is not JSON") from exc
-    if not isinstance(data, dict) or data.get("v") != SCHEMA_VERSION:
-        raise BadMessage(f"{name}: unsupported schema version")
-    data.pop("v")
+    data = _load(cls.routing_key, body)
     if "instances" not in data:
         return [cls.from_dict(data)]
     items = data["instances"]
     if not isinstance(items, list) or not items or len(data) != 1:
-        raise BadMessage(f"{name}: a batch needs a non-empty list and nothing else")
+        raise BadMessage(f"{cls.routing_key}: a batch needs a non-empty list and nothing else")
     return [cls.from_dict(item) for item in items]
 
 
