@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -23,6 +23,17 @@ from tests.e2e.test_ingest import assert_stored_byte_identical
 from tests.helpers import pg, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture()
+def chunked_send() -> Iterator[None]:
+    """pynetdicom sends files as they are (no decode / re-encode)."""
+    from pynetdicom import _config
+
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 @pytest.fixture()
@@ -145,3 +156,57 @@ def test_a_c_store_cut_off_mid_dataset_leaves_nothing_behind(stack: Stack,
     assert again.is_established
     assert again.send_c_echo().Status == 0x0000
     again.release()
+
+
+TRANSFER_SYNTAXES = {
+    "implicit-le": "1.2.840.10008.1.2",
+    "explicit-be": "1.2.840.10008.1.2.2",
+    "deflated": "1.2.840.10008.1.2.1.99",
+    "jpeg-baseline": "1.2.840.10008.1.2.4.50",
+    "jpeg-lossless": "1.2.840.10008.1.2.4.70",
+    "jpeg-ls": "1.2.840.10008.1.2.4.80",
+    "jpeg-2000": "1.2.840.10008.1.2.4.90",
+    "rle": "1.2.840.10008.1.2.5",
+}
+
+
+def encode_as(source: Path, target: Path, ts: str) -> Path:
+    """``source`` re-encoded in ``ts``. Compressed syntaxes get encapsulated fragments of
+    made-up bytes: the gateway stores what it receives and never decodes pixel data."""
+    from pydicom.encaps import encapsulate
+
+    ds = dcmread(source)
+    ds.file_meta.TransferSyntaxUID = ts
+    if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):
+        ds.PixelData = encapsulate([b"\xff\xd8" + bytes(range(200)) + b"\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+    dcmwrite(target, ds, force_encoding=True,
+             little_endian=ts != "1.2.840.10008.1.2.2", implicit_vr=ts == "1.2.840.10008.1.2")
+    return target
+
+
+def test_every_common_transfer_syntax_is_stored_as_received(stack: Stack, tmp_path: Path,
+                                                            chunked_send: None) -> None:
+    """Each file goes out byte for byte in its own transfer syntax (pynetdicom's chunked
+    sending), is stored with exactly those dataset bytes and indexed with its syntax."""
+    base = made(tmp_path, "ts", len(TRANSFER_SYNTAXES))
+    files: list[Made] = []
+    for m, (name, ts) in zip(base, TRANSFER_SYNTAXES.items(), strict=True):
+        path = encode_as(m.path, tmp_path / f"{name}.dcm", ts)
+        files.append(Made(path=path, patient_id=m.patient_id, study_uid=m.study_uid,
+                          series_uid=m.series_uid, sop_uid=m.sop_uid))
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(CT_IMAGE, ts)
+        assoc = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
+        assert assoc.is_established, name
+        try:
+            assert assoc.send_c_store(path).Status == 0x0000, name
+        finally:
+            assoc.release()
+    sops = [m.sop_uid for m in files]
+    wait_until(lambda: indexed_count(stack, sops) == len(sops), 60)
+    assert_stored_byte_identical(stack, files)
+    rows = pg(dsn(stack), "SELECT sop_instance_uid, transfer_syntax FROM instance WHERE "
+              "sop_instance_uid = ANY($1::text[])", sops)
+    assert {r["sop_instance_uid"]: r["transfer_syntax"] for r in rows} == \
+        dict(zip(sops, TRANSFER_SYNTAXES.values(), strict=True))
