@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -16,26 +14,14 @@ import psutil
 
 from bench.cpu import CpuMeter, postgres_for, rabbitmq, tree
 from bench.servers import Server
-from scripts.native import Stack, StackConfig, drop_database, drop_vhost, free_port
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _s3_port() -> int:
-    """weed mini takes this port and the six after it: a free run below the ephemeral range."""
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(20000, 30000)
-        if all(_bindable(p) for p in range(port, port + 7)):
-            return port
-    raise RuntimeError("no 7 free consecutive ports in 20000-30000")
+from scripts.native import (
+    Stack,
+    StackConfig,
+    drop_database,
+    drop_vhost,
+    free_port,
+    free_port_block,
+)
 
 
 class IndexCounter:
@@ -64,7 +50,7 @@ class Minipacs(Server):
             base_dir=base / "minipacs",
             gateway_port=free_port(),
             gateway_aet=self.aet,
-            s3_port=_s3_port(),
+            s3_port=free_port_block(),
             database=f"minipacs_{tag}",
             vhost=f"minipacs_{tag}",
             log_to_files=True,

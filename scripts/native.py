@@ -68,11 +68,15 @@ def _bindable(port: int) -> bool:
     return True
 
 
+EPHEMERAL_START = 32768  # Linux's default ip_local_port_range starts here
+
+
 def free_port_block(size: int = 8) -> int:
     """A base port P with P..P+size and their gRPC twins P+10000.. all free (SeaweedFS opens
-    both), outside the kernel's ephemeral range so other clients don't take them meanwhile."""
+    both). Both runs stay below the kernel's ephemeral range, so neither a client socket nor
+    ``free_port()`` (which the kernel picks from that range) can take one of them meanwhile."""
     for _ in range(200):
-        base = random.randrange(20000, 30000 - size)
+        base = random.randrange(20000, EPHEMERAL_START - 10000 - size)
         if all(_bindable(p) and _bindable(p + 10000) for p in range(base, base + size)):
             return base
     raise RuntimeError("no free block of ports for SeaweedFS")
