@@ -91,3 +91,15 @@ def dsn(stack: Stack) -> str:
 @pytest.fixture(scope="session")
 def datadir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture()
+def chunked_send() -> Iterator[None]:
+    """pynetdicom sends files byte for byte as they are (no decode / re-encode), so the bytes
+    on the wire are exactly the file's (malformed UIDs, truncation, other transfer syntaxes)."""
+    from pynetdicom import _config
+
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield
+    _config.STORE_SEND_CHUNKED_DATASET = before

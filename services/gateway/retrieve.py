@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -63,6 +63,7 @@ from shared.query import (
 )
 from shared.query import query_level as _query_level
 from shared.settings import GatewaySettings, Node
+from shared.suboperations import Tally, classify
 
 log = logging.getLogger("minipacs.gateway")
 
@@ -74,7 +75,6 @@ GET_MODELS = {
     "1.2.840.10008.5.1.4.1.2.1.3": PATIENT_ROOT,   # Patient Root Q/R - GET
     "1.2.840.10008.5.1.4.1.2.2.3": STUDY_ROOT,     # Study Root Q/R - GET
 }
-_WARNING_STORE = frozenset({0x0001, 0x0107, 0x0116})
 
 
 # ---- responses (pure) ------------------------------------------------------------------------
@@ -129,14 +129,6 @@ def read_identifier(identifier: Dataset, model: str) -> str:
     level = _query_level(identifier, model)
     build_instances(level, identifier)
     return level
-
-
-def store_outcome(status: int | None) -> str:
-    if status == 0x0000:
-        return "completed"
-    if status is not None and (status in _WARNING_STORE or 0xB000 <= status <= 0xBFFF):
-        return "warning"
-    return "failed"
 
 
 # ---- the service class pynetdicom runs for the C-MOVE / C-GET contexts ------------------------
@@ -519,21 +511,22 @@ class Retriever:
             yield Response(identifier_status(exc), comment=exc.reason)
             return
         started = time.perf_counter()
-        counts = Counts(len(refs))
+        counts = Tally(len(refs))
+        cancelled = threading.Event()
         log.info("%s C-GET %s: %d instances", who, level, len(refs))
         with (SocketTakeover(assoc, int(req.MessageID), self.settings.dimse_timeout) as taken,
               Prefetcher(refs, self.fetch, self.prefetch_threads,
                          self.prefetch_depth) as work):
-            yield from self._sub_operations(event, taken, work, counts, who)
+            yield from self._sub_operations(event, taken, work, counts, cancelled, who)
         if taken.lost:
             log.warning("%s C-GET: association lost after %d of %d", who,
                         len(refs) - counts.remaining, len(refs))
             return
-        if counts.cancelled:
+        if cancelled.is_set():
             log.info("%s C-CANCEL after %d of %d", who, len(refs) - counts.remaining, len(refs))
-            yield final_response("canceled", *counts.values())
+            yield final_response("canceled", *counts.snapshot())
             return
-        r = final_response("done", *counts.values())
+        r = final_response("done", *counts.snapshot())
         seconds = time.perf_counter() - started
         log.info("%s C-GET -> %s: %d completed, %d failed, %d warning in %.2fs", who,
                  statuses.describe(r.status), counts.completed, counts.failed, counts.warning,
@@ -541,15 +534,15 @@ class Retriever:
         yield r
 
     def _sub_operations(self, event: Event, taken: SocketTakeover,
-                        work: Prefetcher[InstanceRef], counts: Counts,
-                        who: str) -> Iterator[Response]:
+                        work: Prefetcher[InstanceRef], counts: Tally,
+                        cancelled: threading.Event, who: str) -> Iterator[Response]:
         """The C-STORE sub-operations, a pending response after each but the last."""
         contexts: dict[tuple[str, str], int | None] = {}
         req: Any = event.request
         msg_id = int(req.MessageID)
         while (item := work.next()) is not None:
             if event.is_cancelled or taken.cancelled:
-                counts.cancelled = True
+                cancelled.set()
                 if item.blob is not None:
                     item.blob.close()
                 return
@@ -563,9 +556,9 @@ class Retriever:
             finally:
                 if item.blob is not None:
                     item.blob.close()
-            counts.record(item.ref.sop_instance_uid, store_outcome(status))
+            counts.record(item.ref.sop_instance_uid, classify(status))
             if counts.remaining:
-                yield pending(*counts.values()[:4])
+                yield pending(*counts.snapshot()[:4])
 
     def _store(self, assoc: Any, taken: SocketTakeover,
                contexts: dict[tuple[str, str], int | None], item: Fetched[InstanceRef],
@@ -588,31 +581,6 @@ class Retriever:
                         "for %s in %s", who, *pair)
             return None
         return taken.store(cx_id, msg_id, ref, item.blob)
-
-
-@dataclass
-class Counts:
-    """The sub-operation counts of one C-GET."""
-
-    remaining: int
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
-    failed_uids: list[str] = field(default_factory=list)
-    cancelled: bool = False
-
-    def record(self, uid: str, outcome: str) -> None:
-        self.remaining -= 1
-        if outcome == "completed":
-            self.completed += 1
-        elif outcome == "warning":
-            self.warning += 1
-        else:
-            self.failed += 1
-            self.failed_uids.append(uid)
-
-    def values(self) -> tuple[int, int, int, int, list[str]]:
-        return self.remaining, self.completed, self.failed, self.warning, self.failed_uids
 
 
 # ---- wiring ----------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import logging
 import queue
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -24,11 +24,11 @@ from minio import Minio
 from services.mover.scu import Refused, StoreAssociation, Timeouts
 from shared.prefetch import Fetched, Prefetcher, fetcher
 from shared.settings import MoverSettings
+from shared.suboperations import Tally, classify
 
 log = logging.getLogger("minipacs.mover")
 
 MAX_CONTEXTS = 128  # presentation contexts in one A-ASSOCIATE-RQ (PS3.8: odd IDs 1..255)
-_WARNING = frozenset({0x0001, 0x0107, 0x0116})
 
 
 class Ref(Protocol):
@@ -53,17 +53,6 @@ class Destination:
     port: int
 
 
-def classify(status: int | None) -> str:
-    """A C-STORE response status -> "completed", "warning" or "failed" (PS3.4 C.4.2.1.4)."""
-    if status is None:
-        return "failed"
-    if status == 0x0000:
-        return "completed"
-    if status in _WARNING or 0xB000 <= status <= 0xBFFF:
-        return "warning"
-    return "failed"
-
-
 def plan_contexts(refs: Sequence[Ref]) -> list[list[Ref]]:
     """Split ``refs`` (keeping their order) into groups whose distinct (SOP class, transfer
     syntax) pairs fit in one association request."""
@@ -80,37 +69,6 @@ def plan_contexts(refs: Sequence[Ref]) -> list[list[Ref]]:
             seen[-1].add(pair)
         groups[index[pair]].append(ref)
     return groups
-
-
-@dataclass
-class Tally:
-    """Sub-operation counts, shared by the sending threads; ``on_change`` is called (from a
-    sending thread) after each update."""
-
-    remaining: int
-    on_change: Callable[[], None] = lambda: None
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
-    failed_uids: list[str] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def record(self, uid: str, outcome: str) -> None:
-        with self._lock:
-            self.remaining -= 1
-            if outcome == "completed":
-                self.completed += 1
-            elif outcome == "warning":
-                self.warning += 1
-            else:
-                self.failed += 1
-                self.failed_uids.append(uid)
-        self.on_change()
-
-    def snapshot(self) -> tuple[int, int, int, int, list[str]]:
-        with self._lock:
-            return (self.remaining, self.completed, self.failed, self.warning,
-                    list(self.failed_uids))
 
 
 class DestinationRefused(RuntimeError):

@@ -24,11 +24,12 @@ from minio import Minio
 from pydicom.dataset import Dataset
 
 from services.mover import jobs
-from services.mover.send import Destination, Sender, Tally
+from services.mover.send import Destination, Sender
 from shared import nodes, topology
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
 from shared.query import find_instances
 from shared.settings import MoverSettings
+from shared.suboperations import Tally
 
 log = logging.getLogger("minipacs.mover")
 

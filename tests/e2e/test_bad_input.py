@@ -5,12 +5,11 @@ wire are exactly the file's (malformed UIDs, truncation, mismatches)."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from scripts.native import Stack
 from services.gateway import statuses
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.e2e
 TS = "1.2.840.10008.1.2.1"
 
 
-@pytest.fixture()
-def chunked_send() -> Iterator[None]:
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def send_file(stack: Stack, path: Path, aet: str = "TESTSCU") -> int:

@@ -25,15 +25,6 @@ from tests.helpers import pg, storescu, wait_until
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture()
-def chunked_send() -> Iterator[None]:
-    """pynetdicom sends files as they are (no decode / re-encode)."""
-    from pynetdicom import _config
-
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 @pytest.fixture()

@@ -18,11 +18,11 @@ from services.gateway.retrieve import (
     identifier_status,
     pending,
     read_identifier,
-    store_outcome,
 )
-from services.mover.send import MAX_CONTEXTS, Tally, classify, plan_contexts
+from services.mover.send import MAX_CONTEXTS, plan_contexts
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
 from shared.query import PATIENT_ROOT, STUDY_ROOT, QueryError
+from shared.suboperations import Tally, classify
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,6 @@ def test_read_identifier_refuses(keys: dict[str, str], model: str) -> None:
 ])
 def test_store_statuses(status: int | None, outcome: str) -> None:
     assert classify(status) == outcome
-    assert store_outcome(status) == outcome
 
 
 # ---- presentation contexts ---------------------------------------------------------------------
