@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from services.gateway import fastpath
+from services.gateway import fastpath, reactor
 from shared.settings import GatewaySettings
 
 TRANSFER_SYNTAXES = [
@@ -64,6 +64,7 @@ def build_ae(settings: GatewaySettings) -> AE:
     # no silent transfer syntax conversion.
     _config.STORE_SEND_CHUNKED_DATASET = True
     fastpath.install()
+    reactor.install()  # pynetdicom's threads wait for work instead of polling every 1 ms
     # pynetdicom's standard handlers format every PDU and DIMSE message for its logger: only
     # worth it when that logger shows them (TRACE); otherwise they would also turn off the
     # hand-encoded C-STORE response (fastpath).

@@ -1,0 +1,180 @@
+"""pynetdicom's two threads per association wait for work instead of polling every millisecond.
+
+pynetdicom 3.0 runs, for every association, a DUL thread and an association thread, and each
+loops with ``time.sleep(0.001)`` when there is nothing to do: measured here, four idle
+associations cost the gateway 22 % of a core, and a modality that keeps its association open
+costs as much as one that sends. This module gives each of those sleeps something to wait on:
+
+- the DUL thread waits in ``select`` on its socket and on a wake-up socket that is written
+  whenever something is queued for it (a PDU to send, a state machine event) or it is killed;
+- the association thread waits on an ``Event`` set whenever a DIMSE message or an A-RELEASE /
+  A-ABORT primitive is queued for it, or the DUL thread ends (its teardown waits on it too).
+
+Each wait is capped at ``MAX_WAIT``, so the timers (ARTIM, network idle) and kill flags that the
+loops check are still seen within that time. Nothing else in pynetdicom changes: the shims
+only replace ``time.sleep`` on those two threads; every other caller sleeps as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import select
+import socket
+import threading
+import time as _time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import association as _association
+from pynetdicom import dimse as _dimse
+from pynetdicom import dul as _dul
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+
+MAX_WAIT = 0.05  # s
+REACTOR_PAUSE = 0.001  # s: what pynetdicom's reactor loops sleep when idle
+
+_local = threading.local()  # .wait: this thread's replacement for time.sleep, if any
+
+
+class _TimeShim:
+    """The ``time`` module as pynetdicom's ``dul`` and ``association`` modules see it."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        # Only the reactors' idle pause (1 ms) waits for work; pynetdicom's other sleeps
+        # (teardown, pausing a reactor) keep their meaning.
+        wait: Callable[[float], None] | None = getattr(_local, "wait", None)
+        if wait is None or seconds != REACTOR_PAUSE:
+            _time.sleep(seconds)
+        else:
+            wait(seconds)
+
+
+class _WakingQueue(queue.Queue[Any]):
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _Wakers:
+    """Per association: the DUL's wake-up socket pair and the association thread's Event."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        self.assoc_event = threading.Event()
+
+    def wake_dul(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            self.writer.send(b"\0")
+
+    def wake_assoc(self) -> None:
+        self.assoc_event.set()
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+def _wakers(assoc: Association) -> _Wakers:
+    wakers: _Wakers = assoc.__dict__.setdefault("_minipacs_wakers", _Wakers())
+    return wakers
+
+
+def _dul_wait(dul: DULServiceProvider, wakers: _Wakers) -> Callable[[float], None]:
+    def wait(_seconds: float) -> None:
+        if dul._kill_thread:
+            return
+        watched: list[Any] = [wakers.reader]
+        raw = getattr(dul.socket, "socket", None)
+        if raw is not None and raw.fileno() >= 0:
+            watched.append(raw)
+        try:
+            ready, _, _ = select.select(watched, [], [], MAX_WAIT)
+        except (OSError, ValueError):  # the socket closed under us: the loop will see it
+            return
+        if wakers.reader in ready:
+            with contextlib.suppress(OSError):
+                while wakers.reader.recv(4096):
+                    pass
+
+    return wait
+
+
+def _assoc_wait(wakers: _Wakers) -> Callable[[float], None]:
+    def wait(_seconds: float) -> None:
+        wakers.assoc_event.wait(MAX_WAIT)
+        wakers.assoc_event.clear()
+
+    return wait
+
+
+_dul_init = DULServiceProvider.__init__
+_dul_run = DULServiceProvider.run_reactor
+_dul_kill = DULServiceProvider.kill_dul
+_dimse_init = _dimse.DIMSEServiceProvider.__init__
+_assoc_run = Association._run_reactor
+_installed = False
+
+
+def _new_dul_init(self: DULServiceProvider, assoc: Association) -> None:
+    _dul_init(self, assoc)
+    wakers = _wakers(assoc)
+    self.event_queue = _WakingQueue(wakers.wake_dul)
+    self.to_provider_queue = _WakingQueue(wakers.wake_dul)
+
+    self.to_user_queue = _WakingQueue(wakers.wake_assoc)
+
+
+def _new_dul_run(self: DULServiceProvider) -> None:
+    wakers = _wakers(self.assoc)
+    _local.wait = _dul_wait(self, wakers)
+    try:
+        _dul_run(self)
+    finally:
+        _local.wait = None
+        wakers.wake_assoc()  # the association thread checks whether the DUL is still alive
+        wakers.close()
+
+
+def _new_dul_kill(self: DULServiceProvider) -> None:
+    _dul_kill(self)
+    _wakers(self.assoc).wake_dul()
+
+
+def _new_dimse_init(self: Any, assoc: Association) -> None:
+    _dimse_init(self, assoc)
+    self.msg_queue = _WakingQueue(_wakers(assoc).wake_assoc)
+
+
+def _new_assoc_run(self: Association) -> None:
+    _local.wait = _assoc_wait(_wakers(self))
+    try:
+        _assoc_run(self)
+    finally:
+        _local.wait = None
+
+
+def install() -> None:
+    """Process-wide (the gateway's AE is the only one in its process)."""
+    global _installed
+    if _installed:
+        return
+    _dul.time = _TimeShim()  # type: ignore[attr-defined,assignment]
+    _association.time = _TimeShim()  # type: ignore[attr-defined,assignment]
+    DULServiceProvider.__init__ = _new_dul_init  # type: ignore[method-assign]
+    DULServiceProvider.run_reactor = _new_dul_run  # type: ignore[method-assign]
+    DULServiceProvider.kill_dul = _new_dul_kill  # type: ignore[method-assign]
+    _dimse.DIMSEServiceProvider.__init__ = _new_dimse_init  # type: ignore[method-assign]
+    Association._run_reactor = _new_assoc_run  # type: ignore[method-assign]
+    _installed = True
