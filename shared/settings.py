@@ -190,8 +190,8 @@ class GatewaySettings(Common):
 
 @dataclass(frozen=True)
 class StorageSettings(Common):
-    prefetch: int = 16
-    concurrency: int = 8
+    prefetch: int = 64
+    concurrency: int = 32
     part_size: int = 16 * 1024 * 1024
     sweep_after: float = 3600.0
     announce_batch: int = 32      # instance.stored events per message at most
@@ -201,7 +201,7 @@ class StorageSettings(Common):
 @dataclass(frozen=True)
 class IndexerSettings(Common):
     batch_size: int = 200
-    batch_wait: float = 0.05
+    batch_wait: float = 0.02
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from services.storage.worker import StorageWorker
 from shared import broker, s3, topology
@@ -16,6 +17,9 @@ log = logging.getLogger("minipacs.storage")
 
 async def run(settings: StorageSettings, stop: asyncio.Event | None = None) -> None:
     stop = stop or stop_event()
+    # S3 uploads run in worker threads: as many as messages may be in progress at once
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(settings.concurrency, thread_name_prefix="storage"))
     spool = Spool(settings.spool_dir).create()
     client = s3.client(settings)
 
