@@ -10,7 +10,7 @@ import time
 from types import FrameType
 
 from bench.datasets import OUT
-from bench.ingest import Options, run_ingest
+from bench.ingest import IDLE, Options, run_ingest
 from bench.qr import run_query_bench, run_retrieve_bench
 from bench.report import DOC, markdown, rows, save_runs, targets, text_table, write_doc
 
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         for target in targets(table):
             print(target.line())
         command = "make bench" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else "")
-        section = markdown(table, opts.trials, command)
+        section = markdown(table, opts.trials, command, IDLE)
         if args.quick or args.no_doc:
             (OUT / "benchmarks-latest.md").write_text(section + "\n")
         else:

@@ -102,6 +102,32 @@ def describe(run: Run) -> str:
             f"s/1000{extra}{bad} (others on the machine: {run.others:.1f} CPU-s)")
 
 
+def idle_cost(server: Server, work: Path, associations: int = 4,
+              seconds: float = 3.0) -> float:
+    """CPU (% of one core) ``server`` spends while ``associations`` associations stay open and
+    silent: what a modality that keeps its association open costs."""
+    from pynetdicom import AE  # only this measurement needs a DICOM client in-process
+
+    server.begin(work)
+    ae = AE(ae_title="IDLESCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assocs = []
+    try:
+        settle()
+        assocs = [ae.associate("127.0.0.1", server.port, ae_title=server.aet)
+                  for _ in range(associations)]
+        if not all(a.is_established for a in assocs):
+            raise RuntimeError(f"{server.name}: idle associations were not accepted")
+        time.sleep(0.5)  # let the association set-up work finish before metering
+        meter = server.meter().start()
+        time.sleep(seconds)  # the measurement window itself, not a synchronisation
+        return 100 * sum(meter.stop().values()) / seconds
+    finally:
+        for a in assocs:
+            a.release()
+        server.end()
+
+
 def run_ingest(opts: Options) -> list[Run]:
     sets = trial_sets(opts)
     work = OUT / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -127,4 +153,12 @@ def run_ingest(opts: Options) -> list[Run]:
                         run = measure(server, sets[(kind, trial, assoc)], assoc, trial, work)
                         print(describe(run), flush=True)
                         runs.append(run)
+        for server in servers:
+            if server.name != "storescp":  # one process per association: nothing to hold
+                IDLE[server.name] = idle_cost(server, work)
+                print(f"  idle: {server.name} with 4 silent associations open: "
+                      f"{IDLE[server.name]:.1f} % of a core", flush=True)
     return runs
+
+
+IDLE: dict[str, float] = {}  # server -> % of a core with 4 silent associations (last run)

@@ -157,7 +157,8 @@ def text_table(table: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def markdown(table: list[Row], trials: int, command: str) -> str:
+def markdown(table: list[Row], trials: int, command: str,
+             idle: dict[str, float] | None = None) -> str:
     cells = [(r.kind, r.associations) for r in table]
     col = " | ".join(f"{k}, {a} assoc" for k, a in cells)
     sep = "|---" * (len(cells) + 1) + "|"
@@ -189,6 +190,10 @@ def markdown(table: list[Row], trials: int, command: str) -> str:
     for s in SERVERS:
         out.append(f"| noise: CPU-s used by other processes during a {s} run | "
                    + " | ".join(_f(r.others.get(s, math.nan), 1) for r in table) + " |")
+    if idle:
+        out += ["", "**Held open, silent**: CPU while 4 associations stay open without "
+                "traffic (a modality that keeps its association): " + ", ".join(
+                    f"{NAMES.get(s, s)} {v:.1f} % of a core" for s, v in idle.items()) + "."]
     lost = [f"{s} {n} ({r.kind}, {r.associations} assoc)" for r in table
             for s, n in r.lost.items() if n]
     out += ["", "Instances not acknowledged (over all trials): " + "; ".join(lost) + "."
