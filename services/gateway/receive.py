@@ -1,10 +1,11 @@
 """C-STORE requests read straight off the socket by each association's DUL thread.
 
 For every P-DATA-TF PDU pynetdicom builds PDU and PDV objects, runs its state machine, passes
-the fragments through two queues to the association's thread (which polls every millisecond),
-decodes the command set through pydicom and converts it to a primitive with validated UIDs,
-then dispatches an event. For a C-STORE request, the bulk of what a PACS receives, that was
-most of the gateway's CPU per small instance. Here the DUL thread reads the PDU itself:
+the fragments through two queues to the association's thread (``reactor.py`` makes that
+thread wait instead of polling), decodes the command set through pydicom and converts it to a
+primitive with validated UIDs, then dispatches an event. For a C-STORE request, the bulk of
+what a PACS receives, that was most of the gateway's CPU per small instance. Here the DUL
+thread reads the PDU itself:
 
 - a C-STORE-RQ with a dataset, on an accepted context of its SOP class: the dataset streams
   into a spool file behind a File Meta group (as pynetdicom would write it), then the same
