@@ -22,7 +22,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from bench.report import DOC
-from bench.servers import ORTHANC, STORESCP, Orthanc, nodelay_env, spawn, terminate
+from bench.servers import (
+    ORTHANC,
+    STORESCP,
+    Orthanc,
+    nodelay_env,
+    spawn,
+    terminate,
+    wait_exited,
+)
 from scripts.native import free_port, port_open, wait_for
 
 MOVESCU = "/usr/bin/movescu"  # DCMTK's, never the pynetdicom ones in .venv/bin
@@ -154,12 +162,7 @@ def run_tool(argv: list[str], log: Path, timeout: float = 600) -> tuple[float, i
     with log.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=nodelay_env())
-        try:
-            code = proc.wait(timeout)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        (code,) = wait_exited([proc], timeout)
     return time.monotonic() - t0, code
 
 

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.servers import wait_exited
+
 STORESCU = "/usr/bin/storescu"  # DCMTK's, never the pynetdicom one in .venv/bin
 _OK = re.compile(rb"Received Store Response \(Success\)")
 _BAD = re.compile(rb"Received Store Response \((?!Success)")
@@ -50,7 +52,7 @@ def send(files: tuple[Path, ...], port: int, called: str, associations: int, log
                     [STORESCU, "-v", "-aet", "STORESCU", "-aec", called, "127.0.0.1",
                      str(port), *map(str, group)],
                     stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
-        codes = tuple(p.wait(timeout) for p in procs)
+        codes = wait_exited(procs, timeout)
         seconds = time.monotonic() - t0
     finally:
         for p in procs:

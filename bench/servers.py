@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from abc import ABC, abstractmethod
@@ -31,6 +32,25 @@ def spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[b
     with log.open("ab") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL)
+
+
+def wait_exited(procs: list[subprocess.Popen[bytes]], timeout: float) -> tuple[int, ...]:
+    """Exit codes of ``procs``, returned the moment the last one exits. ``Popen.wait(timeout)``
+    polls with sleeps of up to 50 ms, which added up to 50 ms to every measured run (a sixth of
+    a 300-instance C-GET); a blocking ``wait()`` returns at once, and a timer kills what is
+    still running at the deadline (its exit code is then negative)."""
+    def kill() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return tuple(p.wait() for p in procs)
+    finally:
+        watchdog.cancel()
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
