@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 # Command Field values (PS3.7 E.1)
@@ -143,7 +143,7 @@ def _pdv_header(context_id: int, control: int, length: int) -> bytes:
     return struct.pack(">BBLLBB", P_DATA_TF, 0, length + 6, length + 2, context_id, control)
 
 
-def sendall(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
+def sendall(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
     """Send ``buffers`` in order with as few system calls as possible (no copies)."""
     views = [memoryview(b).cast("B") for b in buffers]
     while views:

@@ -9,21 +9,19 @@ one at most ``budget`` bytes, are fetched ahead (one 1 GiB instance ahead, not s
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 from minio import Minio
 
 from shared.dimse_wire import dataset_offset
 from shared.s3 import download_to, read_object
+from shared.s3http import RawS3
 
 IN_MEMORY = 4 * 1024 * 1024
 _HEAD = 64 * 1024  # enough for any file meta group
@@ -73,92 +71,15 @@ class Blob:
             self.path.unlink(missing_ok=True)
 
 
-class PlainGet:
-    """GETs of whole objects over one keep-alive HTTP/1.1 connection per thread, from
-    presigned URLs (SigV4 computed locally by the ``minio`` client). urllib3 and http.client
-    parse every response's headers through the ``email`` package: that, not the bytes, was
-    most of the mover's Python time per instance. Only for ``http://`` endpoints."""
-
-    def __init__(self, s3: Minio, bucket: str) -> None:
-        self.s3 = s3
-        self.bucket = bucket
-        self._local = threading.local()
-
-    def read(self, key: str, limit: int) -> bytearray:
-        url = urlsplit(self.s3.presigned_get_object(self.bucket, key, timedelta(hours=1)))
-        request = (f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\n\r\n"
-                   ).encode("ascii")
-        for attempt in (0, 1):
-            conn: socket.socket | None = getattr(self._local, "conn", None)
-            fresh = conn is None
-            if conn is None:
-                conn = socket.create_connection((url.hostname, url.port or 80), timeout=60)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._local.conn = conn
-            try:
-                conn.sendall(request)
-                status, fields, body = self._response(conn, key, limit)
-            except OSError:
-                self._drop()
-                if fresh or attempt:
-                    raise
-                continue  # a kept-alive connection the server had closed: once more
-            if fields.get("connection", "").lower() == "close":
-                self._drop()
-            if status == 404:
-                raise FileNotFoundError(f"object {key}: not in S3 (404)")
-            if status != 200:
-                raise OSError(f"object {key}: S3 answered {status}: {bytes(body[:200])!r}")
-            return body
-        raise AssertionError("unreachable")
-
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-        self._local.conn = None
-
-    def _response(self, conn: socket.socket, key: str,
-                  limit: int) -> tuple[int, dict[str, str], bytearray]:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            more = conn.recv(65536)
-            if not more or len(head) > 65536:
-                raise ConnectionError("S3: connection closed in the response header")
-            head += more
-        head, _, rest = head.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        fields = {k.strip().lower(): v.strip() for k, _, v in
-                  (line.partition(":") for line in lines[1:])}
-        if "content-length" not in fields:
-            raise ConnectionError("S3: response without Content-Length")
-        length = int(fields["content-length"])
-        if length > max(limit, 65536):
-            self._drop()  # the body is not read: the connection is unusable
-            raise ValueError(f"object {key}: {length} bytes, over the in-memory limit")
-        body = bytearray(length)
-        view = memoryview(body)
-        got = min(len(rest), length)
-        view[:got] = rest[:got]
-        while got < length:
-            n = conn.recv_into(view[got:])
-            if not n:
-                raise ConnectionError("S3: connection closed in the response body")
-            got += n
-        return status, fields, body
-
-
-def fetcher(s3: Minio, bucket: str, tmpdir: Path, plain_http: bool,
+def fetcher(s3: Minio, bucket: str, tmpdir: Path, raw: RawS3 | None,
             in_memory: int = IN_MEMORY) -> Callable[[Stored], Blob]:
     """A function fetching one stored instance into a ``Blob``; raises on S3 errors and on an
-    object whose size differs from the index's. ``plain_http``: the endpoint is ``http://``
-    (``PlainGet`` for objects held in memory)."""
-    plain = PlainGet(s3, bucket) if plain_http else None
+    object whose size differs from the index's. ``raw``: objects held in memory are read
+    through it (an ``http://`` endpoint), not through the minio client."""
 
     def fetch(ref: Stored) -> Blob:
         if 0 < ref.size <= in_memory:
-            data = (plain.read(ref.object_key, in_memory) if plain is not None
+            data = (raw.get(ref.object_key, in_memory) if raw is not None
                     else read_object(s3, bucket, ref.object_key, in_memory))
             if len(data) != ref.size:
                 raise OSError(f"object {ref.object_key}: {len(data)} bytes, "

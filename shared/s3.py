@@ -13,10 +13,14 @@ from typing import IO, BinaryIO
 from minio import Minio
 from minio.error import S3Error
 
+from shared.s3http import RawS3, S3Refused
 from shared.settings import Common
 
 SHA_META = "sha256"
 CHECKSUM_HEADER = "x-amz-checksum-sha256"
+# what S3 (MinIO, SeaweedFS, AWS) answers when a body does not hash to what the request says
+DIGEST_REFUSALS = ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest",
+                   "XAmzContentSHA256Mismatch")
 
 
 class VerifyFailed(RuntimeError):
@@ -25,7 +29,8 @@ class VerifyFailed(RuntimeError):
 
 def client(settings: Common) -> Minio:
     return Minio(settings.s3_endpoint, access_key=settings.s3_access_key,
-                 secret_key=settings.s3_secret_key, secure=settings.s3_secure)
+                 secret_key=settings.s3_secret_key, secure=settings.s3_secure,
+                 region=settings.s3_region)
 
 
 def ensure_bucket(s3: Minio, bucket: str) -> None:
@@ -104,14 +109,16 @@ def read_object(s3: Minio, bucket: str, key: str, limit: int) -> bytes:
 
 
 def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha256: str,
-                 part_size: int) -> str:
+                 part_size: int, raw: RawS3 | None = None) -> str:
     """Store ``size`` bytes from ``fp`` under ``key`` and verify them against ``sha256`` (the
     hash the gateway took of the bytes it received). Memory is bounded by ``part_size``.
 
     - Up to ``part_size`` (one PUT): the request carries ``x-amz-checksum-sha256``; S3 (MinIO,
       SeaweedFS) refuses a body that does not hash to it and echoes it when stored, so spool
       and transfer are checked without hashing here. A store that does not echo it gets the
-      local check: our SHA-256 of the bytes, and its ETag against our MD5.
+      local check: our SHA-256 of the bytes, and its ETag against our MD5. With ``raw`` (an
+      ``http://`` endpoint) the PUT also signs ``sha256`` as the payload hash, which S3
+      checks too, and skips the minio client's own hashing of the body.
     Returns which check it was: "checksum", "etag" or "multipart".
     - Larger (multipart): the bytes are hashed as they are read, and a HEAD checks size and
       checksum afterwards."""
@@ -120,24 +127,31 @@ def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha2
         if len(data) != size:
             raise VerifyFailed("the spooled file's size differs from the message's")
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+        fields = {"Content-Type": "application/dicom", "x-amz-meta-" + SHA_META: sha256,
+                  CHECKSUM_HEADER: checksum, "x-amz-sdk-checksum-algorithm": "SHA256"}
         try:
-            result = s3.put_object(bucket, key, io.BytesIO(data), size,
-                                   content_type="application/dicom",
-                                   metadata={SHA_META: sha256, CHECKSUM_HEADER: checksum,
-                                             "x-amz-sdk-checksum-algorithm": "SHA256"})
-        except S3Error as exc:
-            if exc.code in ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"):
+            if raw is not None:
+                headers = raw.put(key, data, sha256, fields)
+                etag = headers.get("etag", "")
+            else:
+                result = s3.put_object(bucket, key, io.BytesIO(data), size,
+                                       content_type="application/dicom",
+                                       metadata={SHA_META: sha256, CHECKSUM_HEADER: checksum,
+                                                 "x-amz-sdk-checksum-algorithm": "SHA256"})
+                headers = {k.lower(): v for k, v in (result.http_headers or {}).items()}
+                etag = result.etag or ""
+        except (S3Error, S3Refused) as exc:
+            if exc.code in DIGEST_REFUSALS:
                 raise VerifyFailed("the spooled bytes do not hash to the SHA-256 in the "
                                    f"message (S3 said {exc.code})") from exc
             raise
-        echoed = result.http_headers.get(CHECKSUM_HEADER) if result.http_headers else None
-        if echoed == checksum:  # the headers are case-insensitive
+        if headers.get(CHECKSUM_HEADER) == checksum:
             return "checksum"
         md5 = hashlib.md5(data).hexdigest()  # noqa: S324 - compared with S3's ETag
         if hashlib.sha256(data).hexdigest() != sha256:
             s3.remove_object(bucket, key)
             raise VerifyFailed("the spooled bytes do not hash to the SHA-256 in the message")
-        if (result.etag or "").strip('"').lower() != md5:
+        if etag.strip('"').lower() != md5:
             raise VerifyFailed("S3 received bytes whose MD5 differs from what was sent")
         return "etag"
     reader = HashingReader(fp)

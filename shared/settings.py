@@ -151,6 +151,7 @@ class Common(EnvSettings):
     s3_secret_key: str = "minipacs-secret"  # noqa: S105 - dev default, as in .env
     s3_bucket: str = "minipacs"
     s3_secure: bool = False
+    s3_region: str = "us-east-1"  # what requests are signed for (MinIO's and SeaweedFS' default)
     spool_dir: Path = Path("/var/lib/minipacs/spool")
     log_level: str = "INFO"
     confirm_timeout: float = 10.0

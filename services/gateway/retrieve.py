@@ -62,6 +62,7 @@ from shared.query import (
     find_instances,
 )
 from shared.query import query_level as _query_level
+from shared.s3http import RawS3
 from shared.settings import GatewaySettings, Node
 from shared.suboperations import Tally, classify
 
@@ -381,7 +382,7 @@ class Retriever:
 
     def __post_init__(self) -> None:
         self.fetch = fetcher(self.s3, self.settings.s3_bucket, self.tmpdir,
-                             not self.settings.s3_secure)
+                             RawS3.from_settings(self.settings))
 
     def handlers(self) -> list[Any]:
         return [(evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]

@@ -23,6 +23,7 @@ from minio import Minio
 
 from services.mover.scu import Refused, StoreAssociation, Timeouts
 from shared.prefetch import Fetched, Prefetcher, fetcher
+from shared.s3http import RawS3
 from shared.settings import MoverSettings
 from shared.suboperations import Tally, classify
 
@@ -86,7 +87,7 @@ class Sender:
         self.originator_aet = originator_aet
         self.originator_id = originator_message_id or None
         self.fetch = fetcher(s3, settings.s3_bucket, Path(tempfile.gettempdir()),
-                             not settings.s3_secure)
+                             RawS3.from_settings(settings))
         self.prefetch_threads = prefetch_threads
         self.timeouts = Timeouts(settings.acse_timeout, settings.dimse_timeout,
                                  settings.network_timeout)

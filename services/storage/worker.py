@@ -32,6 +32,7 @@ from shared.broker import Publisher, delivered_on_live_channel, settle
 from shared.dicom import header_json
 from shared.keys import object_key
 from shared.messages import BadMessage, InstanceReceived, InstanceStored, read_batch
+from shared.s3http import RawS3
 from shared.settings import StorageSettings
 from shared.spool import Spool
 
@@ -58,10 +59,12 @@ class StorageWorker:
     publisher: Publisher
     stop: asyncio.Event
     batcher: StoredBatcher = field(init=False)
+    raw: RawS3 | None = field(init=False)  # PUTs without the minio client (http:// endpoints)
     stored_count: int = 0
     stored_bytes: int = 0
 
     def __post_init__(self) -> None:
+        self.raw = RawS3.from_settings(self.settings)
         self.batcher = StoredBatcher(
             lambda body: self.publisher.publish_body(body, InstanceStored.routing_key),
             self.settings.announce_batch, self.settings.announce_linger)
@@ -169,7 +172,7 @@ class StorageWorker:
     def _put(self, fp: BinaryIO, key: str, received: InstanceReceived) -> None:
         try:
             s3.put_verified(self.s3, self.settings.s3_bucket, key, fp, received.size,
-                            received.sha256, self.settings.part_size)
+                            received.sha256, self.settings.part_size, self.raw)
         except s3.VerifyFailed as exc:
             raise Permanent(str(exc)) from exc
 

@@ -4,10 +4,13 @@ instance ends up in S3 byte-identical and indexed exactly once."""
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import subprocess
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,24 +136,64 @@ def test_same_uid_different_bytes_keeps_the_first_and_records_the_conflict(
     assert "reuses a stored SOP Instance UID" in stack.log_text("indexer")
 
 
+def raw_s3(stack: Stack, secret: str = "minipacs-secret") -> Any:
+    from shared.s3http import RawS3
+
+    return RawS3("127.0.0.1", stack.config.s3_port, "minipacs", "minipacs", secret,
+                 "us-east-1")
+
+
+@pytest.mark.parametrize("path", ["raw", "minio"])
 @pytest.mark.parametrize("size", [10_000, 530_000])
-def test_s3_refuses_bytes_that_do_not_match_the_gateways_hash(stack: Stack, size: int) -> None:
+def test_s3_refuses_bytes_that_do_not_match_the_gateways_hash(stack: Stack, size: int,
+                                                              path: str) -> None:
     """storage's upload carries the SHA-256 the gateway took: the S3 store (SeaweedFS here,
-    MinIO in compose) refuses other bytes, e.g. a spool file damaged after the ack."""
+    MinIO in compose) refuses other bytes, e.g. a spool file damaged after the ack. Both
+    upload paths: storage's own signed PUT (``raw``, http:// endpoints) and the minio client
+    (TLS endpoints)."""
     from io import BytesIO
 
     from shared import s3
 
     client = s3_client(stack)
-    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    raw = raw_s3(stack) if path == "raw" else None
+    data = (bytes(range(256)) * (size // 256 + 1))[:size] + path.encode()
+    size = len(data)
     good = hashlib.sha256(data).hexdigest()
     key = f"instances/{good[:2]}/{good}.dcm"
     damaged = data[:-1] + b"\x00"
     with pytest.raises(s3.VerifyFailed):
-        s3.put_verified(client, "minipacs", key, BytesIO(damaged), size, good, 16 << 20)
+        s3.put_verified(client, "minipacs", key, BytesIO(damaged), size, good, 16 << 20, raw)
     assert s3.stored_size(client, "minipacs", key, good) is None
-    assert s3.put_verified(client, "minipacs", key, BytesIO(data), size, good, 16 << 20) == \
-        "checksum"  # verified by the store itself, nothing hashed here
+    assert s3.put_verified(client, "minipacs", key, BytesIO(data), size, good, 16 << 20,
+                           raw) == "checksum"  # verified by the store itself, nothing hashed
     assert s3.stored_size(client, "minipacs", key, good) == size
+    assert s3.read_object(client, "minipacs", key, 1 << 20) == data
     with pytest.raises(s3.VerifyFailed):  # shorter than the message says
-        s3.put_verified(client, "minipacs", key, BytesIO(data[:-10]), size, good, 16 << 20)
+        s3.put_verified(client, "minipacs", key, BytesIO(data[:-10]), size, good, 16 << 20,
+                        raw)
+
+
+def test_raw_s3_client_against_the_store(stack: Stack) -> None:
+    """The keep-alive GET/PUT client storage, mover and C-GET use on http:// endpoints:
+    round trip, a missing object, a connection the store closed while kept alive, a wrong
+    secret (an error status with its code, never taken for a verified upload)."""
+    from shared.s3http import S3Refused
+
+    raw = raw_s3(stack)
+    data = os.urandom(70_000)
+    sha = hashlib.sha256(data).hexdigest()
+    key = f"instances/{sha[:2]}/{sha}.dcm"
+    fields = raw.put(key, data, sha, {"Content-Type": "application/dicom"})
+    assert fields.get("etag", "").strip('"') == hashlib.md5(data).hexdigest()
+    assert raw.get(key, 1 << 20) == data
+    with pytest.raises(ValueError, match="over the in-memory limit"):
+        raw.get(key, 1000)
+    with pytest.raises(FileNotFoundError):
+        raw.get(f"instances/00/{'0' * 64}.dcm", 1 << 20)
+    # the kept-alive connection dies under us: the next request opens a new one, once
+    raw._local.conn.shutdown(socket.SHUT_RDWR)
+    assert raw.get(key, 1 << 20) == data
+    with pytest.raises(S3Refused) as refused:
+        raw_s3(stack, secret="wrong").put(key, data, sha, {})
+    assert refused.value.status == 403 and refused.value.code
