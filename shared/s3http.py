@@ -177,8 +177,8 @@ class RawS3:
         view = memoryview(body)
         got = min(len(rest), length)
         view[:got] = rest[:got]
-        while got < length:  # MSG_WAITALL: the kernel gathers the rest, one call
-            n = conn.recv_into(view[got:], length - got, socket.MSG_WAITALL)
+        while got < length:
+            n = conn.recv_into(view[got:], length - got)
             if not n:
                 raise ConnectionError("S3: connection closed in the response body")
             got += n
