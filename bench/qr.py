@@ -43,7 +43,9 @@ def run_query_bench(quick: bool, no_doc: bool, keep: bool, argv: list[str]) -> N
 
 def run_retrieve_bench(quick: bool, trials: int | None, no_doc: bool, keep: bool,
                        argv: list[str]) -> None:
-    opts = retrieve.Options(count=300, trials=trials or (1 if quick else 3), keep=keep)
+    # 5 trials: a run is under a second, so one noisy moment on the shared machine moves a
+    # single trial by a third; the median of 5 paired ratios is steadier than of 3
+    opts = retrieve.Options(count=300, trials=trials or (1 if quick else 5), keep=keep)
     runs = retrieve.run_retrieve(opts)
     retrieve.save(runs, OUT / f"retrieve-{time.strftime('%Y%m%d-%H%M%S')}.json")
     summary = retrieve.summarize(runs)
