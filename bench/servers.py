@@ -101,13 +101,29 @@ class ProcessServer(Server):
     @abstractmethod
     def ready(self) -> bool: ...
 
-    def begin(self, work: Path) -> None:
-        self.dir = work / self.name
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        self.port = free_port()
-        self.proc = self.launch(self.dir)
-        wait_for(f"{self.name} on port {self.port}", self._up, 60, 0.1)
+    def begin(self, work: Path, attempts: int = 3) -> None:
+        """Start empty on free ports. A port picked free can be taken before the server binds
+        it (the clients' own ephemeral ports come from the same range): that start fails, and
+        the next attempt picks other ports. The server's log tail goes into the error."""
+        for attempt in range(1, attempts + 1):
+            self.dir = work / self.name
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            self.port = free_port()
+            self.proc = self.launch(self.dir)
+            try:
+                wait_for(f"{self.name} on port {self.port}", self._up, 60, 0.1)
+                return
+            except RuntimeError as exc:
+                logs = sorted(self.dir.glob("*.log"))
+                tail = b"".join(logs[0].read_bytes().splitlines(keepends=True)[-5:]
+                                ) if logs else b""
+                terminate(self.proc)
+                if attempt == attempts:
+                    raise RuntimeError(f"{exc}; its log ends: {tail.decode(errors='replace')}"
+                                       ) from exc
+                print(f"  {self.name} did not start ({exc}), again on other ports; its log "
+                      f"ends: {tail.decode(errors='replace').strip()[-300:]}", flush=True)
 
     def _up(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
