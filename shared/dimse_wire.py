@@ -184,22 +184,41 @@ def send_message(sock: socket.socket, context_id: int, command: bytes,
         raise WireError("the dataset ended early")
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buffer = bytearray(n)
-    view = memoryview(buffer)
+_CHUNK = 1 << 20  # the buffer grows by what has arrived: never by what a peer declares
+
+
+def recv_upto(sock: socket.socket, n: int) -> bytearray:
+    """Up to ``n`` bytes: fewer only if the peer closed the connection. Memory follows the bytes
+    that arrived, not ``n``: a PDU header declaring 4 GiB costs nothing until 4 GiB are sent."""
+    buffer = bytearray(min(n, _CHUNK))
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if got == len(buffer):
+            buffer.extend(bytes(min(n - got, len(buffer))))  # doubles, up to n
+        with memoryview(buffer) as view:
+            k = sock.recv_into(view[got:], len(buffer) - got)
         if not k:
-            raise WireError("the peer closed the connection")
+            del buffer[got:]
+            break
         got += k
     return buffer
 
 
-def read_pdu(sock: socket.socket) -> tuple[int, bytearray]:
-    """The next PDU: (type, the whole PDU including its 6-byte header)."""
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buffer = recv_upto(sock, n)
+    if len(buffer) < n:
+        raise WireError("the peer closed the connection")
+    return buffer
+
+
+def read_pdu(sock: socket.socket, limit: int = 0) -> tuple[int, bytearray]:
+    """The next PDU: (type, the whole PDU including its 6-byte header). ``limit``: refuse a PDU
+    whose declared length is larger (0: no limit) before reading it."""
     head = recv_exact(sock, 6)
     kind, _, length = struct.unpack(">BBL", head)
+    if limit and length > limit:
+        raise WireError(f"the peer sent a PDU of {length} bytes, more than the {limit} "
+                        "negotiated")
     return kind, head + recv_exact(sock, length)
 
 

@@ -5,7 +5,8 @@ Each replaces pydicom object work that is the same fixed byte layout for every i
 
 - ``recv_exact``: pynetdicom reads every PDU in 4 KiB ``recv`` calls appended to a
   ``bytearray``; with a 1 MiB maximum PDU that is 256 calls and copies per PDU. This reads into
-  one preallocated buffer instead. It returns what was read so far if the peer closes.
+  one buffer instead (``dimse_wire.recv_upto``), grown by what arrived, never by the length a
+  peer declares. It returns what was read so far if the peer closes.
 - ``file_meta``: the File Meta Information group pynetdicom writes in front of each received
   dataset, encoded directly instead of through a pydicom ``FileMetaDataset``. Same bytes.
 - ``store_response``: the C-STORE-RSP command set (Implicit VR Little Endian), encoded directly
@@ -46,18 +47,7 @@ _installed = False
 
 
 def recv_exact(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
-    sock = cast(socket.socket, self.socket)
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    read = 0
-    while read < nr_bytes:
-        n = sock.recv_into(view[read:], nr_bytes - read)
-        if not n:
-            del view
-            return buffer[:read]
-        read += n
-    del view
-    return buffer
+    return wire.recv_upto(cast(socket.socket, self.socket), nr_bytes)
 
 
 def copy_contexts(value: Any, memo: Any = None) -> Any:

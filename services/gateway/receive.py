@@ -89,8 +89,20 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     try:
         head = sock.recv(6)
         pdu_type, _, length = struct.unpack(">BBL", head)
-        body = sock.recv(length) if length else b""
     except (OSError, TimeoutError, struct.error):
+        _drop_partial(self)
+        self.event_queue.put("Evt17")
+        return
+    limit = _limit(self, pdu_type)
+    if limit and length > limit:  # refused before reading (or allocating) it: abort
+        log.warning("assoc %s: PDU type 0x%02X of %d bytes, over the %d negotiated: aborting",
+                    _who(self), pdu_type, length, limit)
+        _drop_partial(self)
+        self.event_queue.put("Evt19")  # pynetdicom answers an invalid PDU with A-ABORT
+        return
+    try:
+        body = sock.recv(length) if length else b""
+    except (OSError, TimeoutError):
         _drop_partial(self)
         self.event_queue.put("Evt17")
         return
@@ -109,6 +121,18 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         _to_pynetdicom(self, bytes(head) + bytes(body))
         return
     _p_data(self, items)
+
+
+# Longest PDU other than P-DATA-TF we accept once associated (A-RELEASE / A-ABORT are 10 bytes)
+OTHER_PDU_MAX = 64 * 1024
+
+
+def _limit(dul: DULServiceProvider, pdu_type: int) -> int:
+    """The largest PDU of ``pdu_type`` this association may send us (0: no limit): P-DATA-TF up
+    to the maximum length we offered (its variable field), anything else small."""
+    if pdu_type != P_DATA_TF:
+        return OTHER_PDU_MAX
+    return int(getattr(dul.assoc.acceptor, "maximum_length", 0) or 0)
 
 
 def _drop_partial(dul: DULServiceProvider) -> None:

@@ -237,6 +237,7 @@ class SocketTakeover:
         self.dul = assoc.dul
         self.sock: socket.socket = assoc.dul.socket.socket
         self.max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
+        self.our_max_pdu = int(getattr(assoc.acceptor, "maximum_length", 0) or 0)
         self.get_msg_id = get_msg_id
         self.timeout = timeout
         self.cancelled = False
@@ -290,7 +291,7 @@ class SocketTakeover:
         held: list[bytearray] = []  # the PDUs of a message that is not ours, to hand back
         try:
             while True:
-                kind, pdu = wire.read_pdu(self.sock)
+                kind, pdu = wire.read_pdu(self.sock, self.our_max_pdu)
                 self.dul._idle_timer.restart()
                 if kind != wire.P_DATA_TF:
                     self._hand_back([pdu])

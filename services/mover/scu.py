@@ -30,6 +30,9 @@ from shared.logs import TRACE
 
 log = logging.getLogger("minipacs.mover")
 
+# An A-ASSOCIATE-AC with every context we may offer stays far below this
+ASSOCIATION_PDU_MAX = 1 << 20
+
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
 
@@ -71,10 +74,11 @@ class StoreAssociation:
     ``store`` datasets one at a time, then ``release`` (or ``abort``)."""
 
     def __init__(self, sock: socket.socket, accepted: dict[tuple[str, str], int],
-                 peer_max_pdu: int, timeouts: Timeouts) -> None:
+                 peer_max_pdu: int, timeouts: Timeouts, max_pdu: int = 0) -> None:
         self.sock = sock
         self.accepted = accepted
         self.peer_max_pdu = peer_max_pdu
+        self.max_pdu = max_pdu  # what we offered: a longer PDU from the peer is refused
         self.timeouts = timeouts
         self.alive = True
 
@@ -89,7 +93,7 @@ class StoreAssociation:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             wire.sendall(sock, [_request(calling, called, contexts, max_pdu)])
-            kind, pdu = wire.read_pdu(sock)
+            kind, pdu = wire.read_pdu(sock, ASSOCIATION_PDU_MAX)
             if kind == 0x03:
                 raise Refused("rejected the association")
             if kind != 0x02:
@@ -114,7 +118,7 @@ class StoreAssociation:
                          for item in answer.user_information
                          if isinstance(item, MaximumLengthNotification)), 0)
         sock.settimeout(timeouts.network)
-        return cls(sock, accepted, peer_max, timeouts)
+        return cls(sock, accepted, peer_max, timeouts, max_pdu)
 
     def store(self, msg_id: int, sop_class: str, sop_instance: str, transfer_syntax: str,
               dataset: wire.Dataset, originator_aet: str = "",
@@ -145,7 +149,7 @@ class StoreAssociation:
     def _response(self, msg_id: int) -> int:
         command = bytearray()
         while True:
-            kind, pdu = wire.read_pdu(self.sock)
+            kind, pdu = wire.read_pdu(self.sock, self.max_pdu)
             if kind != wire.P_DATA_TF:
                 raise wire.WireError("the peer released or aborted the association"
                                      if kind in (wire.A_ABORT, wire.A_RELEASE_RQ)
@@ -168,7 +172,8 @@ class StoreAssociation:
         try:
             self.sock.settimeout(self.timeouts.acse)
             wire.sendall(self.sock, [wire.A_RELEASE_RQ_PDU])
-            while wire.read_pdu(self.sock)[0] not in (wire.A_RELEASE_RP, wire.A_ABORT):
+            while wire.read_pdu(self.sock, self.max_pdu)[0] not in (wire.A_RELEASE_RP,
+                                                                     wire.A_ABORT):
                 pass
         except OSError:
             pass  # released or not, we are done with it

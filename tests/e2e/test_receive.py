@@ -201,3 +201,39 @@ def test_every_common_transfer_syntax_is_stored_as_received(stack: Stack, tmp_pa
               "sop_instance_uid = ANY($1::text[])", sops)
     assert {r["sop_instance_uid"]: r["transfer_syntax"] for r in rows} == \
         dict(zip(sops, TRANSFER_SYNTAXES.values(), strict=True))
+
+
+def test_oversized_pdus_are_refused_without_allocating_them(stack: Stack) -> None:
+    """RELIABILITY: a PDU longer than negotiated is refused without allocating the length it
+    declares. Before an association: an A-ASSOCIATE-RQ declaring 4 GiB, then silence (memory
+    follows what arrives). On an association: a P-DATA-TF declaring 64 MiB, over the 1 MiB
+    we offered: aborted before it is read. The gateway's memory does not move and it keeps
+    serving."""
+    import socket
+    import struct
+
+    import psutil
+
+    port = stack.config.gateway_port
+    gateway = psutil.Process(stack.procs["gateway"].pid)
+    before = gateway.memory_info().rss
+    silent = socket.create_connection(("127.0.0.1", port))
+    try:
+        silent.sendall(b"\x01\x00" + struct.pack(">L", 0xFFFFFFF0) + bytes(1024))
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+        assert assoc.is_established
+        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+        sock.sendall(struct.pack(">BBL", 0x04, 0, 64 << 20) + bytes(1024))
+        wait_until(lambda: assoc.is_aborted, 30, what="the gateway aborting the association")
+        assert "of 67108864 bytes, over the 1048576 negotiated: aborting" in \
+            stack.log_text("gateway")
+        again = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+        assert again.is_established
+        assert again.send_c_echo().Status == 0x0000
+        again.release()
+        grown = gateway.memory_info().rss - before
+        assert grown < 64 << 20, f"the gateway grew by {grown >> 20} MiB"
+    finally:
+        silent.close()

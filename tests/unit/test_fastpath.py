@@ -53,3 +53,44 @@ def test_copied_contexts_are_equal_and_independent() -> None:
     assert original[0].context_id is None
     assert "1.2.840.10008.1.2.2" not in original[0].transfer_syntax
     assert copy_contexts({"a": [1]}) == {"a": [1]}
+
+
+def test_reading_a_pdu_allocates_what_arrived_not_what_was_declared() -> None:
+    """A peer declaring a 4 GiB PDU and sending 1 KiB costs about 1 MiB, not 4 GiB; with a
+    limit the PDU is refused before its body is read."""
+    import socket
+    import struct
+    import tracemalloc
+
+    import pytest
+
+    from shared import dimse_wire as wire
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"\x04\x00" + struct.pack(">L", 0xFFFFFFF0) + bytes(1024))
+        b.shutdown(socket.SHUT_WR)
+        tracemalloc.start()
+        try:
+            head = wire.recv_exact(a, 6)
+            body = wire.recv_upto(a, struct.unpack(">L", head[2:])[0])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(body) == 1024 and peak < 4 << 20
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"\x04\x00" + struct.pack(">L", 2 << 20) + bytes(1024))
+        with pytest.raises(wire.WireError, match="more than the 1048576 negotiated"):
+            wire.read_pdu(a, 1 << 20)
+    a, b = socket.socketpair()
+    with a, b:  # a PDU longer than the first buffer still arrives whole
+        import threading
+
+        payload = bytes(range(256)) * 12_000
+        sender = threading.Thread(target=b.sendall, args=(
+            b"\x04\x00" + struct.pack(">L", len(payload)) + payload,))
+        sender.start()
+        kind, pdu = wire.read_pdu(a)
+        sender.join()
+        assert kind == 4 and pdu[6:] == payload
