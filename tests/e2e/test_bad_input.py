@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -13,7 +14,7 @@ from pynetdicom import AE
 
 from scripts.native import Stack
 from services.gateway import statuses
-from tests.conftest import dsn
+from tests.conftest import dsn, make_stack, teardown
 from tests.dicomgen import CT_IMAGE, make_instance, uid
 from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
 
@@ -188,3 +189,56 @@ def test_an_instance_the_index_refuses_is_dead_lettered_and_its_neighbours_index
 
     wait_until(lambda: indexed() == set(sops) - {sops[3]} and parked() >= 1, timeout=60)
     assert sops[3] not in indexed()
+
+
+def test_association_limit_and_silent_connections(tmp_path: Path) -> None:
+    """RELIABILITY: more associations than the limit are rejected as transient (the modality
+    retries) while those running go on; a connection that never associates is closed after
+    the ACSE timeout and its slot is free again."""
+    import socket
+
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    stack = make_stack(tmp_path, "limit", MINIPACS_MAX_ASSOCIATIONS="2",
+                       MINIPACS_ACSE_TIMEOUT="3")
+    stack.start()
+    try:
+        port = stack.config.gateway_port
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = 10
+        held: list[Any] = []
+
+        def two_held() -> bool:
+            """Both slots free: pynetdicom counts every connection's thread, and the start-up
+            readiness probe's may still be winding down."""
+            pair = [ae.associate("127.0.0.1", port, ae_title="MINIPACS") for _ in range(2)]
+            if all(a.is_established for a in pair):
+                held.extend(pair)
+                return True
+            for a in pair:
+                if a.is_established:
+                    a.release()
+            return False
+
+        wait_until(two_held, 30, what="two associations held at once")
+        first, second = held
+        third = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+        assert third.is_rejected
+        assert third.acceptor.primitive.result == 0x02  # rejected-transient
+        assert first.send_c_echo().Status == 0x0000  # the running ones are unaffected
+        assert second.send_c_echo().Status == 0x0000
+        first.release()
+        second.release()
+        # a connection that never sends an A-ASSOCIATE-RQ: closed by the gateway
+        silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+        try:
+            assert silent.recv(1) == b""  # the gateway closed it (ACSE timeout 3 s)
+        finally:
+            silent.close()
+        again = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+        assert again.is_established and again.send_c_echo().Status == 0x0000
+        again.release()
+        assert "rejected (association limit 2" in stack.log_text("gateway")
+    finally:
+        teardown(stack)
