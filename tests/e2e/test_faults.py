@@ -167,3 +167,50 @@ def test_rabbitmq_unreachable_means_failure_status_never_success(tmp_path: Path)
     finally:
         teardown(stack)
         proxy.close()
+
+
+def test_postgresql_and_s3_unreachable_then_back(tmp_path: Path) -> None:
+    """RELIABILITY: PostgreSQL and then the S3 store become unreachable during an ingest (each
+    behind a proxy that is cut, the shared servers keep running). The gateway goes on
+    acknowledging (it needs neither to make an instance durable); storage and the indexer
+    hold and retry instead of dead-lettering; once both are back every acknowledged instance
+    is stored byte-identical and indexed exactly once, and no message was parked."""
+    stack = make_stack(tmp_path, "deps")
+    pg_proxy = CuttableProxy(5432, free_port_block(1)).start()
+    s3_proxy = CuttableProxy(stack.config.s3_port, free_port_block(1)).start()
+    stack.config.extra_env["MINIPACS_DATABASE_URL"] = (
+        f"postgresql://minipacs@127.0.0.1:{pg_proxy.port}/{stack.config.database}")
+    stack.config.extra_env["MINIPACS_S3_ENDPOINT"] = f"127.0.0.1:{s3_proxy.port}"
+    stack.start()
+    try:
+        port = stack.config.gateway_port
+        made = ct_series(tmp_path / "ct", count=60, tag="deps-ct", size=32)
+        study = [made[0].study_uid]
+        first, without_pg, without_both = made[:20], made[20:40], made[40:]
+        assert storescu(port, [m.path for m in first]).successes == len(first)
+        wait_until(lambda: indexed(stack, study) == len(first), 60, what="first part indexed")
+
+        pg_proxy.cut()
+        assert storescu(port, [m.path for m in without_pg]).successes == len(without_pg)
+        wait_until(lambda: "PostgreSQL unavailable" in stack.log_text("indexer"), 60,
+                   what="the indexer holding its messages while PostgreSQL is gone")
+        s3_proxy.cut()
+        assert storescu(port, [m.path for m in without_both]).successes == len(without_both)
+        wait_until(lambda: "not stored yet" in stack.log_text("storage"), 60,
+                   what="storage retrying the S3 upload")
+
+        s3_proxy.restore()
+        pg_proxy.restore()
+        wait_until(lambda: indexed(stack, study) == len(made), 180, every=1,
+                   what="every acknowledged instance indexed after the outages")
+        rows = pg(dsn(stack), "SELECT sop_instance_uid FROM instance")
+        assert len(rows) == len({r["sop_instance_uid"] for r in rows}) == len(made)
+        assert_stored_byte_identical(stack, made)
+        dead = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost,
+                               "name", "messages", "--no-table-headers"],
+                              capture_output=True, text=True, check=True).stdout
+        assert all(line.split()[-1] == "0" for line in dead.splitlines()), dead
+    finally:
+        teardown(stack)
+        pg_proxy.close()
+        s3_proxy.close()
