@@ -5,7 +5,7 @@ waits for the broker's confirm of the message that carries it, as before. What c
 they travel: while one message is being confirmed, the events that arrive meanwhile wait and
 then go together, as one message (one publish, one confirm, one delivery to storage). A lone
 event goes at once, as itself: no added latency when the gateway is not busy. The hand-over
-is a lock, a list and an ``Event`` per event; the loop is woken once per batch.
+is a lock, a list and a lock per event; the loop is woken once per batch.
 """
 
 from __future__ import annotations
@@ -21,11 +21,22 @@ Send = Callable[[bytes], Awaitable[None]]
 
 
 class _Waiter:
-    __slots__ = ("done", "error")
+    """One association thread waiting for its event's confirm. A lock taken at creation and
+    released by the loop: ``Lock.release`` is one C call, where ``Event.set`` goes through a
+    Python ``Condition`` (7 % of the gateway's Python time per small instance, profiled)."""
+
+    __slots__ = ("_lock", "error")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._lock.acquire()
         self.error: BaseException | None = None
+
+    def done(self) -> None:
+        self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        return self._lock.acquire(timeout=timeout)
 
 
 class ReceivedAnnouncer:
@@ -50,7 +61,7 @@ class ReceivedAnnouncer:
             self._busy = True
         if wake:
             self._loop.call_soon_threadsafe(self._drain)
-        if not waiter.done.wait(self._timeout):
+        if not waiter.wait(self._timeout):
             raise PublishFailed(f"no publisher confirm within {self._timeout}s")
         if waiter.error is not None:
             raise waiter.error
@@ -75,5 +86,5 @@ class ReceivedAnnouncer:
                 f"{type(exc).__name__}: {exc}")
         for _, waiter in batch:
             waiter.error = error
-            waiter.done.set()
+            waiter.done()
         self._drain()  # what arrived meanwhile goes next, as one message
