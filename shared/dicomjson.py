@@ -117,20 +117,15 @@ def _element(ds: Dataset, raw: RawDataElement, threshold: int, charset: str) -> 
         return _values(vr, text.rstrip(" \x00").split("\\"))
     if vr == "AE":
         return _values(vr, [s.strip() for s in text.split("\\")])
-    if vr == "IS":
-        items = text.rstrip(" \x00").split("\\")
+    if vr in ("IS", "DS"):  # convert_IS_string / convert_DS_string (DS strips both ends)
+        items = (text.strip() if vr == "DS" else text).rstrip(" \x00").split("\\")
         if items == [""]:
             return {"vr": vr}
-        if config.use_IS_numpy or not all(_IS.match(s) for s in items):
+        pattern, number, numpy = ((_IS, int, config.use_IS_numpy) if vr == "IS"
+                                  else (_DS, float, config.use_DS_numpy))
+        if numpy or not all(pattern.match(s) for s in items):
             raise _Defer
-        return {"vr": vr, "Value": [int(s) for s in items]}
-    if vr == "DS":
-        items = text.strip().rstrip(" \x00").split("\\")
-        if items == [""]:
-            return {"vr": vr}
-        if config.use_DS_numpy or not all(_DS.match(s) for s in items):
-            raise _Defer
-        return {"vr": vr, "Value": [float(s) for s in items]}
+        return {"vr": vr, "Value": [number(s) for s in items]}
     if vr == "UR":
         return _values(vr, [text.rstrip()])
     if vr not in _CHARSET_VRS or not charset:
