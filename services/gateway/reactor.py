@@ -33,6 +33,10 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
 MAX_WAIT = 0.05  # s
+# Set on a DUL while another thread owns its socket (the gateway's C-GET, ``retrieve.py``):
+# the DUL then waits for its wake-up socket only. Watching a socket it may not read would
+# return at once for every PDU the owner has not read yet: a busy loop.
+SOCKET_TAKEN = "_minipacs_socket_taken"
 REACTOR_PAUSE = 0.001  # s: what pynetdicom's reactor loops sleep when idle
 
 _local = threading.local()  # .wait: this thread's replacement for time.sleep, if any
@@ -91,13 +95,20 @@ def _wakers(assoc: Association) -> _Wakers:
     return wakers
 
 
+def wake_dul(assoc: Association) -> None:
+    """Make the association's DUL thread look at its socket again (after a take-over)."""
+    wakers = assoc.__dict__.get("_minipacs_wakers")
+    if isinstance(wakers, _Wakers):
+        wakers.wake_dul()
+
+
 def _dul_wait(dul: DULServiceProvider, wakers: _Wakers) -> Callable[[float], None]:
     def wait(_seconds: float) -> None:
         if dul._kill_thread:
             return
         watched: list[Any] = [wakers.reader]
         raw = getattr(dul.socket, "socket", None)
-        if raw is not None and raw.fileno() >= 0:
+        if raw is not None and raw.fileno() >= 0 and dul.__dict__.get(SOCKET_TAKEN) is None:
             watched.append(raw)
         try:
             ready, _, _ = select.select(watched, [], [], MAX_WAIT)

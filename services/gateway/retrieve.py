@@ -45,7 +45,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
-from services.gateway import statuses
+from services.gateway import reactor, statuses
 from services.gateway.bridge import LoopBridge
 from shared import dimse_wire as wire
 from shared import nodes, s3, topology
@@ -211,7 +211,7 @@ def install(ae: AE) -> None:
 # ---- the C-GET association's socket, taken over from pynetdicom during the sub-operations -----
 
 _LOCK = "_minipacs_socket_lock"
-_TAKEN = "_minipacs_socket_taken"
+_TAKEN = reactor.SOCKET_TAKEN
 _original_transport_event = DULServiceProvider._is_transport_event
 
 
@@ -260,6 +260,7 @@ class SocketTakeover:
         if not self.lost:
             self.sock.settimeout(self._saved_timeout)
         self.dul.__dict__[_TAKEN] = None
+        reactor.wake_dul(self.assoc)
 
     def send_pending(self, cx_id: int, req: Any, r: Response) -> None:
         command = wire.c_get_pending(int(req.MessageID), str(req.AffectedSOPClassUID),
