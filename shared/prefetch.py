@@ -19,6 +19,7 @@ from typing import Generic, Protocol, TypeVar
 
 from minio import Minio
 
+from shared.cache import HotCache
 from shared.dimse_wire import dataset_offset
 from shared.s3 import download_to, read_object
 from shared.s3http import RawS3
@@ -38,11 +39,14 @@ R = TypeVar("R", bound=Stored)
 
 
 class Blob:
-    """The dataset of one stored file (its meta group skipped), in memory or in a temp file."""
+    """The dataset of one stored file (its meta group skipped), in memory or in a file (a temp
+    file, deleted by ``close()``, unless ``owned`` is False: a hot-cache entry)."""
 
-    def __init__(self, data: bytes | bytearray | None = None, path: Path | None = None) -> None:
+    def __init__(self, data: bytes | bytearray | None = None, path: Path | None = None,
+                 owned: bool = True) -> None:
         self.data = data
         self.path = path
+        self.owned = owned
         if data is not None:
             self.offset = dataset_offset(memoryview(data)[:_HEAD])
             self.length = len(data) - self.offset
@@ -67,23 +71,36 @@ class Blob:
                 yield memoryview(buffer)[:n]
 
     def close(self) -> None:
-        if self.path is not None:
+        if self.path is not None and self.owned:
             self.path.unlink(missing_ok=True)
 
 
 def fetcher(s3: Minio, bucket: str, tmpdir: Path, raw: RawS3 | None,
-            in_memory: int = IN_MEMORY) -> Callable[[Stored], Blob]:
+            in_memory: int = IN_MEMORY, cache: HotCache | None = None) -> Callable[[Stored], Blob]:
     """A function fetching one stored instance into a ``Blob``; raises on S3 errors and on an
     object whose size differs from the index's. ``raw``: objects held in memory are read
-    through it (an ``http://`` endpoint), not through the minio client."""
+    through it (an ``http://`` endpoint), not through the minio client. ``cache``: read from
+    it first, and keep there what was read from S3."""
 
     def fetch(ref: Stored) -> Blob:
+        if cache is not None and cache.enabled:
+            if 0 < ref.size <= in_memory:
+                hot = cache.read(ref.object_key, ref.size)
+                if hot is not None:
+                    return Blob(data=hot)
+            elif (path := cache.path(ref.object_key, ref.size)) is not None:
+                try:
+                    return Blob(path=path, owned=False)
+                except OSError:  # evicted meanwhile: read it from S3
+                    pass
         if 0 < ref.size <= in_memory:
             data = (raw.get(ref.object_key, in_memory) if raw is not None
                     else read_object(s3, bucket, ref.object_key, in_memory))
             if len(data) != ref.size:
                 raise OSError(f"object {ref.object_key}: {len(data)} bytes, "
                               f"the index says {ref.size}")
+            if cache is not None:
+                cache.keep(ref.object_key, data)
             return Blob(data=data)
         with tempfile.NamedTemporaryFile(dir=tmpdir, prefix="retrieve-", suffix=".dcm",
                                          delete=False) as tmp:

@@ -153,6 +153,7 @@ class Common(EnvSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"  # what requests are signed for (MinIO's and SeaweedFS' default)
     spool_dir: Path = Path("/var/lib/minipacs/spool")
+    cache_mb: int = 1024  # hot copies for C-MOVE / C-GET on the spool's disk (0: off)
     log_level: str = "INFO"
     confirm_timeout: float = 10.0
     startup_timeout: float = 60.0

@@ -19,6 +19,7 @@ from scripts.native import (
     free_port,
     free_port_block,
 )
+from shared.cache import entry_name
 
 # DCMTK's default calling AE titles, and ours for pynetdicom clients, all from loopback.
 TEST_NODES = {
@@ -82,6 +83,13 @@ def private_stack(tmp_path: Path) -> Iterator[Stack]:
 def s3_client(stack: Stack) -> Minio:
     return Minio(f"127.0.0.1:{stack.config.s3_port}", access_key="minipacs",
                  secret_key="minipacs-secret", secure=False)
+
+
+def hot_copy(stack: Stack, object_key: str) -> Path:
+    """Where the hot cache (``shared/cache.py``) keeps the copy of ``object_key``."""
+    name = entry_name(object_key)
+    assert name is not None, object_key
+    return Path(stack.config.base_dir) / "spool" / "cache" / name
 
 
 def dsn(stack: Stack) -> str:

@@ -50,6 +50,7 @@ from services.gateway.bridge import LoopBridge
 from shared import dimse_wire as wire
 from shared import nodes, s3, topology
 from shared.broker import Publisher
+from shared.cache import hot_cache
 from shared.logs import TRACE
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
 from shared.prefetch import Blob, Fetched, Prefetcher, fetcher
@@ -384,7 +385,8 @@ class Retriever:
 
     def __post_init__(self) -> None:
         self.fetch = fetcher(self.s3, self.settings.s3_bucket, self.tmpdir,
-                             RawS3.from_settings(self.settings))
+                             RawS3.from_settings(self.settings),
+                             cache=hot_cache(self.settings.spool_dir, self.settings.cache_mb))
 
     def handlers(self) -> list[Any]:
         return [(evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]

@@ -22,6 +22,7 @@ from typing import Protocol
 from minio import Minio
 
 from services.mover.scu import Refused, StoreAssociation, Timeouts
+from shared.cache import hot_cache
 from shared.prefetch import Fetched, Prefetcher, fetcher
 from shared.s3http import RawS3
 from shared.settings import MoverSettings
@@ -87,7 +88,8 @@ class Sender:
         self.originator_aet = originator_aet
         self.originator_id = originator_message_id or None
         self.fetch = fetcher(s3, settings.s3_bucket, Path(tempfile.gettempdir()),
-                             RawS3.from_settings(settings))
+                             RawS3.from_settings(settings),
+                             cache=hot_cache(settings.spool_dir, settings.cache_mb))
         self.prefetch_threads = prefetch_threads
         self.timeouts = Timeouts(settings.acse_timeout, settings.dimse_timeout,
                                  settings.network_timeout)

@@ -5,7 +5,7 @@
 2. verify size and SHA-256, read the header as DICOM JSON
 3. publish ``instance.stored`` and wait for the broker's confirm (events of instances that
    finish together share one message: ``batch.py``)
-4. remove the spool file, then ack
+4. move the spool file into the hot cache (``shared/cache.py``) or remove it, then ack
 
 A redelivery after step 4 finds no spool file but the verified object: step 3 was already
 confirmed, so it only acks. Transient failures (S3 or broker down) are retried in place with
@@ -29,6 +29,7 @@ from minio import Minio
 from services.storage.batch import StoredBatcher
 from shared import s3
 from shared.broker import Publisher, delivered_on_live_channel, settle
+from shared.cache import HotCache, hot_cache
 from shared.dicom import header_json
 from shared.keys import object_key
 from shared.messages import BadMessage, InstanceReceived, InstanceStored, read_batch
@@ -60,11 +61,13 @@ class StorageWorker:
     stop: asyncio.Event
     batcher: StoredBatcher = field(init=False)
     raw: RawS3 | None = field(init=False)  # PUTs without the minio client (http:// endpoints)
+    cache: HotCache = field(init=False)
     stored_count: int = 0
     stored_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.raw = RawS3.from_settings(self.settings)
+        self.cache = hot_cache(self.settings.spool_dir, self.settings.cache_mb)
         self.batcher = StoredBatcher(
             lambda body: self.publisher.publish_body(body, InstanceStored.routing_key),
             self.settings.announce_batch, self.settings.announce_linger)
@@ -143,7 +146,8 @@ class StorageWorker:
             received_at=received.received_at,
             header=header,
         ))
-        self.spool.remove(received.spool_name)
+        if not self.cache.adopt(path, key, received.size):
+            self.spool.remove(received.spool_name)
         self.stored_count += 1
         self.stored_bytes += received.size
         log.debug("obj=%s stored %d bytes%s (%.1f ms)", received.sha256[:12], received.size,
@@ -194,6 +198,9 @@ class StorageWorker:
             removed = await asyncio.to_thread(self.spool.sweep, self.settings.sweep_after)
             if removed:
                 log.info("spool sweeper removed %d abandoned files", removed)
+            evicted = await asyncio.to_thread(self.cache.trim)
+            if evicted:
+                log.info("hot cache: evicted %d files", evicted)
             try:
                 await asyncio.wait_for(self.stop.wait(), 60)
             except TimeoutError:

@@ -3,6 +3,7 @@ the files it writes carry the very dataset bytes that were stored."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from scripts.native import Stack
-from tests.conftest import dsn, make_stack, teardown
+from tests.conftest import dsn, hot_copy, make_stack, teardown
 from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
 from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
 
@@ -211,6 +212,8 @@ def test_an_instance_missing_from_s3_is_counted_failed_and_the_rest_arrive(
     key = pg(dsn(world.stack), "SELECT object_key FROM instance WHERE sop_instance_uid = $1",
              lost.sop_uid)[0]["object_key"]
     _s3(world.stack).remove_object(world.stack.env["MINIPACS_S3_BUCKET"], key)
+    wait_until(lambda: hot_copy(world.stack, key).exists(), 30, what="the hot copy")
+    hot_copy(world.stack, key).unlink()  # lost from S3 and from the hot cache
 
     result = getscu(world.port, {"QueryRetrieveLevel": "SERIES",
                                  "StudyInstanceUID": made[0].study_uid,
@@ -225,6 +228,40 @@ def test_an_instance_missing_from_s3_is_counted_failed_and_the_rest_arrive(
             assert dataset_bytes(files[m.sop_uid]) == dataset_bytes(m.path)
     # the pending response after the lost one already counts it as failed
     assert (len(made) - 4, 3, 1, 0) in result.pending
+
+
+def test_the_hot_cache_serves_c_get_and_what_s3_serves_is_kept_there(
+        world: World, tmp_path: Path) -> None:
+    """Storage moves each verified spool file into the hot cache; C-GET reads it there first
+    (here: an instance S3 lost still arrives) and keeps what it had to read from S3."""
+    made = ct_series(tmp_path / "hot", count=6, tag="gthot", size=64)
+    sent = storescu(world.port, [m.path for m in made])
+    assert sent.successes == len(made), sent.output
+    uids = [m.sop_uid for m in made]
+    wait_until(lambda: int(pg(dsn(world.stack), "SELECT count(*) AS n FROM instance WHERE "
+                              "sop_instance_uid = ANY($1::text[])", uids)[0]["n"]) == len(made),
+               60, what="the series indexed")
+    keys = {r["sop_instance_uid"]: r["object_key"] for r in pg(
+        dsn(world.stack), "SELECT sop_instance_uid, object_key FROM instance WHERE "
+        "sop_instance_uid = ANY($1::text[])", uids)}
+    for key in keys.values():
+        wait_until(lambda key=key: hot_copy(world.stack, key).exists(), 30, what="hot copies")
+    only_hot, only_s3 = keys[made[0].sop_uid], keys[made[1].sop_uid]
+    _s3(world.stack).remove_object(world.stack.env["MINIPACS_S3_BUCKET"], only_hot)
+    hot_copy(world.stack, only_s3).unlink()
+
+    identifier = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": made[0].study_uid,
+                  "SeriesInstanceUID": made[0].series_uid}
+    result = getscu(world.port, identifier, tmp_path / "out")
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final, re.I), result.output
+    files = received(tmp_path / "out")
+    assert set(files) == set(uids)
+    for m in made:
+        assert dataset_bytes(files[m.sop_uid]) == dataset_bytes(m.path)
+    # the copy read from S3 is back in the cache, byte for byte the object (named by its hash)
+    copy = hot_copy(world.stack, only_s3)
+    assert copy.exists()
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == copy.stem
 
 
 def test_c_cancel_stops_the_get(world: World) -> None:

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 
 from scripts.native import Stack
 from shared.messages import MoveRequested
-from tests.conftest import TEST_NODES, dsn, make_stack, teardown
+from tests.conftest import TEST_NODES, dsn, hot_copy, make_stack, teardown
 from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
 from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
 from tests.orthanc import Orthanc, start_orthanc
@@ -463,6 +463,8 @@ def store_series_missing_one_object(w: World, tag: str, count: int) -> tuple[lis
     key = pg(dsn(w.stack), "SELECT object_key FROM instance WHERE sop_instance_uid = $1",
              lost.sop_uid)[0]["object_key"]
     s3_client(w.stack).remove_object(w.stack.env["MINIPACS_S3_BUCKET"], key)
+    wait_until(lambda: hot_copy(w.stack, key).exists(), 30, what="the hot copy")
+    hot_copy(w.stack, key).unlink()  # lost from S3 and from the hot cache
     return made, lost
 
 
@@ -479,6 +481,26 @@ def test_an_instance_missing_from_s3_is_counted_failed_and_the_rest_arrive(world
     assert_archive_holds_exactly(world, [m for m in made if m is not lost])
     row = job_rows(world)[-1]
     assert row["failed_uids"] == [lost.sop_uid] and row["completed"] == 11
+
+
+def test_the_mover_reads_the_hot_cache_first(world: World) -> None:
+    """An instance whose S3 object is gone but whose hot copy is not still reaches the
+    ARCHIVE: the mover read the cache."""
+    clear_archive(world.archive)
+    made = ct_series(world.tmp / "mvhot", count=5, tag="mvhot", size=64)
+    sent = storescu(world.port, [m.path for m in made])
+    assert sent.successes == len(made), sent.output
+    wait_until(lambda: indexed(world.stack, [m.sop_uid for m in made]) == len(made), 60,
+               what="the series indexed")
+    key = pg(dsn(world.stack), "SELECT object_key FROM instance WHERE sop_instance_uid = $1",
+             made[2].sop_uid)[0]["object_key"]
+    wait_until(lambda: hot_copy(world.stack, key).exists(), 30, what="the hot copy")
+    s3_client(world.stack).remove_object(world.stack.env["MINIPACS_S3_BUCKET"], key)
+    result = movescu(world.port, {"QueryRetrieveLevel": "SERIES",
+                                  "StudyInstanceUID": made[0].study_uid,
+                                  "SeriesInstanceUID": made[0].series_uid})
+    assert final_has(result, "0000"), result.output
+    assert_archive_holds_exactly(world, made)
 
 
 def test_mover_not_running_is_a_clear_failure_not_a_hang(world: World) -> None:

@@ -265,14 +265,17 @@ def test_named_volumes(raw: dict[str, Any], services: dict[str, dict[str, Any]])
     assert "miniodata" in mounts(services["minio"])
 
 
-def test_gateway_and_storage_share_the_spool(services: dict[str, dict[str, Any]]) -> None:
-    for name in ("gateway", "storage"):
+def test_gateway_storage_and_mover_share_the_spool(services: dict[str, dict[str, Any]]) -> None:
+    """gateway and storage hand received bytes over through it; its cache/ folder is the hot
+    cache storage fills and the gateway (C-GET) and the mover (C-MOVE) read."""
+    for name in ("gateway", "storage", "mover"):
         svc = services[name]
         target = mounts(svc).get("spool")
         assert target, f"{name} does not mount the spool volume"
         spool_dir = environment(svc).get("MINIPACS_SPOOL_DIR")
         assert spool_dir == target, f"{name}: MINIPACS_SPOOL_DIR={spool_dir} but spool at {target}"
-    assert mounts(services["gateway"])["spool"] == mounts(services["storage"])["spool"]
+    assert (mounts(services["gateway"])["spool"] == mounts(services["storage"])["spool"]
+            == mounts(services["mover"])["spool"])
 
 
 def test_rabbitmq_config_files_exist(services: dict[str, dict[str, Any]]) -> None:

@@ -1,0 +1,126 @@
+"""The hot cache (``shared/cache.py``) on the real filesystem, and the prefetcher reading it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from shared import cache as cache_mod
+from shared.cache import HotCache, entry_name
+from shared.keys import object_key
+from shared.prefetch import fetcher
+
+
+def _key(data: bytes) -> str:
+    return object_key(hashlib.sha256(data).hexdigest())
+
+
+def _spooled(tmp: Path, data: bytes) -> Path:
+    path = tmp / f"spooled-{hashlib.sha256(data).hexdigest()[:8]}.dcm"
+    path.write_bytes(data)
+    return path
+
+
+def test_entry_names_come_only_from_our_object_keys() -> None:
+    data = b"x"
+    assert entry_name(_key(data)) == f"{hashlib.sha256(data).hexdigest()}.dcm"
+    for bad in ("instances/../../etc/passwd", "../x.dcm", "instances/ab/" + "g" * 64 + ".dcm",
+                "instances/ab/" + "a" * 64 + ".dcm/..", "", "/" + "a" * 64 + ".dcm"):
+        assert entry_name(bad) is None, bad
+
+
+def test_adopted_file_is_served_with_the_index_size_only(tmp_path: Path) -> None:
+    hot = HotCache(tmp_path / "cache", 64 * 1024 * 1024).create()
+    data = os.urandom(5000)
+    spooled = _spooled(tmp_path, data)
+    assert hot.adopt(spooled, _key(data), len(data))
+    assert not spooled.exists()  # moved, not copied
+    assert hot.read(_key(data), len(data)) == data
+    # a size that disagrees with the index is a miss, and the entry is dropped
+    assert hot.read(_key(data), len(data) + 1) is None
+    assert hot.read(_key(data), len(data)) is None
+
+
+def test_a_foreign_key_is_not_adopted_and_the_file_stays(tmp_path: Path) -> None:
+    hot = HotCache(tmp_path / "cache", 64 * 1024 * 1024).create()
+    spooled = _spooled(tmp_path, b"abc")
+    assert not hot.adopt(spooled, "instances/../../x.dcm", 3)
+    assert spooled.exists()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_off_when_zero(tmp_path: Path) -> None:
+    hot = HotCache(tmp_path / "cache", 0).create()
+    spooled = _spooled(tmp_path, b"abc")
+    assert not hot.adopt(spooled, _key(b"abc"), 3)
+    hot.keep(_key(b"abc"), b"abc")
+    assert hot.read(_key(b"abc"), 3) is None
+    assert not (tmp_path / "cache").exists()
+
+
+def test_objects_large_beside_the_cache_are_not_kept(tmp_path: Path) -> None:
+    hot = HotCache(tmp_path / "cache", 80 * 1024).create()  # takes objects up to 10 KiB
+    big, small = os.urandom(11 * 1024), os.urandom(9 * 1024)
+    hot.keep(_key(big), big)
+    hot.keep(_key(small), small)
+    assert hot.read(_key(big), len(big)) is None
+    assert hot.read(_key(small), len(small)) == small
+
+
+def test_nothing_is_added_when_the_disk_is_nearly_full(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    hot = HotCache(tmp_path / "cache", 64 * 1024 * 1024).create()
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda _p: real._replace(free=cache_mod.MIN_FREE + 100))
+    spooled = _spooled(tmp_path, os.urandom(1000))
+    assert not hot.adopt(spooled, _key(spooled.read_bytes()), 1000)
+    assert spooled.exists()
+
+
+def test_trim_evicts_the_least_recently_used_first(tmp_path: Path) -> None:
+    hot = HotCache(tmp_path / "cache", 3 * 8192).create()
+    blobs = [os.urandom(8192) for _ in range(5)]
+    now = time.time()
+    for age, data in zip((500, 400, 300, 200, 100), blobs, strict=True):
+        path = tmp_path / "cache" / str(entry_name(_key(data)))
+        path.write_bytes(data)  # as storage's adopt() leaves them
+        os.utime(path, (now - age, now - age))
+    # a hit on the oldest makes it the most recently used (hits refresh after TOUCH_AFTER)
+    assert hot.read(_key(blobs[0]), 8192) == blobs[0]
+    stray = tmp_path / "cache" / ".dead.tmp"
+    stray.write_bytes(b"half")
+    os.utime(stray, (now - 7200, now - 7200))
+    assert hot.trim() == 3  # blobs 1 and 2, and the stray temp file
+    assert {n for n, d in enumerate(blobs) if hot.read(_key(d), 8192)} == {0, 3, 4}
+
+
+def test_the_fetcher_reads_the_cache_first_and_keeps_what_s3_gave(tmp_path: Path) -> None:
+    """No S3 here: a cached object is served without touching it (the client would fail), an
+    uncached one goes to it (and fails)."""
+    from minio import Minio
+
+    from shared.s3http import RawS3
+
+    hot = HotCache(tmp_path / "cache", 64 * 1024 * 1024).create()
+    meta_and_data = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"
+    data = meta_and_data + os.urandom(3000)
+    hot.keep(_key(data), data)
+    unreachable = Minio("127.0.0.1:9", access_key="a", secret_key="b", secure=False)
+    raw = RawS3("127.0.0.1", 9, "bucket", "a", "b", "us-east-1", timeout=2)
+    fetch = fetcher(unreachable, "bucket", tmp_path, raw, cache=hot)
+
+    class Ref:
+        def __init__(self, key: str, size: int) -> None:
+            self.object_key, self.size = key, size
+
+    blob = fetch(Ref(_key(data), len(data)))
+    assert blob.data == data
+    other = os.urandom(100)
+    with pytest.raises(OSError):  # nothing listens on port 9
+        fetch(Ref(_key(other), len(other)))
