@@ -199,15 +199,21 @@ def _s3(stack: Stack) -> Any:
                  secret_key=env["MINIPACS_S3_SECRET_KEY"], secure=False)
 
 
-def test_an_instance_missing_from_s3_is_counted_failed_and_the_rest_arrive(
-        world: World, tmp_path: Path) -> None:
-    made = ct_series(tmp_path / "lost", count=10, tag="gtlost", size=64)
+def store_and_index(world: World, made: list[Made]) -> list[str]:
+    """Send ``made`` with storescu and wait until all are indexed; their SOP Instance UIDs."""
     sent = storescu(world.port, [m.path for m in made])
     assert sent.successes == len(made), sent.output
     uids = [m.sop_uid for m in made]
     wait_until(lambda: int(pg(dsn(world.stack), "SELECT count(*) AS n FROM instance WHERE "
                               "sop_instance_uid = ANY($1::text[])", uids)[0]["n"]) == len(made),
                60, what="the series indexed")
+    return uids
+
+
+def test_an_instance_missing_from_s3_is_counted_failed_and_the_rest_arrive(
+        world: World, tmp_path: Path) -> None:
+    made = ct_series(tmp_path / "lost", count=10, tag="gtlost", size=64)
+    store_and_index(world, made)
     lost = made[3]
     key = pg(dsn(world.stack), "SELECT object_key FROM instance WHERE sop_instance_uid = $1",
              lost.sop_uid)[0]["object_key"]
@@ -235,12 +241,7 @@ def test_the_hot_cache_serves_c_get_and_what_s3_serves_is_kept_there(
     """Storage moves each verified spool file into the hot cache; C-GET reads it there first
     (here: an instance S3 lost still arrives) and keeps what it had to read from S3."""
     made = ct_series(tmp_path / "hot", count=6, tag="gthot", size=64)
-    sent = storescu(world.port, [m.path for m in made])
-    assert sent.successes == len(made), sent.output
-    uids = [m.sop_uid for m in made]
-    wait_until(lambda: int(pg(dsn(world.stack), "SELECT count(*) AS n FROM instance WHERE "
-                              "sop_instance_uid = ANY($1::text[])", uids)[0]["n"]) == len(made),
-               60, what="the series indexed")
+    uids = store_and_index(world, made)
     keys = {r["sop_instance_uid"]: r["object_key"] for r in pg(
         dsn(world.stack), "SELECT sop_instance_uid, object_key FROM instance WHERE "
         "sop_instance_uid = ANY($1::text[])", uids)}
