@@ -1,0 +1,81 @@
+"""The indexer's batch write (``services/indexer/store.py``) against PostgreSQL: new, repeated
+and conflicting instances in one batch and across batches, and the derived counts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from scripts.native import drop_database, ensure_database, ensure_postgres
+from services.indexer.store import write_batch
+from services.migrate.core import upgrade
+from shared.messages import InstanceStored
+
+
+@pytest.fixture
+async def conn() -> AsyncIterator[asyncpg.Connection]:
+    ensure_postgres()
+    name = f"minipacs_batches_{uuid.uuid4().hex[:8]}"
+    c = await asyncpg.connect(ensure_database(name))
+    try:
+        await upgrade(c)
+        yield c
+    finally:
+        await c.close()
+        drop_database(name)
+
+
+def stored(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", sha: str = "a",
+           number: int = 1, patient: str = "P1") -> InstanceStored:
+    sha256 = (sha * 64)[:64]
+    header = {"00100020": {"vr": "LO", "Value": [patient]},
+              "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jörg"}]},
+              "0020000D": {"vr": "UI", "Value": [study]},
+              "0020000E": {"vr": "UI", "Value": [series]},
+              "00080060": {"vr": "CS", "Value": ["CT"]},
+              "00080018": {"vr": "UI", "Value": [sop]},
+              "00200013": {"vr": "IS", "Value": [number]}}
+    return InstanceStored(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                          study_instance_uid=study, series_instance_uid=series,
+                          transfer_syntax="1.2.840.10008.1.2.1", size=100, sha256=sha256,
+                          object_key=f"instances/{sha256[:2]}/{sha256}.dcm",
+                          calling_aet="CT1", received_at="2026-11-26T10:00:00+00:00",
+                          header=header)
+
+
+async def test_one_batch_of_new_repeated_and_conflicting_instances(
+        conn: asyncpg.Connection) -> None:
+    first = await write_batch(conn, [stored("1.9.1", number=1), stored("1.9.2", number=2),
+                                     stored("1.9.3", series="1.2.3.2", number=3)])
+    assert (first.inserted, first.duplicates, first.conflicts) == (3, 0, 0)
+
+    # redelivered (same bytes), repeated within the batch, a new one, and a conflict
+    second = await write_batch(conn, [stored("1.9.1"), stored("1.9.4"), stored("1.9.4"),
+                                      stored("1.9.2", sha="b")])
+    assert (second.inserted, second.duplicates, second.conflicts) == (1, 2, 1)
+
+    rows = await conn.fetch("SELECT sop_instance_uid, sha256, instance_number, header, "
+                            "calling_aet FROM instance ORDER BY sop_instance_uid")
+    assert [r["sop_instance_uid"] for r in rows] == ["1.9.1", "1.9.2", "1.9.3", "1.9.4"]
+    assert rows[1]["sha256"] == "a" * 64  # keep-first
+    assert rows[2]["instance_number"] == 3
+    assert "Müller^Jörg" in rows[0]["header"]
+    conflicts = await conn.fetch("SELECT sop_instance_uid, kept_sha256, rejected_sha256 "
+                                 "FROM ingest_conflict")
+    assert [tuple(r) for r in conflicts] == [("1.9.2", "a" * 64, "b" * 64)]
+
+    counts = {r["series_instance_uid"]: r["num_instances"] for r in await conn.fetch(
+        "SELECT series_instance_uid, num_instances FROM series")}
+    assert counts == {"1.2.3.1": 3, "1.2.3.2": 1}
+    study = await conn.fetchrow("SELECT num_series, num_instances FROM study")
+    assert (study["num_series"], study["num_instances"]) == (2, 4)
+    assert await conn.fetchval("SELECT count(*) FROM patient") == 1
+
+
+async def test_an_empty_batch_writes_nothing(conn: asyncpg.Connection) -> None:
+    result = await write_batch(conn, [])
+    assert (result.inserted, result.duplicates, result.conflicts) == (0, 0, 0)
+    assert await conn.fetchval("SELECT count(*) FROM instance") == 0
