@@ -19,6 +19,7 @@ from typing import Protocol
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_GET_RSP = 0x8010
+C_FIND_RSP = 0x8020
 C_CANCEL_RQ = 0x0FFF
 
 P_DATA_TF = 0x04
@@ -83,6 +84,14 @@ def c_get_pending(msg_id: int, sop_class: str, status: int, remaining: int, comp
                         (0x0800, _us(NO_DATASET)), (0x0900, _us(status)),
                         (0x1020, _us(remaining)), (0x1021, _us(completed)),
                         (0x1022, _us(failed)), (0x1023, _us(warning))])
+
+
+def c_find_rsp(msg_id: int, sop_class: str, status: int, with_identifier: bool) -> bytes:
+    """A C-FIND-RSP without Error Comment or Offending Element (pending, success, cancel)."""
+    return command_set([(0x0002, _even(sop_class.encode("ascii"), b"\x00")),
+                        (0x0100, _us(C_FIND_RSP)), (0x0120, _us(msg_id)),
+                        (0x0800, _us(0x0001 if with_identifier else NO_DATASET)),
+                        (0x0900, _us(status))])
 
 
 def parse_command(raw: bytes | bytearray | memoryview) -> dict[int, bytes]:

@@ -37,7 +37,7 @@ from pynetdicom import (
     evt,
     transport,
 )
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
@@ -109,23 +109,54 @@ def store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int,
     return wire.c_store_rsp(message_id, sop_class_uid, sop_instance_uid, status)
 
 
+def _plain(primitive: Any) -> bool:
+    """A response with the fields the fixed layouts cover, and nothing else."""
+    return (primitive.MessageIDBeingRespondedTo is not None and primitive.Status is not None
+            and primitive.AffectedSOPClassUID is not None and primitive.ErrorComment is None
+            and primitive.OffendingElement is None)
+
+
+def _pdata(context_id: int, control: int, fragment: bytes) -> P_DATA:
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, bytes([control]) + fragment))
+    return pdata
+
+
 def _fast_send_msg(original: Callable[..., None]) -> Callable[..., None]:
+    """C-STORE and C-FIND responses are sent from fixed byte layouts (the same P-DATA PDUs
+    pynetdicom would send: one PDV each, command then identifier fragments); anything else,
+    or with a DIMSE-sent handler bound, goes through pynetdicom."""
+
     def send_msg(self: dimse.DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-        if (type(primitive) is not C_STORE or primitive.MessageIDBeingRespondedTo is None
-                or primitive.ErrorComment is not None or primitive.OffendingElement is not None
-                or primitive.Status is None or primitive.AffectedSOPClassUID is None
-                or primitive.AffectedSOPInstanceUID is None
+        kind = type(primitive)
+        if (kind not in (C_STORE, C_FIND) or not _plain(primitive)
                 or self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
             original(self, primitive, context_id)
             return
-        command = store_response(primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID,
-                                 primitive.MessageIDBeingRespondedTo, primitive.Status)
-        if self.maximum_pdu_size and len(command) + 6 > self.maximum_pdu_size:
+        identifier = b""
+        if kind is C_STORE:
+            if primitive.AffectedSOPInstanceUID is None:
+                original(self, primitive, context_id)
+                return
+            command = store_response(primitive.AffectedSOPClassUID,
+                                     primitive.AffectedSOPInstanceUID,
+                                     primitive.MessageIDBeingRespondedTo, primitive.Status)
+        else:
+            if primitive.Identifier is not None:
+                identifier = primitive.Identifier.getvalue()
+            command = wire.c_find_rsp(primitive.MessageIDBeingRespondedTo,
+                                      primitive.AffectedSOPClassUID, primitive.Status,
+                                      bool(identifier))
+        room = (self.maximum_pdu_size or 0) - 6
+        if self.maximum_pdu_size and len(command) > room:
             original(self, primitive, context_id)
             return
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-        self.dul.send_pdu(pdata)
+        self.dul.send_pdu(_pdata(context_id, 0x03, command))
+        step = room if self.maximum_pdu_size else max(len(identifier), 1)
+        for start in range(0, len(identifier), step):
+            last = start + step >= len(identifier)
+            self.dul.send_pdu(_pdata(context_id, 0x02 if last else 0x00,
+                                     identifier[start:start + step]))
 
     return send_msg
 

@@ -84,7 +84,8 @@ class Finder:
             return
         try:
             identifier = event.identifier
-            log.debug("%s identifier: %s", what, describe_keys(identifier))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s identifier: %s", what, describe_keys(identifier))
             query = build_find(identifier, model, opts)
         except QueryError as exc:
             status = _ERROR_STATUS[exc.kind]

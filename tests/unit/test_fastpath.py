@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from io import BytesIO
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
 
 from services.gateway.fastpath import copy_contexts, file_meta, store_response
@@ -94,3 +96,59 @@ def test_reading_a_pdu_allocates_what_arrived_not_what_was_declared() -> None:
         kind, pdu = wire.read_pdu(a)
         sender.join()
         assert kind == 4 and pdu[6:] == payload
+
+
+class _Recorder:
+    """What ``send_msg`` hands the DUL: each P-DATA's PDVs."""
+
+    def __init__(self) -> None:
+        self.pdus: list[list[tuple[int, bytes]]] = []
+
+    def send_pdu(self, pdata: Any) -> None:
+        self.pdus.append([(cx, bytes(v)) for cx, v in pdata.presentation_data_value_list])
+
+
+def _sent_by(send: Any, primitive: Any, max_pdu: int) -> list[list[tuple[int, bytes]]]:
+    recorder = _Recorder()
+    provider = SimpleNamespace(maximum_pdu_size=max_pdu, dul=recorder,
+                               assoc=SimpleNamespace(get_handlers=lambda _e: []))
+    send(provider, primitive, 5)
+    return recorder.pdus
+
+
+def _pynetdicom_pdus(primitive: Any, max_pdu: int) -> list[list[tuple[int, bytes]]]:
+    msg = C_FIND_RSP()
+    msg.primitive_to_message(primitive)
+    return [[(cx, bytes(v)) for cx, v in p.presentation_data_value_list]
+            for p in msg.encode_msg(5, max_pdu)]
+
+
+@pytest.mark.parametrize("status", [0xFF00, 0xFF01, 0x0000, 0xFE00])
+@pytest.mark.parametrize("size", [0, 10, 5000, 40000])
+@pytest.mark.parametrize("max_pdu", [0, 16384, 4096])
+def test_find_responses_are_the_pdus_pynetdicom_sends(status: int, size: int,
+                                                      max_pdu: int) -> None:
+    """Command and identifier, fragmented as pynetdicom fragments them (one PDV per P-DATA)."""
+    from services.gateway.fastpath import _fast_send_msg
+
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    rsp.Status = status
+    if size:
+        rsp.Identifier = BytesIO(bytes(range(256)) * (size // 256) + b"\x01" * (size % 256))
+    fail = lambda *_a: pytest.fail("handed to pynetdicom")  # noqa: E731
+    assert _sent_by(_fast_send_msg(fail), rsp, max_pdu) == _pynetdicom_pdus(rsp, max_pdu)
+
+
+def test_find_responses_with_a_comment_go_to_pynetdicom() -> None:
+    from services.gateway.fastpath import _fast_send_msg
+
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    rsp.Status = 0xA700
+    rsp.ErrorComment = "more than 1000 matches"
+    handed: list[Any] = []
+    _sent_by(_fast_send_msg(lambda _s, p, _cx: handed.append(p)), rsp, 16384)
+    assert handed == [rsp]
