@@ -27,15 +27,15 @@ from pathlib import Path
 
 log = logging.getLogger("minipacs.cache")
 
-_KEY = re.compile(r"^instances/[0-9a-f]{2}/([0-9a-f]{64})\.dcm$")
-_ENTRY = re.compile(r"^[0-9a-f]{64}\.dcm$")
+_KEY = re.compile(r"instances/[0-9a-f]{2}/([0-9a-f]{64})\.dcm")  # fullmatch
+_ENTRY = re.compile(r"[0-9a-f]{64}\.dcm")
 TOUCH_AFTER = 60.0  # s: a hit refreshes an entry's last use at most this often
 MIN_FREE = 1024 ** 3  # bytes the spool's disk keeps free: below, nothing is added
 
 
 def entry_name(object_key: str) -> str | None:
     """The cache file name of an object key, or None for a key that is not one of ours."""
-    match = _KEY.match(object_key)
+    match = _KEY.fullmatch(object_key)
     return f"{match.group(1)}.dcm" if match else None
 
 
@@ -154,7 +154,7 @@ class HotCache:
                     st = entry.stat()
                 except OSError:
                     continue
-                if _ENTRY.match(entry.name):
+                if _ENTRY.fullmatch(entry.name):
                     entries.append((st.st_mtime, st.st_size, entry.path))
                 elif st.st_mtime < stale:  # a temp file of a write that never finished
                     removed += _unlink(entry.path)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LOOSE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_LOOSE_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # all patterns here: fullmatch ('$' lets "\n" in)
 
 
 class InvalidUID(ValueError):
@@ -26,17 +26,17 @@ def validate_uid(value: object, what: str = "UID") -> str:
         raise InvalidUID(f"{what} is empty")
     if len(uid) > 64:
         raise InvalidUID(f"{what} is longer than 64 characters")
-    if not _LOOSE_UID.match(uid):
+    if not _LOOSE_UID.fullmatch(uid):
         raise InvalidUID(f"{what} has characters outside [0-9.] or empty components")
     return uid
 
 
 def is_strict_uid(uid: str) -> bool:
-    return bool(_UID.match(uid))
+    return bool(_UID.fullmatch(uid))
 
 
 def object_key(sha256: str) -> str:
     """Content-addressed key of a stored instance: identical bytes, identical key."""
-    if not _SHA256.match(sha256):
+    if not _SHA256.fullmatch(sha256):
         raise ValueError("object key needs a lowercase hex SHA-256")
     return f"instances/{sha256[:2]}/{sha256}.dcm"

@@ -16,7 +16,7 @@ from typing import Any, Self
 
 PREFIX = "MINIPACS_"
 _SECRET = re.compile(r"(password|secret|key|url|dsn)$", re.I)
-_AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
+_AET = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5 AE VR: no backslash, no control
 
 OPERATIONS = frozenset({"echo", "store", "find", "move", "get"})
 
@@ -41,7 +41,7 @@ class Node:
 
 def validate_aet(aet: str) -> str:
     aet = aet.strip()
-    if not _AET.match(aet):
+    if not _AET.fullmatch(aet):
         raise SettingsError(f"invalid AE title {aet!r}: 1-16 printable characters, no backslash")
     return aet
 

@@ -78,6 +78,7 @@ def _queue_busy(stack: Stack) -> bool:
 @pytest.mark.parametrize(("case", "expected"), [
     ("traversal_uid", statuses.INVALID_UID),
     ("slash_uid", statuses.INVALID_UID),
+    ("newline_uid", statuses.INVALID_UID),  # would forge a log line, or a second UID
     ("missing_study_uid", statuses.INVALID_UID),
     ("uid_mismatch", statuses.DATASET_DOES_NOT_MATCH),
     ("truncated", statuses.CANNOT_UNDERSTAND),
@@ -90,6 +91,9 @@ def test_bad_instance_gets_a_failure_status_and_nothing_is_stored(
         rewrite(path, meta_uid="../../x", dataset_uid="../../x")
     elif case == "slash_uid":
         rewrite(path, meta_uid="1.2/3", dataset_uid="1.2/3")
+    elif case == "newline_uid":  # pydicom would clean it: the bytes are edited instead
+        rewrite(path, meta_uid="1.2.3.4", dataset_uid="1.2.3.4")
+        path.write_bytes(path.read_bytes().replace(b"1.2.3.4\x00", b"1.2.3.4\n"))
     elif case == "missing_study_uid":
         path = instance(tmp_path, case, study_uid="")
     elif case == "uid_mismatch":
@@ -97,7 +101,8 @@ def test_bad_instance_gets_a_failure_status_and_nothing_is_stored(
     elif case == "truncated":
         path.write_bytes(path.read_bytes()[:-100])
     assert send_file(stack, path) == expected
-    assert nothing_stored(stack, good_uid, good_uid + ".1", "../../x", "1.2/3")
+    assert nothing_stored(stack, good_uid, good_uid + ".1", "../../x", "1.2/3", "1.2.3.4\n",
+                          "1.2.3.4")
     assert "refused" in stack.log_text("gateway")
     # ...and the gateway keeps serving.
     ok = instance(tmp_path, case + "-after", sop_uid=uid("bad", case, "after"))

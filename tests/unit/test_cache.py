@@ -30,7 +30,8 @@ def test_entry_names_come_only_from_our_object_keys() -> None:
     data = b"x"
     assert entry_name(_key(data)) == f"{hashlib.sha256(data).hexdigest()}.dcm"
     for bad in ("instances/../../etc/passwd", "../x.dcm", "instances/ab/" + "g" * 64 + ".dcm",
-                "instances/ab/" + "a" * 64 + ".dcm/..", "", "/" + "a" * 64 + ".dcm"):
+                "instances/ab/" + "a" * 64 + ".dcm/..", "", "/" + "a" * 64 + ".dcm",
+                "instances/ab/" + "a" * 64 + ".dcm\n"):
         assert entry_name(bad) is None, bad
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from services.gateway import statuses
 from services.gateway.admission import REJECT_CALLED_AET, REJECT_CALLING_AET, admit, permitted
-from shared.keys import InvalidUID, object_key, validate_uid
+from shared.keys import InvalidUID, is_strict_uid, object_key, validate_uid
 from shared.settings import GatewaySettings, SettingsError, parse_nodes
 
 
@@ -35,7 +35,7 @@ def test_settings_from_env_types_and_masking() -> None:
 
 
 @pytest.mark.parametrize("uid", ["../../etc/x", "1.2/3", "1.2\\3", "1.2\x003", "", "1..2",
-                                 "1." + "2" * 64, "1.2.a"])
+                                 "1." + "2" * 64, "1.2.a", "1.2.3\n", "1.2.3\r\n"])
 def test_bad_uids_are_refused(uid: str) -> None:
     with pytest.raises(InvalidUID):
         validate_uid(uid)
@@ -47,6 +47,9 @@ def test_good_uid_and_content_addressed_key() -> None:
     assert key == f"instances/ab/{'ab' * 32}.dcm"
     with pytest.raises(ValueError):
         object_key("../../x")
+    with pytest.raises(ValueError):  # '$' in a pattern would let a trailing newline through
+        object_key("ab" * 32 + "\n")
+    assert not is_strict_uid("1.2.3\n")
 
 
 def _admit(calling: str, called: str = "MINIPACS", host: str = "127.0.0.1",
