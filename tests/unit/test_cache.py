@@ -125,3 +125,28 @@ def test_the_fetcher_reads_the_cache_first_and_keeps_what_s3_gave(tmp_path: Path
     other = os.urandom(100)
     with pytest.raises(OSError):  # nothing listens on port 9
         fetch(Ref(_key(other), len(other)))
+
+
+def test_a_large_cached_object_is_streamed_from_the_cache_and_stays_there(
+        tmp_path: Path) -> None:
+    """Objects over the in-memory limit are sent from the cache file itself; closing the
+    blob after the send must not delete the entry (it would for a temp file from S3)."""
+    from minio import Minio
+
+    from shared.s3http import RawS3
+
+    hot = HotCache(tmp_path / "cache", 64 * 1024 * 1024).create()
+    data = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00" + os.urandom(5000)
+    hot.keep(_key(data), data)
+    raw = RawS3("127.0.0.1", 9, "bucket", "a", "b", "us-east-1", timeout=2)
+    fetch = fetcher(Minio("127.0.0.1:9", access_key="a", secret_key="b", secure=False),
+                    "bucket", tmp_path, raw, in_memory=1024, cache=hot)
+
+    class Ref:
+        object_key, size = _key(data), len(data)
+
+    blob = fetch(Ref())
+    assert blob.data is None and blob.path is not None
+    assert b"".join(bytes(b) for b in blob.blocks(777)) == data[blob.offset:]
+    blob.close()
+    assert hot.read(_key(data), len(data)) == data
