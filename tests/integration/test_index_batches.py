@@ -3,29 +3,20 @@ and conflicting instances in one batch and across batches, and the derived count
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from scripts.native import drop_database, ensure_database, ensure_postgres
 from services.indexer.store import write_batch
-from services.migrate.core import upgrade
 from shared.messages import InstanceStored
+from tests.integration.conftest import migrated_database
 
 
 @pytest.fixture
 async def conn() -> AsyncIterator[asyncpg.Connection]:
-    ensure_postgres()
-    name = f"minipacs_batches_{uuid.uuid4().hex[:8]}"
-    c = await asyncpg.connect(ensure_database(name))
-    try:
-        await upgrade(c)
+    async with migrated_database("minipacs_batches") as c:
         yield c
-    finally:
-        await c.close()
-        drop_database(name)
 
 
 def stored(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", sha: str = "a",

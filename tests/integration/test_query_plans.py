@@ -6,7 +6,6 @@ parameter values known to the planner) and generic plans (after a few executions
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,9 +13,9 @@ import asyncpg
 import pytest
 from pydicom.dataset import Dataset
 
-from scripts.native import drop_database, ensure_database, ensure_postgres
 from services.migrate.core import downgrade, upgrade
 from shared.query import STUDY_ROOT, Options, build_find, build_instances, find_instances
+from tests.integration.conftest import migrated_database
 
 N = 20000
 SEED = f"""
@@ -39,16 +38,9 @@ ANALYZE;
 
 @pytest.fixture(scope="module")
 async def conn() -> AsyncIterator[asyncpg.Connection]:
-    ensure_postgres()
-    name = f"minipacs_plans_{uuid.uuid4().hex[:8]}"
-    c = await asyncpg.connect(ensure_database(name))
-    try:
-        await upgrade(c)
+    async with migrated_database("minipacs_plans") as c:
         await c.execute(SEED)
         yield c
-    finally:
-        await c.close()
-        drop_database(name)
 
 
 def ident(level: str, **keys: Any) -> Dataset:
