@@ -18,24 +18,40 @@ Each replaces pydicom object work that is the same fixed byte layout for every i
   per instance pays it per instance). Contexts hold strings and flags only, so a copy of each
   object and of its transfer syntax list is as independent.
 
+- ``set_uid``: pynetdicom checks every UID of every A-ASSOCIATE PDU it decodes or builds with
+  two regular expressions, and getscu / storescu propose ~100 presentation contexts and as many
+  role selections: a few hundred UIDs, nearly all the same well-known ones, per association
+  (a sixth of the gateway's CPU per association, profiled). The outcome for a given value is
+  remembered (a bounded LRU); a UID it refuses is checked again every time, and still refused.
+  pydicom's ``UID.is_valid``, which those checks and the presentation context code call
+  several times per UID, remembers its answer the same way (same pattern, same result).
+
 The unit tests compare both encoders byte for byte with pynetdicom's own.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import socket
 import struct
 from collections.abc import Callable
+from functools import lru_cache
 from typing import IO, Any, cast
 
+from pydicom import uid as pydicom_uid
 from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     dimse,
     dimse_messages,
+    dimse_primitives,
     evt,
+    pdu_items,
+    pdu_primitives,
+    presentation,
     transport,
+    utils,
 )
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
@@ -161,6 +177,38 @@ def _fast_send_msg(original: Callable[..., None]) -> Callable[..., None]:
     return send_msg
 
 
+_original_set_uid = utils.set_uid
+
+
+@lru_cache(maxsize=4096)
+def _checked_uid(value: str | bytes, name: str, allow_empty: bool, allow_none: bool,
+                 validate: bool) -> Any:
+    return _original_set_uid(value, name, allow_empty, allow_none, validate)
+
+
+def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True,
+            validate: bool = True) -> Any:
+    """pynetdicom's ``set_uid`` (a pydicom ``UID``, immutable, or ``ValueError``), its verdict
+    on each value remembered."""
+    if isinstance(value, str | bytes) and len(value) <= 64:
+        return _checked_uid(value, name, allow_empty, allow_none, validate)
+    return _original_set_uid(value, name, allow_empty, allow_none, validate)
+
+
+_VALID_UID = re.compile(pydicom_uid.RE_VALID_UID)
+_original_is_valid = pydicom_uid.UID.is_valid  # the property, before ``install``
+
+
+@lru_cache(maxsize=8192)
+def _uid_is_valid(value: str) -> bool:
+    return len(value) <= 64 and _VALID_UID.match(value) is not None
+
+
+def _is_valid(self: pydicom_uid.UID) -> bool:
+    """``UID.is_valid``: the same test (pydicom's pattern, ``re.match``), remembered."""
+    return _uid_is_valid(self)
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -171,4 +219,7 @@ def install() -> None:
     dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined,assignment]
     dimse.DIMSEServiceProvider.send_msg = _fast_send_msg(  # type: ignore[method-assign]
         dimse.DIMSEServiceProvider.send_msg)
+    for module in (utils, pdu_items, pdu_primitives, presentation, dimse_primitives):
+        module.set_uid = set_uid  # type: ignore[attr-defined]
+    pydicom_uid.UID.is_valid = property(_is_valid)  # type: ignore[method-assign,assignment]
     _installed = True

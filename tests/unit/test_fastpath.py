@@ -152,3 +152,37 @@ def test_find_responses_with_a_comment_go_to_pynetdicom() -> None:
     handed: list[Any] = []
     _sent_by(_fast_send_msg(lambda _s, p, _cx: handed.append(p)), rsp, 16384)
     assert handed == [rsp]
+
+
+UID_CASES = ["1.2.840.10008.1.2.1", "1.2.840.10008.5.1.4.1.1.2", "1.02.3", "1.2.3\n", "1.2.a",
+             "", "1." + "2" * 64, "1.2.3.", "0.0", b"1.2.840.10008.1.1", b"1.2.840.10008.1.1\x00"]
+
+
+@pytest.mark.parametrize("value", UID_CASES)
+@pytest.mark.parametrize(("allow_empty", "validate"), [(True, True), (False, True), (True, False)])
+def test_remembered_uid_checks_give_pynetdicoms_verdict(value: str | bytes, allow_empty: bool,
+                                                        validate: bool) -> None:
+    """Same value or same exception as pynetdicom's own ``set_uid``, first time and again."""
+    from services.gateway import fastpath
+
+    def outcome(fn: Any) -> tuple[str, str]:
+        try:
+            result = fn(value, "X", allow_empty, True, validate)
+        except ValueError as exc:
+            return "refused", str(exc)
+        return type(result).__name__, str(result)
+
+    expected = outcome(fastpath._original_set_uid)
+    assert outcome(fastpath.set_uid) == expected
+    assert outcome(fastpath.set_uid) == expected
+
+
+@pytest.mark.parametrize("value", [v for v in UID_CASES if isinstance(v, str)])
+def test_remembered_is_valid_is_pydicoms(value: str) -> None:
+    from pydicom.uid import UID
+
+    from services.gateway import fastpath
+
+    original = fastpath._original_is_valid.fget(UID(value))  # type: ignore[union-attr]
+    assert fastpath._uid_is_valid(UID(value)) == original
+    assert fastpath._uid_is_valid(UID(value)) == original
