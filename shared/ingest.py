@@ -44,16 +44,15 @@ class Ingest:
         self._publish = publish
 
     def accept_file(self, path: Path, sop_class: str, sop_instance: str, transfer_syntax: str,
-                    caller: Caller, digest: tuple[str, int] | None = None) -> Outcome:
+                    caller: Caller) -> Outcome:
         """``path`` is a Part-10 file on the spool's filesystem; on success it is moved into the
-        spool (the caller must not use it afterwards). ``digest``: its (SHA-256, size) if the
-        caller took them while writing it."""
+        spool (the caller must not use it afterwards)."""
         try:
             info = inspect_instance(path, sop_class, sop_instance, transfer_syntax)
         except InvalidInstance as exc:
             return Outcome(exc.kind, exc.reason)
         try:
-            spooled = self._spool.commit(path, digest)
+            spooled = self._spool.commit(path)
         except OSError as exc:
             log.error("spool write failed: %s", exc)
             return Outcome("unavailable", f"spool write failed: {exc.strerror}")

@@ -8,13 +8,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
 from typing import IO, BinaryIO
 
 from minio import Minio
 from minio.error import S3Error
 
-from shared.s3http import FileBody, RawS3, S3Refused
+from shared.s3http import RawS3, S3Refused
 from shared.settings import Common
 
 SHA_META = "sha256"
@@ -109,18 +108,6 @@ def read_object(s3: Minio, bucket: str, key: str, limit: int) -> bytes:
     return data
 
 
-# From this size up, a PUT through ``RawS3`` goes from the file by ``sendfile``.
-SENDFILE_MIN = 64 * 1024
-
-
-def _is_file(fp: BinaryIO) -> bool:
-    try:
-        fp.fileno()
-    except (OSError, AttributeError, io.UnsupportedOperation):
-        return False
-    return True
-
-
 def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha256: str,
                  part_size: int, raw: RawS3 | None = None) -> str:
     """Store ``size`` bytes from ``fp`` under ``key`` and verify them against ``sha256`` (the
@@ -136,25 +123,18 @@ def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha2
     - Larger (multipart): the bytes are hashed as they are read, and a HEAD checks size and
       checksum afterwards."""
     if size <= part_size:
-        body: bytes | FileBody
-        if raw is not None and size >= SENDFILE_MIN and _is_file(fp):
-            if os.fstat(fp.fileno()).st_size != size:
-                raise VerifyFailed("the spooled file's size differs from the message's")
-            body = FileBody(fp, size)  # sent by sendfile; read below only if S3 does not echo
-        else:
-            body = fp.read(size + 1)
-            if len(body) != size:
-                raise VerifyFailed("the spooled file's size differs from the message's")
+        data = fp.read(size + 1)
+        if len(data) != size:
+            raise VerifyFailed("the spooled file's size differs from the message's")
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
         fields = {"Content-Type": "application/dicom", "x-amz-meta-" + SHA_META: sha256,
                   CHECKSUM_HEADER: checksum, "x-amz-sdk-checksum-algorithm": "SHA256"}
         try:
             if raw is not None:
-                headers = raw.put(key, body, sha256, fields)
+                headers = raw.put(key, data, sha256, fields)
                 etag = headers.get("etag", "")
             else:
-                assert not isinstance(body, FileBody)
-                result = s3.put_object(bucket, key, io.BytesIO(body), size,
+                result = s3.put_object(bucket, key, io.BytesIO(data), size,
                                        content_type="application/dicom",
                                        metadata={SHA_META: sha256, CHECKSUM_HEADER: checksum,
                                                  "x-amz-sdk-checksum-algorithm": "SHA256"})
@@ -167,11 +147,6 @@ def put_verified(s3: Minio, bucket: str, key: str, fp: BinaryIO, size: int, sha2
             raise
         if headers.get(CHECKSUM_HEADER) == checksum:
             return "checksum"
-        if isinstance(body, FileBody):
-            fp.seek(0)
-            data = fp.read(size)
-        else:
-            data = body
         md5 = hashlib.md5(data).hexdigest()  # noqa: S324 - compared with S3's ETag
         if hashlib.sha256(data).hexdigest() != sha256:
             s3.remove_object(bucket, key)

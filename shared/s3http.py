@@ -19,10 +19,8 @@ import hmac
 import re
 import socket
 import threading
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import BinaryIO
 from urllib.parse import quote
 
 from shared.dimse_wire import sendall
@@ -78,18 +76,6 @@ def object_path(bucket: str, key: str) -> str:
     return "/" + quote(bucket, safe="") + "/" + quote(key, safe="/-_.~")
 
 
-@dataclass(frozen=True)
-class FileBody:
-    """A request body sent from an open file by ``sendfile`` (page cache to socket, no copy
-    through this process)."""
-
-    file: BinaryIO
-    size: int
-
-
-Body = bytes | bytearray | memoryview | FileBody
-
-
 # ---- the client ----------------------------------------------------------------------------------
 
 class RawS3:
@@ -122,12 +108,11 @@ class RawS3:
             raise S3Refused(status, _code(body), key)
         return body
 
-    def put(self, key: str, data: Body, sha256: str,
+    def put(self, key: str, data: bytes | bytearray | memoryview, sha256: str,
             headers: dict[str, str]) -> dict[str, str]:
         """Store ``data`` (whose SHA-256 is ``sha256``, hex) under ``key``; the response's
         header fields (lower-case names). ``S3Refused`` for an error status."""
-        size = data.size if isinstance(data, FileBody) else len(data)
-        fields = {**headers, "Content-Length": str(size)}
+        fields = {**headers, "Content-Length": str(len(data))}
         status, answer, body = self._request("PUT", key, fields, data, sha256, _MAX_HEAD)
         if status != 200:
             raise S3Refused(status, _code(body), key)
@@ -135,7 +120,7 @@ class RawS3:
 
     # -- HTTP --------------------------------------------------------------------------------
     def _request(self, method: str, key: str, headers: dict[str, str],
-                 body: Body, payload_sha256: str,
+                 body: bytes | bytearray | memoryview, payload_sha256: str,
                  limit: int) -> tuple[int, dict[str, str], bytearray]:
         path = object_path(self.bucket, key)
         signed = sigv4(method, self._netloc, path, headers, payload_sha256, *self._keys,
@@ -150,12 +135,7 @@ class RawS3:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._local.conn = conn
             try:
-                if isinstance(body, FileBody):
-                    sendall(conn, [head])
-                    if conn.sendfile(body.file, 0, body.size) != body.size:
-                        raise ConnectionError("S3: the file ended before its size")
-                else:
-                    sendall(conn, [head, body] if body else [head])
+                sendall(conn, [head, body] if body else [head])
                 status, fields, answer = self._response(conn, key, limit)
             except OSError:
                 self.drop()

@@ -11,7 +11,6 @@ are random UUIDs: never derived from a tag value.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import time
@@ -37,15 +36,6 @@ def _fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def _hash_fd(fd: int) -> tuple[str, int]:
-    sha = hashlib.sha256()
-    size = 0
-    while chunk := os.read(fd, _CHUNK):
-        sha.update(chunk)
-        size += len(chunk)
-    return sha.hexdigest(), size
-
-
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -59,24 +49,20 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
         return self
 
-    def commit(self, path: Path, digest: tuple[str, int] | None = None) -> Spooled:
-        """Hash (unless ``digest`` gives its SHA-256 and size, taken as it was written) and
-        fsync ``path`` (which must be on the spool's filesystem), move it to ``ready/`` under a
-        random name and fsync the directory. Returns what the message needs."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if digest is None:
-                digest = _hash_fd(fd)
-            elif os.fstat(fd).st_size != digest[1]:
-                raise OSError(errno.EIO, f"spool file is {os.fstat(fd).st_size} bytes, "
-                                         f"{digest[1]} were written")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def commit(self, path: Path) -> Spooled:
+        """Hash and fsync ``path`` (which must be on the spool's filesystem), move it to
+        ``ready/`` under a random name and fsync the directory. Returns what the message needs."""
+        sha = hashlib.sha256()
+        size = 0
+        with path.open("rb") as fp:
+            while chunk := fp.read(_CHUNK):
+                sha.update(chunk)
+                size += len(chunk)
+            os.fsync(fp.fileno())
         name = f"{uuid.uuid4().hex}.dcm"
         os.replace(path, os.path.join(self._ready, name))
         _fsync_dir(self._ready)
-        return Spooled(name, digest[0], digest[1])
+        return Spooled(name, sha.hexdigest(), size)
 
     def path_of(self, name: str) -> Path | None:
         """The ready (or rescued rejected) file behind a message's ``spool_name``, if any."""

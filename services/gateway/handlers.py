@@ -115,15 +115,15 @@ class Gateway:
                                str(event.context.transfer_syntax), Path(event.dataset_path))
 
     def store_file(self, assoc: Association, sop_class: str, sop_instance: str, message_id: int,
-                   transfer_syntax: str, path: Path, digest: tuple[str, int] | None = None) -> int:
+                   transfer_syntax: str, path: Path) -> int:
         """One received C-STORE dataset (a Part-10 file in the spool's incoming folder) -> its
-        DIMSE status. Called from the association's DUL thread (``receive.py``, which hashed
-        the file as it wrote it: ``digest``) or by pynetdicom's event."""
+        DIMSE status. Called from the association's DUL thread (``receive.py``) or by
+        pynetdicom's event."""
         started = time.perf_counter()
         if not self.may(assoc, "store"):
             return statuses.NOT_AUTHORIZED
         outcome = self.ingest.accept_file(path, sop_class, sop_instance, transfer_syntax,
-                                          self.caller(assoc), digest)
+                                          self.caller(assoc))
         status = _OUTCOME_STATUS[outcome.kind]
         ms = (time.perf_counter() - started) * 1000
         if outcome.ok:

@@ -20,7 +20,6 @@ logging is on (TRACE), so the dumps show every message. Memory is bounded by the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
@@ -41,9 +40,8 @@ log = logging.getLogger("minipacs.gateway")
 P_DATA_TF = wire.P_DATA_TF
 NO_DATASET = wire.NO_DATASET
 
-# (assoc, sop_class, sop_instance, message_id, transfer_syntax, path, (sha256, size) of the
-# file's bytes) -> DIMSE status
-StoreHandler = Callable[[Any, str, str, int, str, Path, tuple[str, int]], int]
+# (assoc, sop_class, sop_instance, message_id, transfer_syntax, path) -> DIMSE status
+StoreHandler = Callable[[Any, str, str, int, str, Path], int]
 
 
 @dataclass
@@ -58,9 +56,6 @@ class _Store:
     path: Path
     file: IO[bytes] | None  # None after a write failed: the rest is read and dropped
     error: str = ""
-    # the file's SHA-256 and size, taken as it is written: the spool need not read it back
-    sha: Any = field(default_factory=hashlib.sha256)
-    size: int = 0
 
 
 @dataclass
@@ -249,8 +244,6 @@ def _write(store: _Store, data: memoryview | bytes) -> None:
         return
     try:
         store.file.write(data)
-        store.sha.update(data)
-        store.size += len(data)
     except OSError as exc:
         store.error = exc.strerror or str(exc)
         store.file.close()
@@ -266,8 +259,7 @@ def _finish(dul: DULServiceProvider, store: _Store) -> None:
             store.file = None
             assert _handler is not None
             status = _handler(dul.assoc, store.sop_class, store.sop_instance, store.message_id,
-                              store.transfer_syntax, store.path,
-                              (store.sha.hexdigest(), store.size))
+                              store.transfer_syntax, store.path)
         else:
             log.error("assoc %s: spool write failed (%s): C-STORE -> 0x%04X", _who(dul),
                       store.error, status)

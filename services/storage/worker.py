@@ -157,16 +157,12 @@ class StorageWorker:
     def _put_and_read_header(self, path: Path, key: str, received: InstanceReceived,
                              upload: bool) -> dict[str, Any]:
         """The upload (unless the object is already there) and the header, in one worker-thread
-        hop. To an ``http://`` endpoint a file from ``s3.SENDFILE_MIN`` up goes by
-        ``sendfile`` and only its header is read here; other files up to ``IN_MEMORY_MAX`` are
-        read once and both use those bytes; larger ones are streamed."""
-        source: Path | BinaryIO
-        if received.size <= IN_MEMORY_MAX and not (
-                self.raw is not None and received.size >= s3.SENDFILE_MIN):
+        hop. A file up to ``IN_MEMORY_MAX`` is read once and both use those bytes."""
+        if received.size <= IN_MEMORY_MAX:
             data = path.read_bytes()
             if upload:
                 self._put(io.BytesIO(data), key, received)
-            source = io.BytesIO(data)
+            source: Path | BinaryIO = io.BytesIO(data)
         else:
             if upload:
                 with path.open("rb") as fp:
