@@ -1,21 +1,25 @@
-"""Client side of the query / retrieve benches: C-FIND latency inside one pynetdicom
-association (TCP_NODELAY set on its socket: pynetdicom 3.0 does not), DCMTK ``movescu`` /
-``getscu`` runs and a fresh receiving ``storescp``, plus the generated doc sections."""
+"""Client side of the query / retrieve benches: C-FIND latency inside one association, timed
+by DCMTK's ``findscu`` (its own log timestamps, microseconds) or by a pynetdicom client
+(TCP_NODELAY set on its socket: pynetdicom 3.0 does not), DCMTK ``movescu`` / ``getscu`` runs
+and a fresh receiving ``storescp``, plus the generated doc sections."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -34,6 +38,7 @@ from bench.servers import (
 from scripts.native import free_port, port_open, wait_for
 
 MOVESCU = "/usr/bin/movescu"  # DCMTK's, never the pynetdicom ones in .venv/bin
+FINDSCU = "/usr/bin/findscu"
 GETSCU = "/usr/bin/getscu"
 RECEIVER_AET = "RECEIVER"
 GETSCU_AET = "GETSCU"
@@ -123,6 +128,77 @@ def find_latencies(port: int, called: str, queries: list[Dataset], warmup: int =
             assoc.release()
         ae.shutdown()
     return Latencies(tuple(ms), tuple(matches), failures)
+
+
+# findscu's log with a timestamp in microseconds on every line, at INFO: one "Sending Find
+# Request" per query file, a "Find Response: n (Pending)" per match, then the final response.
+_FINDSCU_LOG = """log4cplus.rootLogger = INFO, console
+log4cplus.appender.console = log4cplus::ConsoleAppender
+log4cplus.appender.console.logToStderr = false
+log4cplus.appender.console.ImmediateFlush = false
+log4cplus.appender.console.layout = log4cplus::PatternLayout
+log4cplus.appender.console.layout.ConversionPattern = %D{%H:%M:%S.%Q} %m%n
+"""
+_LOG_LINE = re.compile(r"(\d\d):(\d\d):(\d\d)\.(\d{3})\.(\d{3}) (.*)")
+_FIND_MODEL = str(StudyRootQueryRetrieveInformationModelFind)
+
+
+def parse_findscu_log(text: str) -> list[tuple[float, int, bool]]:
+    """findscu's timed log -> (ms from request to final response, matches, Success?) per
+    query, in order."""
+    out: list[tuple[float, int, bool]] = []
+    started: float | None = None
+    matches = 0
+    for line in text.splitlines():
+        m = _LOG_LINE.match(line)
+        if m is None:
+            continue
+        h, mi, sec, ms, us = (int(g) for g in m.groups()[:5])
+        t = ((h * 60 + mi) * 60 + sec) * 1000 + ms + us / 1000
+        message = m.group(6)
+        if message.startswith("Sending Find Request"):
+            started, matches = t, 0
+        elif message.startswith("Find Response:") and "(Pending" in message:
+            matches += 1
+        elif message.startswith("Received Final Find Response") and started is not None:
+            elapsed = t - started if t >= started else t + 86_400_000 - started  # midnight
+            out.append((elapsed, matches, "(Success" in message))
+            started = None
+    return out
+
+
+def findscu_latencies(port: int, called: str, queries: list[Dataset], warmup: int = 5
+                      ) -> Latencies:
+    """Send ``queries`` one after the other inside ONE association with DCMTK's ``findscu``
+    (a query file each, Study Root, TCP_NODELAY=1); the time of each is findscu's own, from
+    sending the request to receiving the final response, so its 30-40 ms start-up is not in
+    it. The first ``warmup`` ones are not counted."""
+    with tempfile.TemporaryDirectory(prefix="findscu-") as tmp:
+        folder = Path(tmp)
+        files: list[str] = []
+        for n, query in enumerate([*queries[:warmup], *queries]):
+            ds = query.copy()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.file_meta.MediaStorageSOPClassUID = _FIND_MODEL
+            ds.file_meta.MediaStorageSOPInstanceUID = f"2.25.{n + 1}"
+            path = folder / f"q{n:05d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(str(path))
+        config = folder / "log.cfg"
+        config.write_text(_FINDSCU_LOG)
+        run = subprocess.run(
+            [FINDSCU, "-S", "-lc", str(config), "-aet", "BENCHFIND", "-aec", called,
+             "-to", "60", "-ta", "60", "-td", "60", "127.0.0.1", str(port), *files],
+            env=nodelay_env(), capture_output=True, timeout=600, check=False)
+    timed = parse_findscu_log(run.stdout.decode("utf-8", "replace"))
+    if len(timed) != len(files):
+        raise RuntimeError(f"findscu to {called}: {len(timed)} of {len(files)} queries got a "
+                           f"final response (exit {run.returncode}): "
+                           f"{run.stderr.decode(errors='replace')[-300:]}")
+    counted = timed[warmup:]
+    return Latencies(tuple(t for t, _, _ in counted), tuple(n for _, n, _ in counted),
+                     sum(1 for _, _, ok in counted if not ok))
 
 
 class Receiver:

@@ -14,14 +14,21 @@ import random
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import asyncpg
 from pydicom.dataset import Dataset
 
 from bench.datasets import OUT, DataSet, dataset
-from bench.dimse import Latencies, QROrthanc, find_latencies, fmt, study_query
+from bench.dimse import (
+    Latencies,
+    QROrthanc,
+    find_latencies,
+    findscu_latencies,
+    fmt,
+    study_query,
+)
 from bench.report import machine
 from bench.send import send
 from bench.servers import Server, settle
@@ -91,6 +98,8 @@ class QueryResult:
     seed_seconds: float
     indexed_instances: int
     queries: int
+    # the PatientID queries again from a pynetdicom client: "<archive> <server>" -> median ms
+    pynetdicom: dict[str, float] = field(default_factory=dict)
 
 
 def _sql_array(values: tuple[str, ...]) -> str:
@@ -208,9 +217,14 @@ def small_queries(tag: str, patients: int, count: int, rng: random.Random
 
 
 def measure(server: Server, archive: str, instances: int, queries: dict[str, list[Dataset]],
-            cells: list[Cell]) -> None:
+            cells: list[Cell], pynetdicom: dict[str, float]) -> None:
+    """Each kind timed by findscu; the PatientID queries also from a pynetdicom client."""
+    lat = find_latencies(server.port, server.aet, queries["patient_id"])
+    pynetdicom[f"{archive} {server.name}"] = lat.median
+    print(f"  {archive:5} {server.name:8} patient_id, pynetdicom client: median "
+          f"{lat.median:6.2f} ms", flush=True)
     for kind in KINDS:
-        lat = find_latencies(server.port, server.aet, queries[kind])
+        lat = findscu_latencies(server.port, server.aet, queries[kind])
         cells.append(Cell(archive, server.name, kind, instances, lat.ms, lat.matches,
                           lat.failures))
         print(f"  {archive:5} {server.name:8} {kind:13}: median {lat.median:6.2f} ms, p95 "
@@ -233,6 +247,7 @@ def run_query(opts: Options) -> QueryResult:
     work = OUT / f"run-query-{time.strftime('%Y%m%d-%H%M%S')}"
     work.mkdir(parents=True, exist_ok=True)
     cells: list[Cell] = []
+    pynetdicom: dict[str, float] = {}
     rng = random.Random(4242)
     with ExitStack() as cleanup:
         if not opts.keep:
@@ -252,7 +267,7 @@ def run_query(opts: Options) -> QueryResult:
         settle(2.0)
         queries = small_queries(tag, patients, opts.queries, rng)
         for server in (orthanc, minipacs):
-            measure(server, "small", small.count, queries, cells)
+            measure(server, "small", small.count, queries, cells, pynetdicom)
         orthanc.end()
         print(f"query: seeding minipacs with {opts.shape.total} instances", flush=True)
         db = minipacs.stack.config.database
@@ -260,8 +275,9 @@ def run_query(opts: Options) -> QueryResult:
         print(f"query: seeded in {seconds:.0f} s, {indexed} instances in the index",
               flush=True)
         settle(2.0)
-        measure(minipacs, "large", indexed, large_queries(opts.shape, opts.queries, rng), cells)
-    return QueryResult(cells, seconds, indexed, opts.queries)
+        measure(minipacs, "large", indexed, large_queries(opts.shape, opts.queries, rng), cells,
+                pynetdicom)
+    return QueryResult(cells, seconds, indexed, opts.queries, pynetdicom)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -297,7 +313,8 @@ def markdown(result: QueryResult, command: str) -> str:
     small = next((c.instances for c in result.cells if c.archive == "small"), 0)
     out = [f"Last run: {time.strftime('%Y-%m-%d %H:%M %Z')} on {machine()}; `{command}`; "
            f"{result.queries} queries of each kind with varying values, each kind inside one "
-           "association (5 more before them to warm up, not counted).", "",
+           "association of DCMTK's `findscu`, timed by its own log from request to final "
+           "response (5 more before them to warm up, not counted).", "",
            "**Target (issue 3)**", "", f"- {target_line(result)}", "",
            "**C-FIND study level, ms per query (median / p95; median matches)**", "",
            f"| query | Orthanc, {small:,} instances (SQLite) | minipacs, {small:,} instances "
@@ -314,6 +331,10 @@ def markdown(result: QueryResult, command: str) -> str:
         row.append(f"{m.median / o.median:.2f}x" if o and m and o.median else "-")
         row.append(_lat(big))
         out.append("| " + " | ".join(row) + " |")
+    if result.pynetdicom:
+        seen = ", ".join(f"{k} {fmt(v, 2)} ms" for k, v in result.pynetdicom.items())
+        out += ["", "The PatientID queries again from a pynetdicom 3.0 client (Python: its "
+                f"decoding and polling are in the time), median: {seen}."]
     fails = sum(c.failures for c in result.cells)
     out += ["", f"Queries not answered with Success: {fails}." if fails else
             "Every query ended with Success.", "",

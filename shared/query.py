@@ -21,6 +21,7 @@ fixed column table below.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -475,6 +476,73 @@ def response(query: FindQuery, row: Any, opts: Options) -> Dataset:
         except Exception:  # noqa: S110 - one odd stored value must not fail the whole answer
             pass
     return ds
+
+
+# VRs ``encode_response`` writes itself (2-byte length in Explicit VR), and which of them take
+# the response's character set (the others must be ASCII).
+_TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST"})
+_PLAIN_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"}) | _TEXT_VRS
+_QR_LEVEL, _RETRIEVE_AET, _CHARSET = 0x00080052, 0x00080054, 0x00080005
+
+
+def _field(vr: str, value: Any, charset: str) -> bytes | None:
+    """One element's value as pydicom writes it, or None for what only pydicom handles."""
+    if value is None:
+        return b""
+    items = value if isinstance(value, list) else [value]
+    parts: list[str] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            return None
+        if isinstance(item, int) and vr != "IS":
+            return None
+        parts.append(str(item))
+    text = "\\".join(parts)
+    if not text.isascii() and vr not in _TEXT_VRS:
+        return None
+    raw = text.encode(charset)
+    if len(raw) % 2:
+        raw += b"\0" if vr == "UI" else b" "
+    return raw
+
+
+def encode_response(query: FindQuery, row: Any, opts: Options, implicit: bool) -> bytes | None:
+    """``response(query, row, opts)`` encoded in Implicit (``implicit``) or Explicit VR Little
+    Endian, byte for byte what pydicom writes, without building a ``Dataset`` (a fifth of the
+    cost, per match). None when the answer needs pydicom: keys read from the stored header,
+    other VRs or value types, a value too long for its length field."""
+    if query.needs_header:
+        return None
+    pairs: list[tuple[int, str, Any]] = []
+    non_ascii = False
+    for key in query.returns:
+        if key.vr not in _PLAIN_VRS:
+            return None
+        value = row[key.alias]
+        if value == "" or value == []:
+            value = None
+        non_ascii = non_ascii or not _is_ascii(value)
+        pairs.append((key.tag, key.vr, value))
+    if non_ascii:
+        pairs.append((_CHARSET, "CS", _UTF8))
+    elif query.want_charset:
+        pairs.append((_CHARSET, "CS", None))
+    pairs.append((_QR_LEVEL, "CS", query.level))
+    if query.want_retrieve_aet:
+        pairs.append((_RETRIEVE_AET, "AE", opts.retrieve_aet or None))
+    charset = "utf-8" if non_ascii else "ascii"
+    out = bytearray()
+    for tag, vr, value in sorted(pairs, key=lambda p: p[0]):
+        raw = _field(vr, value, charset)
+        if raw is None or len(raw) > 0xFFFF:
+            return None
+        out += struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        if implicit:
+            out += struct.pack("<I", len(raw))
+        else:
+            out += vr.encode() + struct.pack("<H", len(raw))
+        out += raw
+    return bytes(out)
 
 
 async def run_find(conn: asyncpg.Connection | asyncpg.Pool, query: FindQuery

@@ -26,12 +26,17 @@ Each replaces pydicom object work that is the same fixed byte layout for every i
   pydicom's ``UID.is_valid``, which those checks and the presentation context code call
   several times per UID, remembers its answer the same way (same pattern, same result).
 
-The unit tests compare both encoders byte for byte with pynetdicom's own.
+- ``EncodedIdentifier``: a C-FIND match the handler has already encoded for the context's
+  transfer syntax (``shared.query.encode_response``, same bytes as pydicom's); pynetdicom's
+  C-FIND service sends it as it is instead of encoding a ``Dataset`` per match.
+
+The unit tests compare the encoders byte for byte with pynetdicom's own.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import re
 import socket
 import struct
@@ -40,6 +45,7 @@ from functools import lru_cache
 from typing import IO, Any, cast
 
 from pydicom import uid as pydicom_uid
+from pydicom.dataset import Dataset
 from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
@@ -50,10 +56,12 @@ from pynetdicom import (
     pdu_items,
     pdu_primitives,
     presentation,
+    service_class,
     transport,
     utils,
 )
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
@@ -177,6 +185,34 @@ def _fast_send_msg(original: Callable[..., None]) -> Callable[..., None]:
     return send_msg
 
 
+class EncodedIdentifier(Dataset):  # type: ignore[misc]
+    """A response identifier already encoded in (Implicit or Explicit VR) Little Endian. It
+    holds no elements: ``decoded()`` reads them back (for tests and odd paths)."""
+
+    def __init__(self, raw: bytes, implicit: bool) -> None:
+        super().__init__()
+        self.__dict__["raw"] = raw
+        self.__dict__["implicit"] = implicit
+
+    def decoded(self) -> Dataset:
+        return decode(io.BytesIO(self.raw), self.implicit, True, False)
+
+
+_original_encode = service_class.encode  # type: ignore[attr-defined]
+
+
+def encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
+           deflated: bool = False) -> bytes | None:
+    """pynetdicom's ``encode`` as its service classes call it; an ``EncodedIdentifier`` in the
+    transfer syntax asked for is sent as it is."""
+    if isinstance(ds, EncodedIdentifier):
+        if ds.implicit == is_implicit_vr and is_little_endian and not deflated:
+            return cast(bytes, ds.raw)
+        ds = ds.decoded()
+    encoded: bytes | None = _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
+    return encoded
+
+
 _original_set_uid = utils.set_uid
 
 
@@ -217,6 +253,7 @@ def install() -> None:
     transport.deepcopy = copy_contexts  # type: ignore[attr-defined,assignment]
     dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined,assignment]
     dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined,assignment]
+    service_class.encode = encode  # type: ignore[attr-defined]
     dimse.DIMSEServiceProvider.send_msg = _fast_send_msg(  # type: ignore[method-assign]
         dimse.DIMSEServiceProvider.send_msg)
     for module in (utils, pdu_items, pdu_primitives, presentation, dimse_primitives):

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from services.gateway import statuses
 from services.gateway.bridge import LoopBridge
+from services.gateway.fastpath import EncodedIdentifier
 from shared.query import (
     PATIENT_ROOT,
     STUDY_ROOT,
@@ -31,6 +32,7 @@ from shared.query import (
     QueryError,
     build_find,
     describe_keys,
+    encode_response,
     response,
     run_find,
 )
@@ -49,6 +51,8 @@ _ERROR_STATUS = {
 }
 
 Response = tuple[int | Dataset, Dataset | None]
+# Transfer syntaxes whose matches ``encode_response`` writes itself: Implicit VR?
+_ENCODED_HERE = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}
 
 
 def failure(status: int, comment: str) -> Dataset:
@@ -113,13 +117,19 @@ class Finder:
         truncated = limit is not None and len(rows) > limit
         matches = rows[:limit] if truncated else rows
         sent = 0
+        context = getattr(event, "context", None)
+        implicit = _ENCODED_HERE.get(str(getattr(context, "transfer_syntax", "")))
         for row in matches:
             if event.is_cancelled:
                 log.info("%s level=%s cancelled after %d of %d matches (%.1f ms)", what,
                          query.level, sent, len(matches), _ms(started))
                 yield statuses.CANCEL, None
                 return
-            yield statuses.PENDING, response(query, row, opts)
+            raw = None if implicit is None else encode_response(query, row, opts, implicit)
+            if raw is not None and implicit is not None:
+                yield statuses.PENDING, EncodedIdentifier(raw, implicit)
+            else:
+                yield statuses.PENDING, response(query, row, opts)
             sent += 1
         if truncated:
             log.warning("%s level=%s -> more than %d matches: sent the first %d -> %s (query "

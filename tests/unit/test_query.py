@@ -377,3 +377,91 @@ def test_handler_logs_no_identifiers_at_info(caplog: pytest.LogCaptureFixture) -
     info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert len(info) == 1 and "level=STUDY -> 2 matches" in info[0]
     assert "SECRET-ID" not in caplog.text
+
+
+# ---- encode_response: the C-FIND match written without pydicom, same bytes -------------------
+
+STUDY_KEYS = dict(PatientName="", PatientID="", StudyDate="", StudyTime="", AccessionNumber="",
+                  StudyDescription="", StudyInstanceUID="", ModalitiesInStudy="",
+                  NumberOfStudyRelatedInstances="")
+
+
+def _values_for(query: Any, values: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"_id": 1}
+    for key in query.returns:
+        row[key.alias] = values.get(key.keyword)
+    return row
+
+
+def _pydicom_bytes(ds: Dataset, implicit: bool) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+@pytest.mark.parametrize(("extra", "values"), [
+    ({}, dict(PatientName="DOE^JOHN", PatientID="P1", StudyDate="20240102",
+              StudyTime="101010", AccessionNumber="A1", StudyDescription="CT HEAD",
+              StudyInstanceUID="1.2.3.45", ModalitiesInStudy=["CT", "SR"],
+              NumberOfStudyRelatedInstances=301)),
+    ({}, dict(PatientName="MÜLLER^JÖRG", PatientID="P12", StudyInstanceUID="1.2.3.4",
+              StudyDescription="Schädel", NumberOfStudyRelatedInstances=0)),
+    ({}, dict(PatientName="山田^太郎=ヤマダ^タロウ", PatientID="P123")),
+    ({}, dict(PatientName="", PatientID=None, ModalitiesInStudy=[], StudyDate=None)),
+    ({"SpecificCharacterSet": "", "RetrieveAETitle": ""},
+     dict(PatientName="A^B", PatientID="P1", StudyInstanceUID="1.2")),
+    ({"SpecificCharacterSet": "", "RetrieveAETitle": ""},
+     dict(PatientName="Ärzte^X", StudyInstanceUID="1.2.3")),
+])
+def test_encode_response_is_what_pydicom_writes(implicit: bool, extra: dict[str, str],
+                                                values: dict[str, Any]) -> None:
+    from shared.query import encode_response
+
+    for aet in ("MINIPACS", ""):
+        opts = Options(retrieve_aet=aet)
+        query = build_find(ident("STUDY", **STUDY_KEYS, **extra), STUDY_ROOT, opts)
+        row = _values_for(query, values)
+        raw = encode_response(query, row, opts, implicit)
+        assert raw is not None
+        assert raw == _pydicom_bytes(response(query, row, opts), implicit)
+
+
+def test_encode_response_leaves_the_odd_cases_to_pydicom() -> None:
+    from shared.query import encode_response
+
+    opts = Options()
+    with_header = build_find(ident("STUDY", StudyInstanceUID="", InstitutionName=""),
+                             STUDY_ROOT, opts)
+    assert with_header.needs_header
+    assert encode_response(with_header, {"_id": 1, "_header": None}, opts, True) is None
+    query = build_find(ident("STUDY", **STUDY_KEYS), STUDY_ROOT, opts)
+    row = _values_for(query, dict(StudyDate=object()))  # not a str: pydicom's str() path
+    assert encode_response(query, row, opts, True) is None
+    row = _values_for(query, dict(StudyInstanceUID="1.2.Ü"))  # non-ASCII outside text VRs
+    assert encode_response(query, row, opts, False) is None
+
+
+@dataclass
+class FakeContext:
+    transfer_syntax: str
+
+
+@pytest.mark.parametrize(("syntax", "encoded"), [("1.2.840.10008.1.2", True),
+                                                 ("1.2.840.10008.1.2.1", True),
+                                                 ("1.2.840.10008.1.2.2", False)])
+def test_handler_sends_matches_pre_encoded_in_little_endian(syntax: str, encoded: bool) -> None:
+    from services.gateway.fastpath import EncodedIdentifier, encode
+
+    event = FakeEvent(ident("STUDY", StudyInstanceUID=""), FakeRequest(FIND_STUDY))
+    event.context = FakeContext(syntax)  # type: ignore[attr-defined]
+    out = list(finder(rows(2)).on_find(event))  # type: ignore[arg-type]
+    assert statuses_of(out) == [statuses.PENDING] * 2 + [statuses.SUCCESS]
+    for n, (_, ds) in enumerate(out[:2]):
+        assert isinstance(ds, EncodedIdentifier) == encoded
+        plain = ds.decoded() if isinstance(ds, EncodedIdentifier) else ds
+        assert plain.StudyInstanceUID == f"1.2.{n}" and plain.QueryRetrieveLevel == "STUDY"
+        if isinstance(ds, EncodedIdentifier):  # pynetdicom's encode passes it through, or not
+            assert encode(ds, ds.implicit, True) == ds.raw
+            assert encode(ds, not ds.implicit, True) == _pydicom_bytes(plain, not ds.implicit)

@@ -1,0 +1,29 @@
+"""The query bench reads each C-FIND's latency from findscu's own timed log."""
+
+from __future__ import annotations
+
+from bench.dimse import parse_findscu_log
+
+LOG = """\
+23:59:59.990.125 Requesting Association
+23:59:59.994.947 Association Accepted (Max Send PDV: 131060)
+23:59:59.995.129 Sending Find Request (MsgID 1)
+23:59:59.995.168 Request Identifiers:
+23:59:59.995.168 (0010,0020) LO [P00002201 ]   #  10, 1 PatientID
+23:59:59.998.614 ---------------------------
+23:59:59.998.624 Find Response: 1 (Pending)
+23:59:59.998.660 (0010,0020) LO [P00002201 ]   #  10, 1 PatientID
+23:59:59.999.624 Find Response: 2 (Pending)
+00:00:00.000.098 Received Final Find Response (Success)
+00:00:00.000.167 Sending Find Request (MsgID 2)
+00:00:00.002.167 Received Final Find Response (Failed: UnableToProcess)
+00:00:00.002.500 Sending Find Request (MsgID 3)
+"""
+
+
+def test_each_query_is_timed_from_request_to_final_response() -> None:
+    timed = parse_findscu_log(LOG)
+    assert len(timed) == 2  # the third never got its final response: not counted
+    (first_ms, first_n, first_ok), (second_ms, second_n, second_ok) = timed
+    assert abs(first_ms - 4.969) < 1e-6 and first_n == 2 and first_ok  # across midnight
+    assert abs(second_ms - 2.0) < 1e-6 and second_n == 0 and not second_ok
