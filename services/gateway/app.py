@@ -52,7 +52,8 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
     gateway = Gateway(settings, Ingest(spool, announcer.announce), AssociationIds())
     ae = build_ae(settings)
     receive.install(gateway.store_file)  # C-STORE requests read by the DUL threads
-    finder = Finder(settings, pool, bridge, gateway.ids, gateway.may)
+    finder = Finder(settings, pool, bridge, gateway.ids, gateway.may,
+                    pre_encoded=True)  # build_ae installed fastpath
     install(ae)  # C-MOVE / C-GET served by retrieve.py, not by pynetdicom's sub-operations
     retrieve = await open_retrieve(settings, pool, connection, publisher, bridge, gateway.ids)
     retrieve.retriever.may = gateway.may

@@ -70,6 +70,9 @@ class Finder:
     bridge: LoopBridge
     ids: Callable[[Association], int]
     may: Callable[[Association, str], bool] = lambda _assoc, _op: True  # per-node permission
+    # Matches as ``EncodedIdentifier``: only where ``fastpath.install()`` lets pynetdicom send
+    # them (its own ``encode`` would send an empty identifier).
+    pre_encoded: bool = False
 
     def options(self) -> Options:
         s = self.settings
@@ -118,7 +121,8 @@ class Finder:
         matches = rows[:limit] if truncated else rows
         sent = 0
         context = getattr(event, "context", None)
-        implicit = _ENCODED_HERE.get(str(getattr(context, "transfer_syntax", "")))
+        implicit = _ENCODED_HERE.get(str(getattr(context, "transfer_syntax", ""))) \
+            if self.pre_encoded else None
         for row in matches:
             if event.is_cancelled:
                 log.info("%s level=%s cancelled after %d of %d matches (%.1f ms)", what,

@@ -456,7 +456,9 @@ def test_handler_sends_matches_pre_encoded_in_little_endian(syntax: str, encoded
 
     event = FakeEvent(ident("STUDY", StudyInstanceUID=""), FakeRequest(FIND_STUDY))
     event.context = FakeContext(syntax)  # type: ignore[attr-defined]
-    out = list(finder(rows(2)).on_find(event))  # type: ignore[arg-type]
+    handler = finder(rows(2))
+    handler.pre_encoded = True
+    out = list(handler.on_find(event))  # type: ignore[arg-type]
     assert statuses_of(out) == [statuses.PENDING] * 2 + [statuses.SUCCESS]
     for n, (_, ds) in enumerate(out[:2]):
         assert isinstance(ds, EncodedIdentifier) == encoded
