@@ -10,8 +10,11 @@ costs as much as one that sends. This module gives each of those sleeps somethin
 - the association thread waits on an ``Event`` set whenever a DIMSE message or an A-RELEASE /
   A-ABORT primitive is queued for it, or the DUL thread ends (its teardown waits on it too).
 
-Each wait is capped at ``MAX_WAIT``, so the timers (ARTIM, network idle) and kill flags that the
-loops check are still seen within that time. Nothing else in pynetdicom changes: the shims
+Each wait lasts until the first of the timers that loop checks (ARTIM, network idle) is due,
+and at most ``MAX_WAIT``: an association that stays open without traffic (a modality keeping
+its association) wakes each of its threads about once a second instead of a thousand times.
+Setting the DUL's kill flag wakes it too (``kill_dul``, ``stop_dul``), so tearing an
+association down does not wait for a timeout. Nothing else in pynetdicom changes: the shims
 only replace ``time.sleep`` on those two threads; every other caller sleeps as before.
 """
 
@@ -31,8 +34,9 @@ from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.timer import Timer
 
-MAX_WAIT = 0.05  # s
+MAX_WAIT = 1.0  # s: the longest wait when no timer is due sooner
 # Set on a DUL while another thread owns its socket (the gateway's C-GET, ``retrieve.py``):
 # the DUL then waits for its wake-up socket only. Watching a socket it may not read would
 # return at once for every PDU the owner has not read yet: a busy loop.
@@ -102,6 +106,16 @@ def wake_dul(assoc: Association) -> None:
         wakers.wake_dul()
 
 
+def until_due(*timers: Timer) -> float:
+    """Seconds until the first of the running ``timers`` expires, at most ``MAX_WAIT``."""
+    wait = MAX_WAIT
+    for timer in timers:
+        if timer.timeout is not None and timer._start_time is not None \
+                and timer._end_time is None:
+            wait = min(wait, timer.remaining)
+    return max(wait, 0.0)
+
+
 def _dul_wait(dul: DULServiceProvider, wakers: _Wakers) -> Callable[[float], None]:
     def wait(_seconds: float) -> None:
         if dul._kill_thread:
@@ -111,7 +125,8 @@ def _dul_wait(dul: DULServiceProvider, wakers: _Wakers) -> Callable[[float], Non
         if raw is not None and raw.fileno() >= 0 and dul.__dict__.get(SOCKET_TAKEN) is None:
             watched.append(raw)
         try:
-            ready, _, _ = select.select(watched, [], [], MAX_WAIT)
+            ready, _, _ = select.select(watched, [], [],
+                                        until_due(dul.artim_timer, dul._idle_timer))
         except (OSError, ValueError):  # the socket closed under us: the loop will see it
             return
         if wakers.reader in ready:
@@ -122,9 +137,9 @@ def _dul_wait(dul: DULServiceProvider, wakers: _Wakers) -> Callable[[float], Non
     return wait
 
 
-def _assoc_wait(wakers: _Wakers) -> Callable[[float], None]:
+def _assoc_wait(assoc: Association, wakers: _Wakers) -> Callable[[float], None]:
     def wait(_seconds: float) -> None:
-        wakers.assoc_event.wait(MAX_WAIT)
+        wakers.assoc_event.wait(until_due(assoc.dul._idle_timer))
         wakers.assoc_event.clear()
 
     return wait
@@ -133,6 +148,7 @@ def _assoc_wait(wakers: _Wakers) -> Callable[[float], None]:
 _dul_init = DULServiceProvider.__init__
 _dul_run = DULServiceProvider.run_reactor
 _dul_kill = DULServiceProvider.kill_dul
+_dul_stop = DULServiceProvider.stop_dul
 _dimse_init = _dimse.DIMSEServiceProvider.__init__
 _assoc_run = Association._run_reactor
 _installed = False
@@ -163,13 +179,23 @@ def _new_dul_kill(self: DULServiceProvider) -> None:
     _wakers(self.assoc).wake_dul()
 
 
+def _new_dul_stop(self: DULServiceProvider) -> bool:
+    """pynetdicom's ``stop_dul`` (the association's teardown), which sets the kill flag without
+    waking the DUL thread: it would then see it only when its wait ends."""
+    if self.state_machine.current_state != "Sta1":
+        return False
+    self._kill_thread = True
+    _wakers(self.assoc).wake_dul()
+    return bool(_dul_stop(self))
+
+
 def _new_dimse_init(self: Any, assoc: Association) -> None:
     _dimse_init(self, assoc)
     self.msg_queue = _WakingQueue(_wakers(assoc).wake_assoc)
 
 
 def _new_assoc_run(self: Association) -> None:
-    _local.wait = _assoc_wait(_wakers(self))
+    _local.wait = _assoc_wait(self, _wakers(self))
     try:
         _assoc_run(self)
     finally:
@@ -186,6 +212,7 @@ def install() -> None:
     DULServiceProvider.__init__ = _new_dul_init  # type: ignore[method-assign]
     DULServiceProvider.run_reactor = _new_dul_run  # type: ignore[method-assign]
     DULServiceProvider.kill_dul = _new_dul_kill  # type: ignore[method-assign]
+    DULServiceProvider.stop_dul = _new_dul_stop  # type: ignore[method-assign]
     _dimse.DIMSEServiceProvider.__init__ = _new_dimse_init  # type: ignore[method-assign]
     Association._run_reactor = _new_assoc_run  # type: ignore[method-assign]
     _installed = True

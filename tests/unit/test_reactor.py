@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pynetdicom.timer import Timer
 
 from services.gateway import reactor
 
@@ -21,16 +23,86 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     b.close()
 
 
-def _dul(sock: socket.socket) -> Any:
-    return SimpleNamespace(_kill_thread=False, socket=SimpleNamespace(socket=sock))
+def _dul(sock: socket.socket, artim: Timer | None = None) -> Any:
+    """What the wait reads of a DUL: its kill flag, socket and timers (as pynetdicom makes
+    them: ARTIM 30 s and network idle 60 s, the idle one running)."""
+    idle = Timer(60)
+    idle.start()
+    return SimpleNamespace(_kill_thread=False, socket=SimpleNamespace(socket=sock),
+                           artim_timer=artim or Timer(30), _idle_timer=idle)
 
 
 def _returns_at_once(wait: Callable[[float], None], times: int = 20) -> bool:
-    """``times`` waits took less than the cap of one each: none waited for its cap."""
+    """``times`` waits took less than the cap of one: none waited for a timeout."""
     started = time.monotonic()
     for _ in range(times):
         wait(reactor.REACTOR_PAUSE)
-    return time.monotonic() - started < times * reactor.MAX_WAIT
+    return time.monotonic() - started < reactor.MAX_WAIT
+
+
+def test_until_due_is_the_first_running_timer_capped() -> None:
+    assert reactor.until_due() == reactor.MAX_WAIT
+    assert reactor.until_due(Timer(0.2)) == reactor.MAX_WAIT  # not started
+    assert reactor.until_due(Timer(None)) == reactor.MAX_WAIT  # never expires
+    running, stopped, expired, far = Timer(0.2), Timer(0.1), Timer(0.0), Timer(600)
+    for timer in (running, stopped, expired, far):
+        timer.start()
+    stopped.stop()
+    assert 0 < reactor.until_due(running, stopped, far) <= 0.2
+    assert reactor.until_due(stopped, far) == reactor.MAX_WAIT
+    assert reactor.until_due(running, expired) == 0.0
+
+
+def test_the_wait_ends_when_the_artim_timer_is_due(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A connection that never sends its A-ASSOCIATE-RQ is closed when ARTIM expires: the DUL
+    thread must look at the timer then, not at the end of its longest wait."""
+    ours, _ = pair
+    artim = Timer(0.05)
+    artim.start()
+    wakers = reactor._Wakers()
+    try:
+        wait = reactor._dul_wait(_dul(ours, artim), wakers)
+        started = time.monotonic()
+        while not artim.expired:
+            wait(reactor.REACTOR_PAUSE)
+        assert time.monotonic() - started < reactor.MAX_WAIT
+    finally:
+        wakers.close()
+
+
+def test_stopping_the_dul_wakes_its_thread(pair: tuple[socket.socket, socket.socket]) -> None:
+    """pynetdicom's teardown (``stop_dul`` in state Sta1) sets the kill flag and waits for the
+    DUL thread to end: the thread, waiting on an idle socket, is woken rather than timing out."""
+    ours, _ = pair
+    assoc = SimpleNamespace()
+    wakers = reactor._wakers(assoc)  # type: ignore[arg-type]
+    dul = _dul(ours)
+    wait = reactor._dul_wait(dul, wakers)
+
+    def loop() -> None:
+        while not dul._kill_thread:
+            wait(reactor.REACTOR_PAUSE)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    dul.assoc = assoc
+    dul.is_alive = thread.is_alive
+    dul._run_loop_delay = reactor.REACTOR_PAUSE
+    dul.state_machine = SimpleNamespace(current_state="Sta6")
+    try:
+        assert reactor._new_dul_stop(dul) is False  # established: not stopped
+        assert thread.is_alive()
+        dul.state_machine.current_state = "Sta1"
+        started = time.monotonic()
+        assert reactor._new_dul_stop(dul) is True
+        assert not thread.is_alive()
+        assert time.monotonic() - started < reactor.MAX_WAIT
+    finally:
+        dul._kill_thread = True
+        wakers.wake_dul()
+        thread.join(5)
+        wakers.close()
 
 
 def test_the_wait_returns_when_its_socket_has_a_pdu(
