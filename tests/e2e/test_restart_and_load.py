@@ -1,0 +1,108 @@
+"""RELIABILITY, the whole stack: stopped and started again in the middle of an ingest (what
+`make run`'s Ctrl-C or `docker compose restart` does), and tens of modalities sending at once.
+Every acknowledged instance ends up stored byte-identical and indexed exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from scripts.native import Stack, port_open
+from tests.conftest import dsn, make_stack, teardown
+from tests.dicomgen import Made, ct_series, small_set
+from tests.e2e.test_ingest import assert_stored_byte_identical, indexed
+from tests.helpers import StoreResult, dcmtk, dcmtk_env, pg, storescu, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _dead_letters(stack: Stack) -> dict[str, int]:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost, "name",
+                          "messages", "--no-table-headers"], capture_output=True, text=True,
+                         check=True).stdout
+    rows = (line.split() for line in out.splitlines() if line.strip())
+    return {name: int(n) for name, n in rows if name.endswith(".dead")}
+
+
+def _acknowledged(made: Sequence[Made], output: str) -> list[Made]:
+    """storescu sends its files in order and stops at the first failure: the Successes are the
+    first ones."""
+    return list(made[:output.count("Received Store Response (Success)")])
+
+
+def test_whole_stack_stopped_mid_ingest_and_started_again(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, "restart")
+    stack.start()
+    try:
+        port = stack.config.gateway_port
+        made = ct_series(tmp_path / "ct", count=200, tag="restart-ct", size=256)
+        study = [made[0].study_uid]
+        sender = subprocess.Popen(
+            [dcmtk("storescu"), "-v", "-aec", "MINIPACS", "127.0.0.1", str(port),
+             *[str(m.path) for m in made]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=dcmtk_env())
+        wait_until(lambda: indexed(stack, study) >= 5, 120, what="ingest under way")
+        stack.stop()  # SIGTERM to every service, then the S3 store
+        output, _ = sender.communicate(timeout=120)
+        acknowledged = _acknowledged(made, output)
+        assert len(acknowledged) >= 5, output[-1500:]
+        # The gateway lets a running association finish when it is stopped; storage and the
+        # indexer stop at once: acknowledged instances wait in the spool and the broker.
+        assert indexed(stack, study) < len(acknowledged)
+
+        stack.start()
+        wait_until(lambda: indexed(stack, study) >= len(acknowledged), 180,
+                   what="every instance acknowledged before the stop indexed after the start")
+        # The modality sends what was not acknowledged again: all of it lands, once.
+        rest = made[len(acknowledged):]
+        if rest:
+            again = storescu(port, [m.path for m in rest])
+            assert again.successes == len(rest), again.output[-1500:]
+        wait_until(lambda: indexed(stack, study) == len(made), 180,
+                   what="the whole series indexed")
+        assert_stored_byte_identical(stack, made)
+        assert _dead_letters(stack) == dict.fromkeys(_dead_letters(stack), 0)
+        for name in ("storage", "indexer", "gateway"):
+            assert "Traceback" not in stack.log_text(name), stack.log_text(name)[-3000:]
+    finally:
+        teardown(stack)
+
+
+def test_tens_of_modalities_sending_at_once(stack: Stack, tmp_path: Path) -> None:
+    """24 associations at once (the gateway allows 32), each from its own storescu: every
+    instance is acknowledged, and the counts per patient, study and series reconcile."""
+    assert port_open(stack.config.gateway_port)
+    made = small_set(tmp_path / "small", patients=24, studies=1, series=2, per_series=5,
+                     tag="load-24")
+    by_patient: dict[str, list[Made]] = {}
+    for m in made:
+        by_patient.setdefault(m.patient_id, []).append(m)
+    assert len(by_patient) == 24
+    results: dict[str, StoreResult] = {}
+
+    def send(patient: str, files: list[Made]) -> None:
+        results[patient] = storescu(stack.config.gateway_port, [m.path for m in files])
+
+    threads = [threading.Thread(target=send, args=item) for item in by_patient.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 24
+    for patient, result in results.items():
+        assert result.successes == len(by_patient[patient]), (patient, result.output[-1500:])
+
+    studies = sorted({m.study_uid for m in made})
+    wait_until(lambda: indexed(stack, studies) == len(made), 180,
+               what="every acknowledged instance indexed")
+    assert_stored_byte_identical(stack, made)
+    rows = pg(dsn(stack), "SELECT p.patient_id, st.num_series, st.num_instances FROM study st "
+              "JOIN patient p ON p.id = st.patient_fk "
+              "WHERE st.study_instance_uid = ANY($1::text[])", studies)
+    assert len(rows) == 24
+    assert {r["patient_id"] for r in rows} == set(by_patient)
+    assert all(r["num_series"] == 2 and r["num_instances"] == 10 for r in rows)
