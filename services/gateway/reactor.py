@@ -12,7 +12,8 @@ costs as much as one that sends. This module gives each of those sleeps somethin
 
 Each wait lasts until the first of the timers that loop checks (ARTIM, network idle) is due,
 and at most ``MAX_WAIT``: an association that stays open without traffic (a modality keeping
-its association) wakes each of its threads about once a second instead of a thousand times.
+its association) wakes each of its threads about once a second (pynetdicom's own loops: a
+thousand times).
 Setting the DUL's kill flag wakes it too (``kill_dul``, ``stop_dul``), so tearing an
 association down does not wait for a timeout. Nothing else in pynetdicom changes: the shims
 only replace ``time.sleep`` on those two threads; every other caller sleeps as before.
