@@ -211,6 +211,7 @@ def log_task_failure(what: str) -> Callable[[asyncio.Task[None]], None]:
     return done
 
 
+RENEW_EVERY = 1.0  # seconds between two renewals of a publishing channel after refusals
 _PERSISTENT_JSON = aiormq.spec.Basic.Properties(delivery_mode=2, content_type="application/json")
 
 
@@ -222,12 +223,48 @@ class Publisher:
         self._timeout = confirm_timeout
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._renewed = -RENEW_EVERY
+        self._renewal: asyncio.Task[None] | None = None
+
+    async def _new_channel(self) -> AbstractChannel:
+        return await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
     async def open(self) -> None:
-        self._channel = await self._connection.channel(
-            publisher_confirms=True, on_return_raises=True
-        )
+        self._channel = await self._new_channel()
         self._exchange, _ = await topology.declare(self._channel)
+
+    def _renew_after_refusal(self) -> None:
+        """After a ``basic.nack``, publish on a fresh channel from then on.
+
+        A quorum queue over its length limit (``reject-publish``) refuses publishes, and the
+        channel remembers that until the queue tells it the limit is clear. RabbitMQ 3.10 never
+        does when the limit itself is removed (a policy cleared while the queue is over it):
+        that channel then refuses every publish for good, a new one does not. At most one
+        renewal per ``RENEW_EVERY`` seconds, so a queue that stays full causes no churn."""
+        now = time.monotonic()
+        if self._renewal is not None or now - self._renewed < RENEW_EVERY:
+            return
+        self._renewed = now
+        self._renewal = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        try:
+            fresh = await self._new_channel()
+        except Exception as exc:
+            log.warning("could not open a new publishing channel after a refusal (%s: %s)",
+                        type(exc).__name__, exc)
+            return
+        finally:
+            self._renewal = None
+        old, self._channel = self._channel, fresh
+        log.info("publishing on a new channel after the broker refused a message")
+        if old is not None:
+            # confirms still due on the old channel arrive within the confirm timeout
+            await asyncio.sleep(self._timeout)
+            try:
+                await old.close()
+            except Exception as exc:
+                log.debug("closing the old publishing channel: %s: %s", type(exc).__name__, exc)
 
     @property
     def ready(self) -> bool:
@@ -262,6 +299,10 @@ class Publisher:
             raise
         except TimeoutError as exc:
             raise PublishFailed(f"no publisher confirm within {self._timeout}s") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            if not isinstance(exc, aiormq.exceptions.PublishError):  # a nack, not a return
+                self._renew_after_refusal()
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 

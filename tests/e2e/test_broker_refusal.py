@@ -1,0 +1,178 @@
+"""Issue 2, faults: the broker refuses a publish (RabbitMQ answers ``basic.nack``).
+
+A full work queue is what an admin gets with a length limit on it (a policy such as
+``{"max-length": N}``; the queues overflow with ``reject-publish``): RabbitMQ then nacks every
+publish to it. The gateway must answer a failure status (Out of Resources, 0xA7xx, so the
+modality retries) and never Success, say why in its log, keep nothing of the refused instance,
+lose nothing it acknowledged before, and store the same instance once it is sent again after
+the limit is lifted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scripts.native import Stack
+from shared import topology
+from tests.conftest import dsn
+from tests.dicomgen import CT_IMAGE, make_instance, uid
+from tests.helpers import pg, storescu, wait_until
+
+pytestmark = pytest.mark.e2e
+POLICY = "minipacs-test-full"
+
+
+def _queue_policy(vhost: str, queue: str) -> str:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "policy",
+                          "--no-table-headers"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    for line in out.splitlines():
+        name, _, policy = line.partition("\t")
+        if name.strip() == queue:
+            return policy.strip()
+    raise AssertionError(f"queue {queue} not found in vhost {vhost}: {out!r}")
+
+
+def _set_policy(vhost: str, definition: dict[str, int],
+                queue: str = topology.STORAGE.name) -> None:
+    subprocess.run(["rabbitmqctl", "-q", "set_policy", "-p", vhost, "--apply-to", "queues",
+                    "--priority", "100", POLICY, f"^{re.escape(queue)}$",
+                    json.dumps(definition)], check=True, timeout=60, capture_output=True)
+
+
+def _clear_policy(vhost: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", "clear_policy", "-p", vhost, POLICY], timeout=60,
+                   capture_output=True)
+
+
+def _dead_letters(vhost: str) -> int:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages",
+                          "--no-table-headers"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    depths = {n.strip(): int(c) for n, _, c in (x.partition("\t") for x in out.splitlines())}
+    return sum(depths[q.dead_letter_queue] for q in topology.QUEUES)
+
+
+def _indexed(stack: Stack, sop_uid: str) -> int:
+    rows = pg(dsn(stack), "SELECT count(*) AS n FROM instance WHERE sop_instance_uid = $1",
+              sop_uid)
+    return int(rows[0]["n"])
+
+
+def _instance(tmp: Path, name: str) -> Path:
+    return make_instance(tmp / f"{name}.dcm", sop_class=CT_IMAGE, sop_uid=uid("full", name),
+                         study_uid=uid("full", "study"), series_uid=uid("full", "series"),
+                         patient_id="FULL", patient_name="Queue^Full", rows=16, cols=16,
+                         modality="CT", instance_number=1)
+
+
+def _consumers(vhost: str, queue: str) -> int:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "consumers",
+                          "--no-table-headers"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    counts = {n.strip(): int(c) for n, _, c in (x.partition("\t") for x in out.splitlines())}
+    return counts[queue]
+
+
+def _fill_until_refused(stack: Stack, files: list[Path]) -> tuple[list[str], Path]:
+    """Send one file per storescu run (it stops at the first failure) until the gateway
+    refuses one; returns the SOP Instance UIDs acknowledged before, and the refused file."""
+    acknowledged: list[str] = []
+    for path in files:
+        result = storescu(stack.config.gateway_port, [path])
+        if result.failures:
+            assert result.successes == 0, result.output[-1500:]
+            assert "OutOfResources" in result.output, result.output[-1500:]
+            return acknowledged, path
+        assert result.successes == 1, result.output[-1500:]
+        acknowledged.append(uid("full", path.stem))
+    raise AssertionError(f"the gateway acknowledged all of {len(files)} over the limit")
+
+
+def test_a_publish_the_broker_refuses_gets_out_of_resources_never_success(
+        private_stack: Stack, tmp_path: Path) -> None:
+    """Twice: the queue drains under its limit (the same publishing channel is unblocked),
+    and the limit is removed while the queue is over it (RabbitMQ 3.10 never unblocks that
+    channel: the gateway has to publish on a new one)."""
+    stack = private_stack
+    vhost, port, queue = stack.config.vhost, stack.config.gateway_port, topology.STORAGE.name
+    rejected = Path(stack.config.base_dir) / "spool" / "rejected"
+    files = [_instance(tmp_path, f"i{n}") for n in range(10)]
+    acknowledged: list[str] = []
+    try:
+        _set_policy(vhost, {"max-length": 1})
+        wait_until(lambda: _queue_policy(vhost, queue) == POLICY, 60,
+                   what="the length limit applied to the storage queue")
+        for lift_the_limit in (False, True):
+            # storage stopped: what the gateway publishes stays in the queue until it is full
+            stack.kill("storage", signal.SIGTERM)
+            wait_until(lambda: _consumers(vhost, queue) == 0, 60, what="storage stopped")
+            before = len(list(rejected.iterdir())) if rejected.exists() else 0
+            logged = stack.log_text("gateway").count("broker did not confirm")
+            accepted, refused = _fill_until_refused(stack, files)
+            files = files[len(accepted) + 1:]
+            # quorum queues take publishes until they are over the limit, then refuse
+            assert 1 <= len(accepted) <= 2, accepted
+            acknowledged += accepted
+            lines = [x for x in stack.log_text("gateway").splitlines()
+                     if "broker did not confirm" in x]
+            assert len(lines) == logged + 1
+            assert "STORESCU@127.0.0.1" in lines[-1], lines[-1]
+            assert "0xA700 out of resources" in lines[-1], lines[-1]
+            # the refused instance's spooled file is set aside, not announced
+            assert len(list(rejected.iterdir())) == before + 1
+            if lift_the_limit:
+                _clear_policy(vhost)
+                wait_until(lambda: _queue_policy(vhost, queue) == "", 60,
+                           what="the length limit lifted")
+            stack.start_service("storage")
+            done = tuple(acknowledged)
+            wait_until(lambda done=done: all(_indexed(stack, u) == 1 for u in done), 120,
+                       what="every acknowledged instance indexed")
+            # the refused one was not stored; the modality's retry is
+            refused_uid = uid("full", refused.stem)
+            assert _indexed(stack, refused_uid) == 0
+            wait_until(lambda path=refused: storescu(port, [path]).successes == 1, 30, every=1,
+                       what="the gateway accepting the refused instance again")
+            wait_until(lambda sop=refused_uid: _indexed(stack, sop) == 1, 60,
+                       what="the resent instance indexed")
+            acknowledged.append(refused_uid)
+    finally:
+        _clear_policy(vhost)
+
+
+def test_storage_keeps_what_it_cannot_announce_until_the_indexer_queue_takes_it(
+        private_stack: Stack, tmp_path: Path) -> None:
+    """The indexer's queue over its limit refuses storage's ``instance.stored`` messages:
+    storage keeps the instances and retries (nothing dead-lettered), and once the limit is
+    removed (the case where RabbitMQ 3.10 leaves the refusing channel blocked) everything
+    the gateway acknowledged is indexed once."""
+    stack = private_stack
+    vhost, queue = stack.config.vhost, topology.INDEXER.name
+    stack.kill("indexer", signal.SIGTERM)
+    wait_until(lambda: _consumers(vhost, queue) == 0, 60, what="the indexer stopped")
+    files = [_instance(tmp_path, f"s{n}") for n in range(6)]
+    try:
+        _set_policy(vhost, {"max-length": 1}, queue)
+        wait_until(lambda: _queue_policy(vhost, queue) == POLICY, 60,
+                   what="the length limit applied to the indexer queue")
+        # one association per instance: each announcement is its own message
+        for path in files:
+            assert storescu(stack.config.gateway_port, [path]).successes == 1
+        wait_until(lambda: "not stored yet" in stack.log_text("storage"), 60,
+                   what="storage retrying the announcements the broker refused")
+        _clear_policy(vhost)
+        wait_until(lambda: _queue_policy(vhost, queue) == "", 60, what="the limit lifted")
+    finally:
+        _clear_policy(vhost)
+    stack.start_service("indexer")
+    uids = [uid("full", p.stem) for p in files]
+    wait_until(lambda: all(_indexed(stack, u) == 1 for u in uids), 120,
+               what="every acknowledged instance indexed")
+    assert _dead_letters(vhost) == 0
