@@ -3,6 +3,12 @@
 Starts (or checks) PostgreSQL and RabbitMQ with its management plugin, runs SeaweedFS as the
 S3 endpoint, applies the migrations, then runs gateway, storage and indexer in the foreground
 until Ctrl-C / SIGTERM, and stops everything it started. Tests and benchmarks use ``Stack``.
+
+``run`` reads ``MINIPACS_GATEWAY_PORT`` / ``MINIPACS_GATEWAY_AET`` like the gateway, ``--data``
+(or ``MINIPACS_DATA``, default ``.data``), and, so that a second stack on the machine does not
+collide with the first: ``MINIPACS_NATIVE_S3_PORT`` (SeaweedFS S3 port, default 8333; it also
+uses the next 6 ports and their +10000 gRPC twins), ``MINIPACS_NATIVE_DATABASE`` (PostgreSQL
+database, default ``minipacs``) and ``MINIPACS_NATIVE_VHOST`` (RabbitMQ vhost, default ``/``).
 """
 
 from __future__ import annotations
@@ -298,9 +304,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("command", choices=["run"])
     parser.add_argument("--data", default=os.environ.get("MINIPACS_DATA", str(ROOT / ".data")))
     args = parser.parse_args(argv)
+    env = os.environ
     stack = Stack(StackConfig(base_dir=Path(args.data),
-                              gateway_port=int(os.environ.get("MINIPACS_GATEWAY_PORT", 11112)),
-                              gateway_aet=os.environ.get("MINIPACS_GATEWAY_AET", "MINIPACS")))
+                              gateway_port=int(env.get("MINIPACS_GATEWAY_PORT", 11112)),
+                              gateway_aet=env.get("MINIPACS_GATEWAY_AET", "MINIPACS"),
+                              s3_port=int(env.get("MINIPACS_NATIVE_S3_PORT", StackConfig.s3_port)),
+                              database=env.get("MINIPACS_NATIVE_DATABASE", StackConfig.database),
+                              vhost=env.get("MINIPACS_NATIVE_VHOST", StackConfig.vhost)))
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
