@@ -4,6 +4,7 @@ Every acknowledged instance ends up stored byte-identical and indexed exactly on
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from scripts.native import Stack, port_open
+from shared import topology
 from tests.conftest import dsn, make_stack, teardown
 from tests.dicomgen import Made, ct_series, small_set
 from tests.e2e.test_ingest import assert_stored_byte_identical, indexed
@@ -69,6 +71,58 @@ def test_whole_stack_stopped_mid_ingest_and_started_again(tmp_path: Path) -> Non
         assert dead and not any(dead.values()), dead
         for name in ("storage", "indexer", "gateway"):
             assert "Traceback" not in stack.log_text(name), stack.log_text(name)[-3000:]
+    finally:
+        teardown(stack)
+
+
+def _storage_queue_depth(stack: Stack) -> int:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost, "name",
+                          "messages", "--no-table-headers"], capture_output=True, text=True,
+                         check=True).stdout
+    rows = (line.split() for line in out.splitlines() if line.strip())
+    return sum(int(n) for name, n in rows if name == topology.STORAGE.name)
+
+
+def test_whole_stack_killed_mid_ingest_and_started_again(tmp_path: Path) -> None:
+    """``kill -9`` of every process (a crash, the OOM killer, ``docker kill``): nothing gets
+    to finish. Storage and the indexer die first, so acknowledged instances are waiting in the
+    broker when the gateway and the S3 store die in the middle of the association; after the
+    start every one of them is stored and indexed once, and the resent rest lands once."""
+    stack = make_stack(tmp_path, "crash")
+    stack.start()
+    try:
+        port = stack.config.gateway_port
+        made = ct_series(tmp_path / "ct", count=1000, tag="crash-ct", size=128)
+        study = [made[0].study_uid]
+        sender = subprocess.Popen(
+            [dcmtk("storescu"), "-v", "-aec", "MINIPACS", "127.0.0.1", str(port),
+             *[str(m.path) for m in made]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env=dcmtk_env())
+        wait_until(lambda: indexed(stack, study) >= 5, 120, what="ingest under way")
+        stack.kill("storage", signal.SIGKILL)
+        stack.kill("indexer", signal.SIGKILL)
+        wait_until(lambda: _storage_queue_depth(stack) >= 5, 60,
+                   what="acknowledged instances waiting in the broker")
+        for name in list(stack.procs):  # the gateway mid-association, the mover, SeaweedFS
+            stack.kill(name, signal.SIGKILL)
+        output, _ = sender.communicate(timeout=120)
+        acknowledged = _acknowledged(made, output)
+        assert len(acknowledged) >= 10, output[-1500:]
+        assert indexed(stack, study) < len(acknowledged)
+        print(f"acknowledged before the kill: {len(acknowledged)} of {len(made)}")
+
+        stack.start()
+        wait_until(lambda: indexed(stack, study) >= len(acknowledged), 180,
+                   what="every instance acknowledged before the kill indexed after the start")
+        rest = made[len(acknowledged):]  # usually the kill cut the association short
+        if rest:
+            again = storescu(port, [m.path for m in rest])
+            assert again.successes == len(rest), again.output[-1500:]
+        wait_until(lambda: indexed(stack, study) == len(made), 180,
+                   what="the whole series indexed")
+        assert_stored_byte_identical(stack, made)
+        dead = _dead_letters(stack)
+        assert dead and not any(dead.values()), dead
     finally:
         teardown(stack)
 
