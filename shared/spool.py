@@ -12,6 +12,7 @@ are random UUIDs: never derived from a tag value.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _CHUNK = 1024 * 1024
+log = logging.getLogger("minipacs.spool")
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,14 @@ class Spool:
         for folder in (self.incoming, self.rejected):
             for entry in os.scandir(folder):
                 try:
-                    if entry.stat().st_mtime < cutoff:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue  # nothing the gateway writes: leave it to a person
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
                         os.unlink(entry.path)
                         removed += 1
                 except FileNotFoundError:
                     continue
+                except OSError as exc:  # one file we may not remove must not stop the rest
+                    log.warning("spool sweeper could not remove %s: %s", entry.path,
+                                exc.strerror or exc)
         return removed

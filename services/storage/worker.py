@@ -195,12 +195,15 @@ class StorageWorker:
 
     async def sweep_forever(self) -> None:
         while not self.stop.is_set():
-            removed = await asyncio.to_thread(self.spool.sweep, self.settings.sweep_after)
-            if removed:
-                log.info("spool sweeper removed %d abandoned files", removed)
-            evicted = await asyncio.to_thread(self.cache.trim)
-            if evicted:
-                log.info("hot cache: evicted %d files", evicted)
+            try:
+                removed = await asyncio.to_thread(self.spool.sweep, self.settings.sweep_after)
+                if removed:
+                    log.info("spool sweeper removed %d abandoned files", removed)
+                evicted = await asyncio.to_thread(self.cache.trim)
+                if evicted:
+                    log.info("hot cache: evicted %d files", evicted)
+            except Exception:  # the next round tries again; a dead sweeper would be silent
+                log.exception("spool sweeper / cache trim failed; trying again in 60 s")
             try:
                 await asyncio.wait_for(self.stop.wait(), 60)
             except TimeoutError:

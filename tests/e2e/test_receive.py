@@ -17,10 +17,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from scripts.native import Stack
-from tests.conftest import dsn, make_stack, teardown
+from tests.conftest import dsn, make_stack, s3_client, teardown
 from tests.dicomgen import CT_IMAGE, Made, make_instance, uid
 from tests.e2e.test_ingest import assert_stored_byte_identical
-from tests.helpers import pg, storescu, wait_until
+from tests.helpers import pg, s3_objects, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -115,12 +115,16 @@ def test_store_find_and_echo_share_an_association(stack: Stack, tmp_path: Path) 
 def test_a_c_store_cut_off_mid_dataset_leaves_nothing_behind(stack: Stack,
                                                              tmp_path: Path) -> None:
     """Command and half the dataset, then an A-ABORT: no spool file is left, nothing is
-    stored or indexed, and the gateway keeps serving."""
+    stored or indexed, and the gateway keeps serving. "Nothing indexed" is checked behind a
+    barrier: a good instance sent after the abort has gone all the way through (gateway,
+    storage, indexer), so a late publish of the aborted one would have been indexed too."""
     import struct
 
     from shared import dimse_wire as wire
 
-    m = made(tmp_path, "cut", 1)[0]
+    m, good = made(tmp_path, "cut", 2)
+    client = s3_client(stack)
+    objects_before = set(s3_objects(client, "minipacs"))
     raw = m.path.read_bytes()
     dataset = raw[wire.dataset_offset(raw):]
     ae = AE(ae_title="TESTSCU")
@@ -142,11 +146,27 @@ def test_a_c_store_cut_off_mid_dataset_leaves_nothing_behind(stack: Stack,
     assoc.abort()
     wait_until(lambda: "partial dataset dropped" in stack.log_text("gateway"), 30)
     assert not any(incoming.iterdir())
-    assert indexed_count(stack, [m.sop_uid]) == 0
     again = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
     assert again.is_established
     assert again.send_c_echo().Status == 0x0000
     again.release()
+    # the barrier: one good instance after the abort, waited for until it is indexed
+    sent = storescu(stack.config.gateway_port, [good.path])
+    assert sent.successes == 1, sent.output[-1500:]
+    wait_until(lambda: indexed_count(stack, [good.sop_uid]) == 1, 60,
+               what="the instance sent after the abort indexed")
+    assert indexed_count(stack, [m.sop_uid]) == 0
+    good_key = pg(dsn(stack), "SELECT object_key FROM instance WHERE sop_instance_uid = $1",
+                  good.sop_uid)[0]["object_key"]
+    new_objects = set(s3_objects(client, "minipacs")) - objects_before
+    assert good_key in new_objects
+    for key in new_objects:  # whatever else arrived meanwhile, none is the aborted instance
+        obj = client.get_object("minipacs", key)
+        try:
+            assert m.sop_uid.encode() not in obj.read(), key
+        finally:
+            obj.close()
+            obj.release_conn()
 
 
 TRANSFER_SYNTAXES = {
