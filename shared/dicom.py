@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
@@ -164,6 +165,7 @@ def _inspect_with_pydicom(path: Path, transfer_syntax: str) -> InstanceInfo:
     try:
         with path.open("rb") as fp:
             ds = dcmread(fp, stop_before_pixels=True, force=False)
+            _check_short_values(ds)
             if transfer_syntax != DEFLATED:
                 check_tail(fp, size, implicit=transfer_syntax == IMPLICIT_LE,
                            little=transfer_syntax != EXPLICIT_BE)
@@ -182,6 +184,16 @@ def _inspect_with_pydicom(path: Path, transfer_syntax: str) -> InstanceInfo:
             struct.error, NotImplementedError) as exc:
         raise InvalidInstance("unreadable", f"dataset cannot be parsed: {type(exc).__name__}"
                               ) from exc
+
+
+def _check_short_values(ds: Dataset) -> None:
+    """pydicom reads a value whose length runs past the end of the data as the bytes there are,
+    silently: refuse it, as the walk does."""
+    for elem in ds.elements():
+        if (isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF
+                and isinstance(elem.value, bytes) and len(elem.value) < elem.length):
+            raise InvalidInstance("unreadable", "dataset truncated: an element is longer than "
+                                  "the data received")
 
 
 def _info_from(get: Callable[[str], str | None], transfer_syntax: str) -> InstanceInfo:

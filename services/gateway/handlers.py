@@ -19,6 +19,7 @@ from pynetdicom.events import Event
 from services.gateway import statuses
 from services.gateway.admission import admit, permitted
 from shared.ingest import Caller, Ingest
+from shared.keys import InvalidUID, validate_uid
 from shared.settings import GatewaySettings
 
 log = logging.getLogger("minipacs.gateway")
@@ -112,16 +113,25 @@ class Gateway:
         req = cast(C_STORE, event.request)
         return self.store_file(event.assoc, str(req.AffectedSOPClassUID or ""),
                                str(req.AffectedSOPInstanceUID or ""), int(req.MessageID or 0),
-                               str(event.context.transfer_syntax), Path(event.dataset_path))
+                               str(event.context.transfer_syntax), Path(event.dataset_path),
+                               str(event.context.abstract_syntax))
 
     def store_file(self, assoc: Association, sop_class: str, sop_instance: str, message_id: int,
-                   transfer_syntax: str, path: Path) -> int:
+                   transfer_syntax: str, path: Path, context_class: str) -> int:
         """One received C-STORE dataset (a Part-10 file in the spool's incoming folder) -> its
         DIMSE status. Called from the association's DUL thread (``receive.py``) or by
-        pynetdicom's event."""
+        pynetdicom's event. ``context_class``: the abstract syntax of the presentation context
+        it came on, which a well-formed Affected SOP Class UID must equal."""
         started = time.perf_counter()
         if not self.may(assoc, "store"):
             return statuses.NOT_AUTHORIZED
+        if _off_context(sop_class, context_class):
+            status = statuses.SOP_CLASS_NOT_SUPPORTED
+            log.warning("assoc=%d msg=%s C-STORE from %s@%s refused -> %s: Affected SOP Class "
+                        "UID %s on a presentation context for %s", self.ids(assoc), message_id,
+                        assoc.requestor.ae_title.strip(), assoc.requestor.address,
+                        statuses.describe(status), sop_class, context_class)
+            return status
         outcome = self.ingest.accept_file(path, sop_class, sop_instance, transfer_syntax,
                                           self.caller(assoc))
         status = _OUTCOME_STATUS[outcome.kind]
@@ -146,3 +156,12 @@ class Gateway:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
         ]
+
+
+def _off_context(sop_class: str, context_class: str) -> bool:
+    """A well-formed Affected SOP Class UID other than its context's (a malformed or missing
+    one is the ingest check's: 0xC001)."""
+    try:
+        return validate_uid(sop_class, "Affected SOP Class UID") != context_class
+    except InvalidUID:
+        return False

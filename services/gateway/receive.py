@@ -20,6 +20,7 @@ logging is on (TRACE), so the dumps show every message. Memory is bounded by the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -40,8 +41,9 @@ log = logging.getLogger("minipacs.gateway")
 P_DATA_TF = wire.P_DATA_TF
 NO_DATASET = wire.NO_DATASET
 
-# (assoc, sop_class, sop_instance, message_id, transfer_syntax, path) -> DIMSE status
-StoreHandler = Callable[[Any, str, str, int, str, Path], int]
+# (assoc, sop_class, sop_instance, message_id, transfer_syntax, path, context's abstract
+# syntax) -> DIMSE status
+StoreHandler = Callable[[Any, str, str, int, str, Path, str], int]
 
 
 @dataclass
@@ -55,6 +57,7 @@ class _Store:
     transfer_syntax: str
     path: Path
     file: IO[bytes] | None  # None after a write failed: the rest is read and dropped
+    context_class: str = ""  # the context's abstract syntax: the handler checks the command's
     error: str = ""
 
 
@@ -83,7 +86,7 @@ def _enabled() -> bool:
 
 def _read_pdu_data(self: DULServiceProvider) -> None:
     if not _enabled() or self.state_machine.current_state != "Sta6":
-        _original_read(self)
+        _read_within_artim(self)
         return
     sock = cast(Any, self.socket)
     try:
@@ -121,6 +124,38 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         _to_pynetdicom(self, bytes(head) + bytes(body))
         return
     _p_data(self, items)
+
+
+# States where a connection has no association yet (Sta1: the first read, before pynetdicom
+# handles the connection event; Sta2: awaiting the A-ASSOCIATE-RQ) or awaits its close after
+# an A-ABORT (Sta13). The ARTIM timer (the ACSE timeout) bounds them.
+_ARTIM_STATES = frozenset({"Sta1", "Sta2", "Sta13"})
+
+
+def _read_within_artim(dul: DULServiceProvider) -> None:
+    """pynetdicom's reader, its socket reads ending with the ARTIM timer where that runs.
+
+    pynetdicom checks ARTIM between PDUs only: a PDU that stops half-way (a truncated
+    A-ASSOCIATE-RQ, the body of an unknown PDU type it reads as the next header) held the
+    connection for the network timeout (60 s), past any SCU's patience. A read cut short
+    ends the connection as a closed one would (Evt17)."""
+    raw = getattr(dul.socket, "socket", None)
+    if raw is None or dul.state_machine.current_state not in _ARTIM_STATES:
+        _original_read(dul)
+        return
+    timer = dul.artim_timer
+    if timer.timeout is None:  # no ACSE timeout configured
+        _original_read(dul)
+        return
+    running = timer._start_time is not None and timer._end_time is None
+    bound = timer.remaining if running else timer.timeout
+    before = raw.gettimeout()
+    raw.settimeout(max(bound, 0.001))
+    try:
+        _original_read(dul)
+    finally:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            raw.settimeout(before)
 
 
 # Longest PDU other than P-DATA-TF we accept once associated (A-RELEASE / A-ABORT are 10 bytes)
@@ -226,14 +261,16 @@ def _take(dul: DULServiceProvider, command: dict[int, bytes], cx: int) -> _Store
     context = assoc._accepted_cx.get(cx)
     sop_class, sop_instance = _ui(command, 0x0002), _ui(command, 0x1000)
     message_id = wire.us_value(command, 0x0110)
-    if context is None or message_id is None or context.abstract_syntax != sop_class:
+    # Also when the command's SOP class is not the context's, or empty: the handler answers
+    # those (pynetdicom would store the first and leave the second without any response).
+    if context is None or message_id is None:
         return None
     transfer_syntax = str(context.transfer_syntax[0])
     if log.isEnabledFor(logging.DEBUG):
         log.debug("assoc %s: C-STORE msg=%d read by the gateway's reader", _who(dul), message_id)
     fd, name = tempfile.mkstemp(suffix=".dcm")
     store = _Store(cx, sop_class, sop_instance, message_id, transfer_syntax, Path(name),
-                   os.fdopen(fd, "wb"))
+                   os.fdopen(fd, "wb"), str(context.abstract_syntax))
     _write(store, b"\x00" * 128 + b"DICM" + file_meta(sop_class, sop_instance,
                                                        transfer_syntax))
     return store
@@ -259,7 +296,7 @@ def _finish(dul: DULServiceProvider, store: _Store) -> None:
             store.file = None
             assert _handler is not None
             status = _handler(dul.assoc, store.sop_class, store.sop_instance, store.message_id,
-                              store.transfer_syntax, store.path)
+                              store.transfer_syntax, store.path, store.context_class)
         else:
             log.error("assoc %s: spool write failed (%s): C-STORE -> 0x%04X", _who(dul),
                       store.error, status)

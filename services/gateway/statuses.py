@@ -19,6 +19,7 @@ DATASET_DOES_NOT_MATCH = 0xA900    # dataset UIDs differ from the command's
 CANNOT_UNDERSTAND = 0xC000         # unparsable, truncated
 INVALID_UID = 0xC001               # missing or malformed SOP Instance/Class, Study, Series UID
 PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122   # Affected SOP Class UID is not the presentation context's
 NOT_AUTHORIZED = 0x0124            # the calling node may not use this service (Allow* = false)
 
 FOR_INVALID_INSTANCE = {

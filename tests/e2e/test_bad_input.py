@@ -4,24 +4,124 @@ wire are exactly the file's (malformed UIDs, truncation, mismatches)."""
 
 from __future__ import annotations
 
+import hashlib
+import re
+import socket
+import struct
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
+from pydicom.uid import UID
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
 
 from scripts.native import Stack
 from services.gateway import statuses
-from tests.conftest import dsn, make_stack, teardown
-from tests.dicomgen import CT_IMAGE, make_instance, uid
+from shared import dimse_wire as wire
+from tests.conftest import dsn, make_stack, s3_client, teardown
+from tests.dicomgen import CT_IMAGE, MR_IMAGE, make_instance, uid
 from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
 TS = "1.2.840.10008.1.2.1"
+SOP_CLASS_UID, SOP_INSTANCE_UID, PATIENT_ID = 0x00080016, 0x00080018, 0x00100020
+PATIENT_NAME, ROWS, PIXEL_DATA = 0x00100010, 0x00280010, 0x7FE00010
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
+             b"SV", b"UV"}
 
 
+# ---- hand-built DIMSE and datasets: the bytes pynetdicom's client would refuse to send -------
+
+def dataset_of(path: Path) -> bytes:
+    """The dataset bytes of a Part-10 file (what goes on the wire after the command)."""
+    raw = path.read_bytes()
+    return raw[wire.dataset_offset(raw):]
+
+
+def _elements(dataset: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(tag, header position, value position, value length) of each top-level element of an
+    Explicit VR Little Endian dataset without undefined lengths (what ``instance`` writes)."""
+    pos = 0
+    while pos < len(dataset):
+        group, elem, vr = struct.unpack_from("<HH2s", dataset, pos)
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<L", dataset, pos + 8)
+            value = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", dataset, pos + 6)
+            value = pos + 8
+        yield group << 16 | elem, pos, value, length
+        pos = value + length
+
+
+def set_value(dataset: bytes, tag: int, value: bytes | None = None,
+              length: int | None = None) -> bytes:
+    """``dataset`` with ``tag``'s value replaced by ``value`` as given (no padding: odd lengths,
+    NUL bytes and backslashes stay) and its length field set to ``length`` (a lie, if it is
+    not the value's length)."""
+    for found, head, pos, old_length in _elements(dataset):
+        if found != tag:
+            continue
+        new = dataset[pos:pos + old_length] if value is None else value
+        size = len(new) if length is None else length
+        field = (struct.pack("<L", size) if pos - head == 12 else struct.pack("<H", size))
+        return dataset[:pos - len(field)] + field + new + dataset[pos + old_length:]
+    raise KeyError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) not in the dataset")
+
+
+def pdv(context_id: int, control: int, data: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one PDV."""
+    return struct.pack(">BBLLBB", wire.P_DATA_TF, 0, len(data) + 6, len(data) + 2, context_id,
+                       control) + data
+
+
+def store_raw(stack: Stack, sop_class: str, sop_instance: str, dataset: bytes,
+              context: str = CT_IMAGE) -> int | None:
+    """One C-STORE with a hand-encoded command (any Affected SOP Class / Instance UID, even
+    empty, over 64 characters or with a NUL) and ``dataset`` as it is, on a presentation
+    context for ``context``. Returns the status, or None if the gateway never answered (the
+    association aborted, or no response within 30 s)."""
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(context, TS)
+    ae.dimse_timeout = 30
+    assoc = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        # The response echoes the command's UIDs: our client must read back whatever we sent.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(_config.VALIDATORS, "UI", lambda _uid: (True, ""))
+            cx = assoc.accepted_contexts[0].context_id
+            assert cx is not None
+            return _c_store(assoc, cx, sop_class, sop_instance, dataset)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _c_store(assoc: Association, context_id: int, sop_class: str, sop_instance: str,
+             dataset: bytes) -> int | None:
+    # pynetdicom's own send_* pause its reactor so the response is left for them: so do we.
+    assoc._reactor_checkpoint.clear()
+    wait_until(lambda: assoc._is_paused, 10, every=0.001, what="the client reactor paused")
+    try:
+        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert sock is not None
+        sock.sendall(pdv(context_id, 0x03, wire.c_store_rq(1, sop_class, sop_instance))
+                     + pdv(context_id, 0x02, dataset))
+        _cx, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    status = None if rsp is None else rsp.Status  # type: ignore[union-attr]
+    return None if status is None else int(status)
+
+
+def refusals(stack: Stack) -> int:
+    return stack.log_text("gateway").count("C-STORE from TESTSCU@127.0.0.1 refused")
 
 
 def send_file(stack: Stack, path: Path, aet: str = "TESTSCU") -> int:
@@ -48,7 +148,7 @@ def instance(tmp: Path, name: str, **kw: object) -> Path:
 def rewrite(path: Path, meta_uid: str | None = None, dataset_uid: str | None = None) -> Path:
     ds = dcmread(path)
     if meta_uid is not None:
-        ds.file_meta.MediaStorageSOPInstanceUID = meta_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(meta_uid)
     if dataset_uid is not None:
         ds.SOPInstanceUID = dataset_uid
     ds.save_as(path, enforce_file_format=False)
@@ -74,6 +174,19 @@ def _queue_busy(stack: Stack) -> bool:
                if line.strip() and not line.split()[0].endswith(".dead"))
 
 
+# Bad SOP Instance UIDs sent in both the command and the dataset ("..."), or only in the
+# dataset with a good command ("...-in_dataset"): they go out by hand (``store_raw``), as
+# pynetdicom's client refuses empty and over-long UIDs.
+BAD_UIDS = {
+    "backslash_uid": "1.2.3\\4",  # the value separator: would make it two UIDs
+    "nul_uid": "1.2\x003.4",       # NUL inside the value, not as the trailing pad
+    "long_uid": "1.2." + "3" * 70,  # 74 characters
+    "letters_uid": "1.2.abc",
+    "empty_uid": "",
+}
+CLEAN_BAD_UIDS = [v for v in BAD_UIDS.values() if v and "\x00" not in v]  # PostgreSQL text
+
+
 @pytest.mark.usefixtures("chunked_send")
 @pytest.mark.parametrize(("case", "expected"), [
     ("traversal_uid", statuses.INVALID_UID),
@@ -82,11 +195,31 @@ def _queue_busy(stack: Stack) -> bool:
     ("missing_study_uid", statuses.INVALID_UID),
     ("uid_mismatch", statuses.DATASET_DOES_NOT_MATCH),
     ("truncated", statuses.CANNOT_UNDERSTAND),
+    *[(name, statuses.INVALID_UID) for name in BAD_UIDS],
+    *[(name + "-in_dataset", statuses.INVALID_UID) for name in BAD_UIDS],
+    # The command's Affected SOP Class UID empty (and the dataset's): once got no response
+    # at all (pynetdicom ignores such a request), the SCU waiting for its DIMSE timeout.
+    ("empty_class_uid", statuses.INVALID_UID),
+    ("empty_class_uid-in_dataset", statuses.INVALID_UID),
+    # command and context say MR, the dataset is a CT image
+    ("command_class_mismatch", statuses.DATASET_DOES_NOT_MATCH),
 ])
 def test_bad_instance_gets_a_failure_status_and_nothing_is_stored(
         stack: Stack, tmp_path: Path, case: str, expected: int) -> None:
     good_uid = uid("bad", case)
     path = instance(tmp_path, case)
+    refused_before = refusals(stack)
+    raw: tuple[str, str, bytes, str] | None = None  # (command class, instance, dataset, context)
+    name, _, where = case.partition("-")
+    if name in BAD_UIDS:
+        bad = BAD_UIDS[name]
+        dataset = set_value(dataset_of(path), SOP_INSTANCE_UID, bad.encode("ascii"))
+        raw = (CT_IMAGE, good_uid if where else bad, dataset, CT_IMAGE)
+    elif name == "empty_class_uid":
+        raw = (CT_IMAGE if where else "", good_uid,
+               set_value(dataset_of(path), SOP_CLASS_UID, b""), CT_IMAGE)
+    elif case == "command_class_mismatch":
+        raw = (MR_IMAGE, good_uid, dataset_of(path), MR_IMAGE)
     if case == "traversal_uid":
         rewrite(path, meta_uid="../../x", dataset_uid="../../x")
     elif case == "slash_uid":
@@ -100,10 +233,11 @@ def test_bad_instance_gets_a_failure_status_and_nothing_is_stored(
         rewrite(path, meta_uid=good_uid + ".1")
     elif case == "truncated":
         path.write_bytes(path.read_bytes()[:-100])
-    assert send_file(stack, path) == expected
+    status = send_file(stack, path) if raw is None else store_raw(stack, *raw)
+    assert status == expected, f"0x{status:04X}" if status is not None else "no response"
     assert nothing_stored(stack, good_uid, good_uid + ".1", "../../x", "1.2/3", "1.2.3.4\n",
-                          "1.2.3.4")
-    assert "refused" in stack.log_text("gateway")
+                          "1.2.3.4", *CLEAN_BAD_UIDS)
+    assert refusals(stack) == refused_before + 1  # one refusal logged, for this one
     # ...and the gateway keeps serving.
     ok = instance(tmp_path, case + "-after", sop_uid=uid("bad", case, "after"))
     assert send_file(stack, ok) == statuses.SUCCESS
@@ -148,8 +282,6 @@ def test_known_ae_title_from_another_host_is_rejected(stack: Stack) -> None:
 
 
 def test_garbage_bytes_are_dropped_and_the_gateway_keeps_serving(stack: Stack) -> None:
-    import socket
-
     with socket.create_connection(("127.0.0.1", stack.config.gateway_port), timeout=30) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\xff" * 1000)
         s.settimeout(30)
@@ -200,8 +332,6 @@ def test_association_limit_and_silent_connections(tmp_path: Path) -> None:
     """RELIABILITY: more associations than the limit are rejected as transient (the modality
     retries) while those running go on; a connection that never associates is closed after
     the ACSE timeout and its slot is free again."""
-    import socket
-
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     stack = make_stack(tmp_path, "limit", MINIPACS_MAX_ASSOCIATIONS="2",
@@ -229,7 +359,7 @@ def test_association_limit_and_silent_connections(tmp_path: Path) -> None:
         wait_until(two_held, 30, what="two associations held at once")
         first, second = held
         third = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
-        assert third.is_rejected
+        assert third.is_rejected and third.acceptor.primitive is not None
         assert third.acceptor.primitive.result == 0x02  # rejected-transient
         assert first.send_c_echo().Status == 0x0000  # the running ones are unaffected
         assert second.send_c_echo().Status == 0x0000
@@ -245,5 +375,237 @@ def test_association_limit_and_silent_connections(tmp_path: Path) -> None:
         assert again.is_established and again.send_c_echo().Status == 0x0000
         again.release()
         assert "rejected (association limit 2" in stack.log_text("gateway")
+    finally:
+        teardown(stack)
+
+
+# ---- 1. a patient ID like a path ---------------------------------------------------------------
+
+CONTENT_KEY = re.compile(r"instances/([0-9a-f]{2})/([0-9a-f]{64})\.dcm")
+
+
+def test_a_patient_id_like_a_path_is_stored_under_a_content_key(stack: Stack,
+                                                                 tmp_path: Path) -> None:
+    """PatientID "../../.." with valid UIDs is an ordinary instance: stored and indexed with
+    that patient ID as data, its object key built from the content hash only, no object
+    anywhere in the bucket with ".." in its key."""
+    sop = uid("bad", "dotdot-patient")
+    path = instance(tmp_path, "dotdot-patient", sop_uid=sop, patient_id="../../..",
+                    study_uid=uid("bad", "dotdot-study"), series_uid=uid("bad", "dotdot-se"))
+    assert send_file(stack, path) == statuses.SUCCESS
+    rows = wait_until(lambda: pg(
+        dsn(stack), "SELECT i.object_key, i.sha256, i.size, p.patient_id FROM instance i "
+        "JOIN series se ON se.id = i.series_fk JOIN study st ON st.id = se.study_fk "
+        "JOIN patient p ON p.id = st.patient_fk WHERE i.sop_instance_uid = $1", sop), 60,
+        what="the instance indexed")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["patient_id"] == "../../.."  # kept as data...
+    key = row["object_key"]
+    match = CONTENT_KEY.fullmatch(key)  # ...never in the key
+    assert match, key
+    assert match.group(2) == row["sha256"] and match.group(1) == row["sha256"][:2]
+    assert ".." not in key and "../../.." not in key
+    client = s3_client(stack)
+    obj = client.get_object("minipacs", key)
+    try:
+        data = obj.read()
+    finally:
+        obj.close()
+        obj.release_conn()
+    assert hashlib.sha256(data).hexdigest() == row["sha256"] and len(data) == row["size"]
+    assert dataset_of_bytes(data) == dataset_of(path)
+    escaped = [o.object_name for o in client.list_objects("minipacs", recursive=True)
+               if ".." in (o.object_name or "")]
+    assert escaped == []
+
+
+def dataset_of_bytes(raw: bytes) -> bytes:
+    return raw[wire.dataset_offset(raw):]
+
+
+# ---- 2. element lengths ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("case", "expected"), [
+    # PatientName (a short VR) declares 0xFFF0 bytes: it would run 60 KB past the end
+    ("name_overruns", statuses.CANNOT_UNDERSTAND),
+    # the same from Rows, after every UID we key on: pydicom reads the bytes there are without
+    # a word, and this one used to be stored with Success
+    ("rows_overrun", statuses.CANNOT_UNDERSTAND),
+    # Pixel Data declares 2 GiB over the 512 bytes sent: refused, never allocated
+    ("pixels_overrun", statuses.CANNOT_UNDERSTAND),
+    # a zero-byte dataset: no SOP Class / Instance UID in it (0xC001 is in the 0xCxxx
+    # "cannot understand" range PS3.4 gives C-STORE)
+    ("zero_bytes", statuses.INVALID_UID),
+])
+def test_bad_element_lengths_get_a_failure_status_and_nothing_is_stored(
+        stack: Stack, tmp_path: Path, case: str, expected: int) -> None:
+    sop = uid("bad", case)
+    dataset = dataset_of(instance(tmp_path, case, sop_uid=sop))
+    if case == "name_overruns":
+        dataset = set_value(dataset, PATIENT_NAME, length=0xFFF0)
+    elif case == "rows_overrun":
+        dataset = set_value(dataset, ROWS, length=0xFFF0)
+    elif case == "pixels_overrun":
+        dataset = set_value(dataset, PIXEL_DATA, length=0x80000000)
+    elif case == "zero_bytes":
+        dataset = b""
+    refused_before = refusals(stack)
+    status = store_raw(stack, CT_IMAGE, sop, dataset)
+    assert status == expected, f"0x{status:04X}" if status is not None else "no response"
+    assert refusals(stack) == refused_before + 1
+    assert nothing_stored(stack, sop)
+    ok = instance(tmp_path, case + "-after", sop_uid=uid("bad", case, "after"))
+    assert send_file(stack, ok) == statuses.SUCCESS
+
+
+def test_an_odd_element_length_is_stored_as_received(stack: Stack, tmp_path: Path) -> None:
+    """PS3.5 7.1.1 wants every value length even; PatientID here is "ODD" with length 3 (no
+    pad). The gateway does not check parity: its structural walk only proves each element
+    lies inside the bytes received, which this one does, and it never re-encodes. So the
+    instance is acknowledged, stored byte for byte as sent (the odd length kept) and indexed
+    with the value pydicom reads, "ODD"."""
+    sop = uid("bad", "odd-length")
+    path = instance(tmp_path, "odd-length", sop_uid=sop, study_uid=uid("bad", "odd-study"),
+                    series_uid=uid("bad", "odd-se"))
+    dataset = set_value(dataset_of(path), PATIENT_ID, b"ODD")
+    assert b"\x10\x00\x20\x00LO\x03\x00ODD" in dataset  # really odd on the wire
+    assert store_raw(stack, CT_IMAGE, sop, dataset) == statuses.SUCCESS
+    rows = wait_until(lambda: pg(
+        dsn(stack), "SELECT i.object_key, p.patient_id FROM instance i JOIN series se ON "
+        "se.id = i.series_fk JOIN study st ON st.id = se.study_fk JOIN patient p ON "
+        "p.id = st.patient_fk WHERE i.sop_instance_uid = $1", sop), 60,
+        what="the instance indexed")
+    assert rows[0]["patient_id"] == "ODD"
+    obj = s3_client(stack).get_object("minipacs", rows[0]["object_key"])
+    try:
+        assert dataset_of_bytes(obj.read()) == dataset
+    finally:
+        obj.close()
+        obj.release_conn()
+
+
+# ---- 3. SOP classes ----------------------------------------------------------------------------
+
+def test_a_c_store_of_another_sop_class_on_an_accepted_context_is_refused(
+        stack: Stack, tmp_path: Path) -> None:
+    """An MR image (command and dataset agree) sent on the presentation context accepted for
+    CT: 0x0122, not stored. (It used to be stored with Success: the gateway's reader left it
+    to pynetdicom, which serves a C-STORE by its command's SOP class whatever the context.)"""
+    sop = uid("bad", "off-context")
+    dataset = dataset_of(instance(tmp_path, "off-context", sop_uid=sop, sop_class=MR_IMAGE))
+    refused_before = refusals(stack)
+    assert store_raw(stack, MR_IMAGE, sop, dataset, context=CT_IMAGE) == \
+        statuses.SOP_CLASS_NOT_SUPPORTED
+    assert refusals(stack) == refused_before + 1
+    assert nothing_stored(stack, sop)
+    ok = instance(tmp_path, "off-context-after", sop_uid=uid("bad", "off-context", "after"))
+    assert send_file(stack, ok) == statuses.SUCCESS
+
+
+MADE_UP_CLASS = "1.2.3.4.5.6.7"
+
+
+def test_an_unsupported_sop_class_is_rejected_at_association(stack: Stack,
+                                                             tmp_path: Path) -> None:
+    """A made-up SOP class: its presentation context is rejected (result 3, abstract syntax
+    not supported) while the CT one beside it is accepted; a C-STORE sent on the rejected
+    context anyway aborts the association, and nothing is stored."""
+    sop = uid("bad", "made-up-class")
+    dataset = dataset_of(instance(tmp_path, "made-up-class", sop_uid=sop,
+                                  sop_class=MADE_UP_CLASS))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(MADE_UP_CLASS, TS)
+    ae.add_requested_context(CT_IMAGE, TS)
+    assoc = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        rejected = {str(cx.abstract_syntax): cx for cx in assoc.rejected_contexts}
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        assert set(rejected) == {MADE_UP_CLASS} and accepted == {CT_IMAGE}
+        assert rejected[MADE_UP_CLASS].result == 0x03  # abstract syntax not supported
+        with pytest.raises(ValueError, match="No presentation context"):
+            assoc.send_c_store(instance(tmp_path, "made-up-class-2",
+                                        sop_uid=uid("bad", "made-up-class", 2),
+                                        sop_class=MADE_UP_CLASS))
+        cx = rejected[MADE_UP_CLASS].context_id
+        assert cx is not None
+        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert sock is not None
+        sock.sendall(pdv(cx, 0x03, wire.c_store_rq(1, MADE_UP_CLASS, sop))
+                     + pdv(cx, 0x02, dataset))
+        wait_until(lambda: assoc.is_aborted, 30, what="the gateway aborting the association")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert nothing_stored(stack, sop)
+    ok = instance(tmp_path, "made-up-class-after", sop_uid=uid("bad", "made-up-class", "a"))
+    assert send_file(stack, ok) == statuses.SUCCESS
+
+
+# ---- 4. protocol garbage -----------------------------------------------------------------------
+
+def _item(kind: int, value: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(value)) + value
+
+
+def associate_rq(calling: str = "TESTSCU", called: str = "MINIPACS") -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing Verification."""
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1")
+                    + _item(0x40, b"1.2.840.10008.1.2"))
+    body = (struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16)
+            + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + context
+            + _item(0x50, _item(0x51, struct.pack(">L", 16384))))
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def _relength(pdu: bytes) -> bytes:
+    """``pdu`` with its length field telling the truth about its (cut) body."""
+    return pdu[:2] + struct.pack(">L", len(pdu) - 6) + pdu[6:]
+
+
+GARBAGE = {
+    # the PDU declares its full length, the peer sends 40 bytes of it and waits
+    "truncated_associate_rq": associate_rq()[:40],
+    # the PDU's length matches what is sent, but it ends inside the presentation context
+    "associate_rq_cut_inside_an_item": _relength(associate_rq()[:90]),
+    # no such PDU type (PS3.8 9.3.1 defines 0x01-0x07), with a 4-byte body
+    "unknown_pdu_type_08": b"\x08\x00" + struct.pack(">L", 4) + b"\x00" * 4,
+}
+A_ABORT = b"\x07\x00\x00\x00\x00\x04"
+CLIENT_PATIENCE = 10.0  # s: well below DCMTK's and pynetdicom's 30 s
+
+
+def test_protocol_garbage_is_closed_within_the_acse_timeout(tmp_path: Path) -> None:
+    """RELIABILITY: a truncated A-ASSOCIATE-RQ or an unknown PDU type is aborted / closed
+    within the ACSE timeout (3 s on this stack; the network timeout stays at its 60 s
+    default), so the connection and its slot come back long before an SCU would give up.
+    pynetdicom checks that timer between PDUs only: a PDU stopping half-way (the truncated
+    request, or the unknown PDU's body it reads as the next header) used to be held until
+    the network timeout. After each, the gateway answers an echo."""
+    stack = make_stack(tmp_path, "garbage", MINIPACS_ACSE_TIMEOUT="3")
+    stack.start()
+    try:
+        assert stack.log_text("gateway").count("'network_timeout': 60.0") == 1
+        port = stack.config.gateway_port
+        for name, garbage in GARBAGE.items():
+            started = time.monotonic()
+            received = b""
+            with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_PATIENCE) as s:
+                s.sendall(garbage)
+                try:
+                    while chunk := s.recv(4096):
+                        received += chunk
+                except ConnectionResetError:
+                    pass
+                except TimeoutError:
+                    pytest.fail(f"{name}: still open after {CLIENT_PATIENCE} s")
+            took = time.monotonic() - started
+            assert took < CLIENT_PATIENCE, name
+            if name != "truncated_associate_rq":  # (that one is only closed: nothing to abort)
+                assert received.startswith(A_ABORT), (name, received[:20].hex())
+            proc = echo(stack, "-aec", "MINIPACS")
+            assert proc.returncode == 0, (name, proc.stdout + proc.stderr)
+        assert "Unknown PDU type received '0x08'" in stack.log_text("gateway")
     finally:
         teardown(stack)

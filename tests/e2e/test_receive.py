@@ -138,14 +138,20 @@ def test_a_c_store_cut_off_mid_dataset_leaves_nothing_behind(stack: Stack,
         return struct.pack(">BBLLBB", wire.P_DATA_TF, 0, len(data) + 6, len(data) + 2, cx,
                            control) + data
 
+    leftovers = set((Path(stack.config.base_dir) / "spool" / "incoming").iterdir())
+    dropped = stack.log_text("gateway").count("partial dataset dropped")
     sock = assoc.dul.socket.socket  # type: ignore[union-attr]
     sock.sendall(pdv(0x03, wire.c_store_rq(7, CT_IMAGE, m.sop_uid)))
     sock.sendall(pdv(0x00, dataset[: len(dataset) // 2]))  # not the last fragment
     incoming = Path(stack.config.base_dir) / "spool" / "incoming"
-    wait_until(lambda: any(incoming.iterdir()), 30)  # the gateway is receiving it
+    # (the stack is shared: other tests' leftovers, which the sweeper removes later, may be
+    # there; this test looks at its own file and log line only)
+    ours = wait_until(lambda: set(incoming.iterdir()) - leftovers, 30,
+                      what="the gateway receiving the dataset")
     assoc.abort()
-    wait_until(lambda: "partial dataset dropped" in stack.log_text("gateway"), 30)
-    assert not any(incoming.iterdir())
+    wait_until(lambda: stack.log_text("gateway").count("partial dataset dropped") > dropped,
+               30, what="the gateway dropping the partial dataset")
+    assert not any(p.exists() for p in ours)
     again = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
     assert again.is_established
     assert again.send_c_echo().Status == 0x0000
