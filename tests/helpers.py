@@ -76,3 +76,12 @@ def pg(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 def s3_objects(client: Minio, bucket: str, prefix: str = "instances/") -> dict[str, int]:
     return {o.object_name: o.size for o in client.list_objects(bucket, prefix=prefix,
                                                                 recursive=True)}
+
+
+def queue_counts(vhost: str, column: str = "messages") -> dict[str, int]:
+    """One ``rabbitmqctl list_queues`` column (messages, consumers...) by queue name."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", column,
+                          "--no-table-headers"], capture_output=True, text=True, check=True,
+                         timeout=60).stdout
+    rows = (line.split() for line in out.splitlines() if line.strip())
+    return {row[0]: int(row[1]) for row in rows if len(row) == 2}

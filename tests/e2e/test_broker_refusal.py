@@ -22,7 +22,7 @@ from scripts.native import Stack
 from shared import topology
 from tests.conftest import dsn
 from tests.dicomgen import CT_IMAGE, make_instance, uid
-from tests.helpers import pg, storescu, wait_until
+from tests.helpers import pg, queue_counts, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
 POLICY = "minipacs-test-full"
@@ -52,10 +52,7 @@ def _clear_policy(vhost: str) -> None:
 
 
 def _dead_letters(vhost: str) -> int:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages",
-                          "--no-table-headers"], capture_output=True, text=True, check=True,
-                         timeout=60).stdout
-    depths = {n.strip(): int(c) for n, _, c in (x.partition("\t") for x in out.splitlines())}
+    depths = queue_counts(vhost)
     return sum(depths[q.dead_letter_queue] for q in topology.QUEUES)
 
 
@@ -73,11 +70,7 @@ def _instance(tmp: Path, name: str) -> Path:
 
 
 def _consumers(vhost: str, queue: str) -> int:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "consumers",
-                          "--no-table-headers"], capture_output=True, text=True, check=True,
-                         timeout=60).stdout
-    counts = {n.strip(): int(c) for n, _, c in (x.partition("\t") for x in out.splitlines())}
-    return counts[queue]
+    return queue_counts(vhost, "consumers")[queue]
 
 
 def _fill_until_refused(stack: Stack, files: list[Path]) -> tuple[list[str], Path]:
@@ -95,13 +88,26 @@ def _fill_until_refused(stack: Stack, files: list[Path]) -> tuple[list[str], Pat
     raise AssertionError(f"the gateway acknowledged all of {len(files)} over the limit")
 
 
+def _resumes(stack: Stack, acknowledged: list[str], refused: Path) -> str:
+    """Storage running again: everything acknowledged gets indexed, the refused instance was
+    not, and the modality's retry of it is accepted and indexed. Returns its UID."""
+    wait_until(lambda: all(_indexed(stack, u) == 1 for u in acknowledged), 120,
+               what="every acknowledged instance indexed")
+    refused_uid = uid("full", refused.stem)
+    assert _indexed(stack, refused_uid) == 0
+    wait_until(lambda: storescu(stack.config.gateway_port, [refused]).successes == 1, 30,
+               every=1, what="the gateway accepting the refused instance again")
+    wait_until(lambda: _indexed(stack, refused_uid) == 1, 60, what="the resent instance indexed")
+    return refused_uid
+
+
 def test_a_publish_the_broker_refuses_gets_out_of_resources_never_success(
         private_stack: Stack, tmp_path: Path) -> None:
     """Twice: the queue drains under its limit (the same publishing channel is unblocked),
     and the limit is removed while the queue is over it (RabbitMQ 3.10 never unblocks that
     channel: the gateway has to publish on a new one)."""
     stack = private_stack
-    vhost, port, queue = stack.config.vhost, stack.config.gateway_port, topology.STORAGE.name
+    vhost, queue = stack.config.vhost, topology.STORAGE.name
     rejected = Path(stack.config.base_dir) / "spool" / "rejected"
     files = [_instance(tmp_path, f"i{n}") for n in range(10)]
     acknowledged: list[str] = []
@@ -132,16 +138,7 @@ def test_a_publish_the_broker_refuses_gets_out_of_resources_never_success(
                 wait_until(lambda: _queue_policy(vhost, queue) == "", 60,
                            what="the length limit lifted")
             stack.start_service("storage")
-            done = tuple(acknowledged)
-            wait_until(lambda done=done: all(_indexed(stack, u) == 1 for u in done), 120,
-                       what="every acknowledged instance indexed")
-            # the refused one was not stored; the modality's retry is
-            refused_uid = uid("full", refused.stem)
-            assert _indexed(stack, refused_uid) == 0
-            wait_until(lambda path=refused: storescu(port, [path]).successes == 1, 30, every=1,
-                       what="the gateway accepting the refused instance again")
-            wait_until(lambda sop=refused_uid: _indexed(stack, sop) == 1, 60,
-                       what="the resent instance indexed")
+            refused_uid = _resumes(stack, acknowledged, refused)
             acknowledged.append(refused_uid)
     finally:
         _clear_policy(vhost)

@@ -73,6 +73,8 @@ def test_what_c_find_returns_during_an_ingest_is_already_in_s3(stack: Stack,
     # the queries above did run while instances were still arriving
     assert partial_rounds > 0
     for s in series:
-        wait_until(lambda s=s: _visible(stack, study, s) == sent[s], 120,
-                   what="every instance of the series visible to C-FIND")
+        def complete(s: str = s) -> bool:
+            return _visible(stack, study, s) == sent[s]
+
+        wait_until(complete, 120, what="every instance of the series visible to C-FIND")
         assert _missing_from_s3(stack, sent[s]) == []

@@ -17,17 +17,21 @@ from shared import topology
 from tests.conftest import dsn, make_stack, teardown
 from tests.dicomgen import Made, ct_series, small_set
 from tests.e2e.test_ingest import assert_stored_byte_identical, indexed
-from tests.helpers import StoreResult, dcmtk, dcmtk_env, pg, storescu, wait_until
+from tests.helpers import (
+    StoreResult,
+    dcmtk,
+    dcmtk_env,
+    pg,
+    queue_counts,
+    storescu,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _dead_letters(stack: Stack) -> dict[str, int]:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost, "name",
-                          "messages", "--no-table-headers"], capture_output=True, text=True,
-                         check=True).stdout
-    rows = (line.split() for line in out.splitlines() if line.strip())
-    return {name: int(n) for name, n in rows if name.endswith(".dead")}
+    return {n: c for n, c in queue_counts(stack.config.vhost).items() if n.endswith(".dead")}
 
 
 def _acknowledged(made: Sequence[Made], output: str) -> list[Made]:
@@ -36,18 +40,25 @@ def _acknowledged(made: Sequence[Made], output: str) -> list[Made]:
     return list(made[:output.count("Received Store Response (Success)")])
 
 
+def _ingest_under_way(stack: Stack, tmp: Path, tag: str, count: int, size: int
+                      ) -> tuple[list[Made], list[str], subprocess.Popen[str]]:
+    """A CT series on its way in from one ``storescu -v``, once a few of it are indexed."""
+    made = ct_series(tmp / "ct", count=count, tag=tag, size=size)
+    study = [made[0].study_uid]
+    sender = subprocess.Popen(
+        [dcmtk("storescu"), "-v", "-aec", "MINIPACS", "127.0.0.1",
+         str(stack.config.gateway_port), *[str(m.path) for m in made]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+    wait_until(lambda: indexed(stack, study) >= 5, 120, what="ingest under way")
+    return made, study, sender
+
+
 def test_whole_stack_stopped_mid_ingest_and_started_again(tmp_path: Path) -> None:
     stack = make_stack(tmp_path, "restart")
     stack.start()
     try:
         port = stack.config.gateway_port
-        made = ct_series(tmp_path / "ct", count=200, tag="restart-ct", size=256)
-        study = [made[0].study_uid]
-        sender = subprocess.Popen(
-            [dcmtk("storescu"), "-v", "-aec", "MINIPACS", "127.0.0.1", str(port),
-             *[str(m.path) for m in made]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=dcmtk_env())
-        wait_until(lambda: indexed(stack, study) >= 5, 120, what="ingest under way")
+        made, study, sender = _ingest_under_way(stack, tmp_path, "restart-ct", 200, 256)
         stack.stop()  # SIGTERM to every service, then the S3 store
         output, _ = sender.communicate(timeout=120)
         acknowledged = _acknowledged(made, output)
@@ -75,14 +86,6 @@ def test_whole_stack_stopped_mid_ingest_and_started_again(tmp_path: Path) -> Non
         teardown(stack)
 
 
-def _storage_queue_depth(stack: Stack) -> int:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost, "name",
-                          "messages", "--no-table-headers"], capture_output=True, text=True,
-                         check=True).stdout
-    rows = (line.split() for line in out.splitlines() if line.strip())
-    return sum(int(n) for name, n in rows if name == topology.STORAGE.name)
-
-
 def test_whole_stack_killed_mid_ingest_and_started_again(tmp_path: Path) -> None:
     """``kill -9`` of every process (a crash, the OOM killer, ``docker kill``): nothing gets
     to finish. Storage and the indexer die first, so acknowledged instances are waiting in the
@@ -92,16 +95,10 @@ def test_whole_stack_killed_mid_ingest_and_started_again(tmp_path: Path) -> None
     stack.start()
     try:
         port = stack.config.gateway_port
-        made = ct_series(tmp_path / "ct", count=1000, tag="crash-ct", size=128)
-        study = [made[0].study_uid]
-        sender = subprocess.Popen(
-            [dcmtk("storescu"), "-v", "-aec", "MINIPACS", "127.0.0.1", str(port),
-             *[str(m.path) for m in made]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=dcmtk_env())
-        wait_until(lambda: indexed(stack, study) >= 5, 120, what="ingest under way")
+        made, study, sender = _ingest_under_way(stack, tmp_path, "crash-ct", 1000, 128)
         stack.kill("storage", signal.SIGKILL)
         stack.kill("indexer", signal.SIGKILL)
-        wait_until(lambda: _storage_queue_depth(stack) >= 5, 60,
+        wait_until(lambda: queue_counts(stack.config.vhost).get(topology.STORAGE.name, 0) >= 5, 60,
                    what="acknowledged instances waiting in the broker")
         for name in list(stack.procs):  # the gateway mid-association, the mover, SeaweedFS
             stack.kill(name, signal.SIGKILL)
