@@ -53,11 +53,27 @@ def _ingest_under_way(stack: Stack, tmp: Path, tag: str, count: int, size: int
     return made, study, sender
 
 
+def _all_lands_once(stack: Stack, made: list[Made], study: list[str],
+                    acknowledged: list[Made]) -> None:
+    """After the start: every instance acknowledged before is indexed; the modality sends
+    the rest again (if the association was cut short) and all of it lands once,
+    byte-identical, with nothing dead-lettered."""
+    wait_until(lambda: indexed(stack, study) >= len(acknowledged), 180,
+               what="every instance acknowledged before the stop indexed after the start")
+    rest = made[len(acknowledged):]
+    if rest:
+        again = storescu(stack.config.gateway_port, [m.path for m in rest])
+        assert again.successes == len(rest), again.output[-1500:]
+    wait_until(lambda: indexed(stack, study) == len(made), 180, what="the whole series indexed")
+    assert_stored_byte_identical(stack, made)
+    dead = _dead_letters(stack)
+    assert dead and not any(dead.values()), dead
+
+
 def test_whole_stack_stopped_mid_ingest_and_started_again(tmp_path: Path) -> None:
     stack = make_stack(tmp_path, "restart")
     stack.start()
     try:
-        port = stack.config.gateway_port
         made, study, sender = _ingest_under_way(stack, tmp_path, "restart-ct", 200, 256)
         stack.stop()  # SIGTERM to every service, then the S3 store
         output, _ = sender.communicate(timeout=120)
@@ -68,18 +84,7 @@ def test_whole_stack_stopped_mid_ingest_and_started_again(tmp_path: Path) -> Non
         assert indexed(stack, study) < len(acknowledged)
 
         stack.start()
-        wait_until(lambda: indexed(stack, study) >= len(acknowledged), 180,
-                   what="every instance acknowledged before the stop indexed after the start")
-        # The modality sends what was not acknowledged again: all of it lands, once.
-        rest = made[len(acknowledged):]
-        if rest:
-            again = storescu(port, [m.path for m in rest])
-            assert again.successes == len(rest), again.output[-1500:]
-        wait_until(lambda: indexed(stack, study) == len(made), 180,
-                   what="the whole series indexed")
-        assert_stored_byte_identical(stack, made)
-        dead = _dead_letters(stack)
-        assert dead and not any(dead.values()), dead
+        _all_lands_once(stack, made, study, acknowledged)
         for name in ("storage", "indexer", "gateway"):
             assert "Traceback" not in stack.log_text(name), stack.log_text(name)[-3000:]
     finally:
@@ -94,7 +99,6 @@ def test_whole_stack_killed_mid_ingest_and_started_again(tmp_path: Path) -> None
     stack = make_stack(tmp_path, "crash")
     stack.start()
     try:
-        port = stack.config.gateway_port
         made, study, sender = _ingest_under_way(stack, tmp_path, "crash-ct", 1000, 128)
         stack.kill("storage", signal.SIGKILL)
         stack.kill("indexer", signal.SIGKILL)
@@ -109,17 +113,7 @@ def test_whole_stack_killed_mid_ingest_and_started_again(tmp_path: Path) -> None
         print(f"acknowledged before the kill: {len(acknowledged)} of {len(made)}")
 
         stack.start()
-        wait_until(lambda: indexed(stack, study) >= len(acknowledged), 180,
-                   what="every instance acknowledged before the kill indexed after the start")
-        rest = made[len(acknowledged):]  # usually the kill cut the association short
-        if rest:
-            again = storescu(port, [m.path for m in rest])
-            assert again.successes == len(rest), again.output[-1500:]
-        wait_until(lambda: indexed(stack, study) == len(made), 180,
-                   what="the whole series indexed")
-        assert_stored_byte_identical(stack, made)
-        dead = _dead_letters(stack)
-        assert dead and not any(dead.values()), dead
+        _all_lands_once(stack, made, study, acknowledged)
     finally:
         teardown(stack)
 
