@@ -1,4 +1,5 @@
-"""Issue 2, faults: the broker refuses a publish (RabbitMQ answers ``basic.nack``).
+"""Issue 2, faults: the broker refuses a publish (RabbitMQ answers ``basic.nack``), or
+blocks every publisher (a resource alarm).
 
 A full work queue is what an admin gets with a length limit on it (a policy such as
 ``{"max-length": N}``; the queues overflow with ``reject-publish``): RabbitMQ then nacks every
@@ -20,7 +21,7 @@ import pytest
 
 from scripts.native import Stack
 from shared import topology
-from tests.conftest import dsn
+from tests.conftest import dsn, make_stack, teardown
 from tests.dicomgen import CT_IMAGE, make_instance, uid
 from tests.helpers import pg, queue_counts, storescu, wait_until
 
@@ -173,3 +174,53 @@ def test_storage_keeps_what_it_cannot_announce_until_the_indexer_queue_takes_it(
     wait_until(lambda: all(_indexed(stack, u) == 1 for u in uids), 120,
                what="every acknowledged instance indexed")
     assert _dead_letters(vhost) == 0
+
+
+def _alarms() -> str:
+    return subprocess.run(["rabbitmqctl", "-q", "eval", "rabbit_alarm:get_alarms()."],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
+def _watermark() -> str:
+    """The memory high watermark as ``set_vm_memory_high_watermark`` takes it back."""
+    value = subprocess.run(["rabbitmqctl", "-q", "eval",
+                            "vm_memory_monitor:get_vm_memory_high_watermark()."],
+                           capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    absolute = re.fullmatch(r"\{absolute,\s*(\d+)\}", value)
+    return f"absolute {absolute.group(1)}" if absolute else value
+
+
+def test_a_memory_alarm_gets_out_of_resources_in_time_and_ingest_resumes_after_it(
+        tmp_path: Path) -> None:
+    """RabbitMQ's memory alarm blocks every publishing connection (the disk alarm does the
+    same). The gateway must answer Out of Resources within its confirm timeout, not hang the
+    modality, and take the instance once the alarm clears. The alarm is the broker's own,
+    raised by lowering its watermark to one byte, and the watermark is put back afterwards."""
+    stack = make_stack(tmp_path, "alarm", MINIPACS_CONFIRM_TIMEOUT="3")
+    stack.start()
+    before = _watermark()
+    try:
+        port = stack.config.gateway_port
+        first, blocked = _instance(tmp_path, "a0"), _instance(tmp_path, "a1")
+        assert storescu(port, [first]).successes == 1
+        try:
+            subprocess.run(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", "absolute",
+                            "1"], check=True, timeout=60, capture_output=True)
+            wait_until(lambda: "memory" in _alarms(), 60, what="the broker's memory alarm")
+            # -td: storescu's DIMSE timeout, so a gateway that hangs fails the test
+            result = storescu(port, [blocked], extra=("-td", "30"))
+            assert result.successes == 0, result.output[-1500:]
+            assert result.failures == 1, result.output[-1500:]
+            assert "OutOfResources" in result.output
+        finally:
+            subprocess.run(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", *before.split()],
+                           check=True, timeout=60, capture_output=True)
+        wait_until(lambda: _alarms() == "[]", 60, what="the alarm cleared")
+        wait_until(lambda: storescu(port, [blocked]).successes == 1, 60, every=1,
+                   what="the gateway accepting instances again")
+        for sop in (uid("full", "a0"), uid("full", "a1")):
+            wait_until(lambda sop=sop: _indexed(stack, sop) == 1, 60,  # type: ignore[misc]
+                       what="both instances indexed")
+        assert _dead_letters(stack.config.vhost) == 0
+    finally:
+        teardown(stack)
