@@ -118,6 +118,36 @@ def test_whole_stack_killed_mid_ingest_and_started_again(tmp_path: Path) -> None
         teardown(stack)
 
 
+def test_rabbitmq_restarted_mid_ingest(tmp_path: Path) -> None:
+    """The broker itself stopped and started (``rabbitmqctl stop_app`` / ``start_app``, what
+    an upgrade or a crash of RabbitMQ does) in the middle of an ingest: what it confirmed
+    before it stopped is still queued after it starts (quorum queues on disk), the gateway
+    answered failures, never Success, while it was away, every service reconnects by itself,
+    and the resent rest lands once."""
+    stack = make_stack(tmp_path, "broker", MINIPACS_CONFIRM_TIMEOUT="3")
+    stack.start()
+    try:
+        made, study, sender = _ingest_under_way(stack, tmp_path, "broker-ct", 1000, 128)
+        try:
+            subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=120,
+                           capture_output=True)
+            output, _ = sender.communicate(timeout=120)
+        finally:
+            subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120,
+                           capture_output=True)
+            subprocess.run(["rabbitmqctl", "-q", "await_startup"], check=True, timeout=120,
+                           capture_output=True)
+        acknowledged = _acknowledged(made, output)
+        assert len(acknowledged) >= 5, output[-1500:]
+        print(f"acknowledged before the broker stopped: {len(acknowledged)} of {len(made)}")
+        wait_until(lambda: all("RabbitMQ connection restored" in stack.log_text(name)
+                               for name in ("gateway", "storage", "indexer")), 120,
+                   what="every service reconnected to the restarted broker")
+        _all_lands_once(stack, made, study, acknowledged)
+    finally:
+        teardown(stack)
+
+
 def test_tens_of_modalities_sending_at_once(stack: Stack, tmp_path: Path) -> None:
     """24 associations at once (the gateway allows 32), each from its own storescu: every
     instance is acknowledged, and the counts per patient, study and series reconcile."""
