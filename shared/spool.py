@@ -1,12 +1,19 @@
 """The spool: where received bytes become durable before we acknowledge them.
 
     incoming/   pynetdicom writes each arriving dataset here (one temp file per C-STORE)
-    ready/      fsynced files referenced by an ``instance.received`` message (claim check)
+    ready/      fsynced files referenced by an ``instance.received`` message (claim check);
+                beside each, a ``.pending`` marker until the broker has answered its publish
     rejected/   files whose message the broker did not confirm; storage can still rescue one
                 if the message turns up after all, else the sweeper removes it
 
 Durability of ``ready/`` is that of the disk under it (a named volume in compose). File names
 are random UUIDs: never derived from a tag value.
+
+A gateway that stops between ``commit`` and the broker's answer leaves a ``ready/`` file whose
+message may or may not be queued, and its marker says so. Storage's sweeper re-announces such
+files (``unconfirmed``) once they are older than any confirm could take: the consumers are
+idempotent, so a second message for a file already queued costs one redundant delivery, and a
+file nobody announced gets stored instead of filling the disk.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _CHUNK = 1024 * 1024
+PENDING = ".pending"  # suffix of the marker beside a ready file whose publish is unanswered
 log = logging.getLogger("minipacs.spool")
 
 
@@ -28,6 +37,30 @@ class Spooled:
     name: str
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class Unconfirmed:
+    """A ready file whose gateway stopped before the broker answered its publish."""
+
+    name: str
+    note: bytes  # what the gateway wrote into the marker (who sent it); may be lost in a crash
+    marked_at: float
+
+
+def _digest(fp: BinaryIO) -> tuple[str, int]:
+    sha = hashlib.sha256()
+    size = 0
+    while chunk := fp.read(_CHUNK):
+        sha.update(chunk)
+        size += len(chunk)
+    return sha.hexdigest(), size
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """SHA-256 (hex) and size of a file, read in chunks."""
+    with path.open("rb") as fp:
+        return _digest(fp)
 
 
 def _fsync_dir(path: Path | str) -> None:
@@ -51,20 +84,57 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
         return self
 
-    def commit(self, path: Path) -> Spooled:
+    def commit(self, path: Path, note: bytes = b"") -> Spooled:
         """Hash and fsync ``path`` (which must be on the spool's filesystem), move it to
-        ``ready/`` under a random name and fsync the directory. Returns what the message needs."""
-        sha = hashlib.sha256()
-        size = 0
+        ``ready/`` under a random name beside its ``.pending`` marker (holding ``note``) and
+        fsync the directory. Returns what the message needs; call ``settle`` once the broker
+        has answered the publish."""
         with path.open("rb") as fp:
-            while chunk := fp.read(_CHUNK):
-                sha.update(chunk)
-                size += len(chunk)
+            sha256, size = _digest(fp)
             os.fsync(fp.fileno())
         name = f"{uuid.uuid4().hex}.dcm"
+        # the marker first: a ready file the directory's fsync makes durable always has one
+        fd = os.open(os.path.join(self._ready, name + PENDING),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, note)
+        finally:
+            os.close(fd)
         os.replace(path, os.path.join(self._ready, name))
-        _fsync_dir(self._ready)
-        return Spooled(name, sha.hexdigest(), size)
+        _fsync_dir(self._ready)  # one fsync makes both entries durable
+        return Spooled(name, sha256, size)
+
+    def settle(self, name: str) -> None:
+        """The broker answered the publish of ``name`` (confirmed, or refused and the file
+        moved to ``rejected/``): drop the marker. Losing this unlink in a crash only costs a
+        redundant re-announcement."""
+        try:
+            os.unlink(os.path.join(self._ready, name + PENDING))
+        except FileNotFoundError:
+            pass
+
+    def unconfirmed(self, older_than: float) -> list[Unconfirmed]:
+        """Markers older than ``older_than`` seconds: their gateway stopped before the broker
+        answered. A marker whose ready file is gone (consumed, or rejected) is dropped here."""
+        cutoff = time.time() - older_than
+        found: list[Unconfirmed] = []
+        for entry in os.scandir(self.ready):
+            if not entry.name.endswith(PENDING) or not entry.is_file(follow_symlinks=False):
+                continue
+            name = entry.name[: -len(PENDING)]
+            try:
+                marked_at = entry.stat(follow_symlinks=False).st_mtime
+                if marked_at >= cutoff:
+                    continue
+                if not os.path.isfile(os.path.join(self._ready, name)):
+                    self.settle(name)
+                    continue
+                with open(entry.path, "rb") as fp:
+                    note = fp.read(4096)
+            except FileNotFoundError:
+                continue  # settled meanwhile
+            found.append(Unconfirmed(name, note, marked_at))
+        return found
 
     def path_of(self, name: str) -> Path | None:
         """The ready (or rescued rejected) file behind a message's ``spool_name``, if any."""

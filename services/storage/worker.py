@@ -28,9 +28,10 @@ from minio import Minio
 
 from services.storage.batch import StoredBatcher
 from shared import s3
-from shared.broker import Publisher, delivered_on_live_channel, settle
+from shared.broker import Publisher, PublishFailed, delivered_on_live_channel, settle
 from shared.cache import HotCache, hot_cache
-from shared.dicom import header_json
+from shared.dicom import InvalidInstance, header_json
+from shared.ingest import recover
 from shared.keys import object_key
 from shared.messages import BadMessage, InstanceReceived, InstanceStored, read_batch
 from shared.s3http import RawS3
@@ -193,18 +194,50 @@ class StorageWorker:
                          self.stored_bytes / 1e6, every)
                 self.stored_count = self.stored_bytes = 0
 
+    async def recover_unconfirmed(self) -> int:
+        """Re-announce the ready files a stopped gateway left without the broker's answer
+        (``shared/spool.py``). Returns how many were announced."""
+        announced = 0
+        # well past any confirm a live gateway may still be waiting for
+        age = max(self.settings.sweep_after, 2 * self.settings.confirm_timeout)
+        for item in await asyncio.to_thread(self.spool.unconfirmed, age):
+            try:
+                message = await asyncio.to_thread(recover, self.spool, item)
+            except InvalidInstance as exc:
+                # checked by the gateway before it was spooled: the disk changed it since
+                log.error("spool file %s left unconfirmed by a stopped gateway no longer reads "
+                          "as a DICOM instance (%s): moved to rejected/", item.name, exc.reason)
+                self.spool.reject(item.name)
+                self.spool.settle(item.name)
+                continue
+            try:
+                await self.publisher.publish(message)
+            except PublishFailed as exc:
+                log.warning("spool file %s left unconfirmed by a stopped gateway: not announced "
+                            "yet (%s); the next sweep tries again", item.name, exc)
+                break
+            self.spool.settle(item.name)
+            announced += 1
+            log.warning("spool file %s (obj=%s) was left unconfirmed by a gateway that stopped: "
+                        "announced again", item.name, message.sha256[:12])
+        return announced
+
     async def sweep_forever(self) -> None:
+        """Every ``sweep_after`` seconds, at most every minute: remove abandoned staging files,
+        re-announce unconfirmed ready files, trim the hot cache."""
+        every = min(60.0, max(self.settings.sweep_after, 1.0))
         while not self.stop.is_set():
             try:
                 removed = await asyncio.to_thread(self.spool.sweep, self.settings.sweep_after)
                 if removed:
                     log.info("spool sweeper removed %d abandoned files", removed)
+                await self.recover_unconfirmed()
                 evicted = await asyncio.to_thread(self.cache.trim)
                 if evicted:
                     log.info("hot cache: evicted %d files", evicted)
             except Exception:  # the next round tries again; a dead sweeper would be silent
-                log.exception("spool sweeper / cache trim failed; trying again in 60 s")
+                log.exception("spool sweeper / cache trim failed; trying again in %.0f s", every)
             try:
-                await asyncio.wait_for(self.stop.wait(), 60)
+                await asyncio.wait_for(self.stop.wait(), every)
             except TimeoutError:
                 pass

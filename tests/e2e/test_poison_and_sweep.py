@@ -8,6 +8,11 @@
 - Staging leftovers are garbage-collected: the gateway SIGKILLed in the middle of a C-STORE
   leaves its temp file in ``spool/incoming/``; storage's sweeper removes it (sweep age set short
   through ``MINIPACS_SWEEP_AFTER``).
+- Spool files a stopped gateway left without the broker's answer (a ``.pending`` marker beside
+  the file in ``spool/ready/``) are announced again by storage's sweeper: stored byte-identical
+  and indexed once, and the spool ends empty. Shown twice: with the state such a gateway leaves
+  made by ``Spool.commit`` itself (no message at all, so only the sweeper can store it), and
+  with the gateway SIGKILLed while RabbitMQ's memory alarm holds back its publisher confirm.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import asyncio
 import base64
 import hashlib
 import json
+import shutil
 import struct
+import subprocess
 import urllib.parse
 import urllib.request
 import uuid
@@ -30,25 +37,31 @@ from pynetdicom import AE
 
 from scripts.native import Stack, port_open
 from shared import broker, topology
+from shared.ingest import Caller, note_of
 from shared.keys import object_key
 from shared.messages import InstanceReceived
+from shared.spool import PENDING, Spool
 from tests.conftest import dsn, make_stack, s3_client, teardown
 from tests.dicomgen import CT_IMAGE, Made, make_instance, uid
 from tests.e2e.test_ingest import assert_stored_byte_identical
-from tests.helpers import pg, s3_objects, storescu, wait_until
+from tests.helpers import dcmtk, dcmtk_env, pg, s3_objects, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
 
 # Seconds after which storage's sweeper treats a staging file as abandoned. Storage sweeps when
-# it starts and then once a minute (``StorageWorker.sweep_forever``).
+# it starts and then every SWEEP_AFTER seconds (``StorageWorker.sweep_forever``); a ``.pending``
+# marker must also be older than twice the confirm timeout.
 SWEEP_AFTER = "2"
-SWEEP_EVERY = 60.0
+CONFIRM_TIMEOUT = "3"
+SWEEP_EVERY = 2.0
+UNCONFIRMED_AGE = 6.0
 
 
 @pytest.fixture()
 def sweep_stack(tmp_path: Path) -> Iterator[Stack]:
     """A stack of the test's own (its gateway gets killed, its dead-letter queue filled)."""
-    stack = make_stack(tmp_path, "poison", MINIPACS_SWEEP_AFTER=SWEEP_AFTER)
+    stack = make_stack(tmp_path, "poison", MINIPACS_SWEEP_AFTER=SWEEP_AFTER,
+                       MINIPACS_CONFIRM_TIMEOUT=CONFIRM_TIMEOUT)
     stack.start()
     yield stack
     teardown(stack)
@@ -238,3 +251,90 @@ def test_gateway_killed_mid_transfer_leaves_incoming_that_the_sweeper_removes(
                what="an instance sent after the restart indexed")
     assert indexed(stack, [cut.sop_uid]) == set()
     assert not any(incoming.iterdir())
+
+
+def _spool_empty(ready: Path) -> bool:
+    return not any(ready.iterdir())
+
+
+def _indexed_rows(stack: Stack, sop: str) -> int:
+    rows = pg(dsn(stack), "SELECT count(*) AS n FROM instance WHERE sop_instance_uid = $1", sop)
+    return int(rows[0]["n"])
+
+
+def test_a_spool_file_nobody_announced_is_announced_by_the_sweeper(
+        sweep_stack: Stack, tmp_path: Path) -> None:
+    """The state a gateway stopped right after its commit leaves (its publish never reached the
+    broker), made with the gateway's own ``Spool.commit`` into the live stack's spool: no
+    message exists, so only the sweeper can get the instance stored."""
+    stack = sweep_stack
+    spool = Spool(Path(stack.config.base_dir) / "spool")
+    left = instance(tmp_path, "sweep-unannounced")
+    staged = spool.incoming / "tmp-unannounced.dcm"
+    shutil.copyfile(left.path, staged)
+    spooled = spool.commit(staged, note_of(Caller("CT_ROOM_3", "127.0.0.7")))
+    assert (spool.ready / (spooled.name + PENDING)).exists()
+
+    wait_until(lambda: indexed(stack, [left.sop_uid]) == {left.sop_uid},
+               UNCONFIRMED_AGE + SWEEP_EVERY + 60, what="the sweeper's announcement indexed")
+    wait_until(lambda: _spool_empty(spool.ready), 30, what="file and marker gone from ready/")
+    assert_stored_byte_identical(stack, [left])
+    assert _indexed_rows(stack, left.sop_uid) == 1
+    rows = pg(dsn(stack), "SELECT calling_aet FROM instance WHERE sop_instance_uid = $1",
+              left.sop_uid)
+    assert rows[0]["calling_aet"] == "CT_ROOM_3"  # who sent it, from the marker
+    log = stack.log_text("storage")
+    assert log.count(f"spool file {spooled.name} (obj={spooled.sha256[:12]}) was left "
+                     "unconfirmed by a gateway that stopped: announced again") == 1, log[-3000:]
+    assert depth(stack, topology.STORAGE.dead_letter_queue) == 0
+
+
+@pytest.mark.slow
+def test_gateway_killed_waiting_for_the_confirm_leaves_nothing_on_the_spool(
+        sweep_stack: Stack, tmp_path: Path) -> None:
+    """RabbitMQ's memory alarm holds back the confirm; the gateway is SIGKILLed while it waits.
+    The modality got no Success. Whether or not the message got into the queue before the
+    connection died, the instance ends up stored and indexed once and ``ready/`` empties."""
+    from tests.e2e.test_broker_refusal import _alarms, _watermark
+
+    stack = sweep_stack
+    port = stack.config.gateway_port
+    ready = Path(stack.config.base_dir) / "spool" / "ready"
+    left = instance(tmp_path, "sweep-killed")
+    before = _watermark()
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", "absolute", "1"],
+                       check=True, timeout=60, capture_output=True)
+        wait_until(lambda: "memory" in _alarms(), 60, what="the broker's memory alarm")
+        sender = subprocess.Popen(
+            [dcmtk("storescu"), "-v", "-aet", "STORESCU", "-aec", "MINIPACS", "-td", "30",
+             "127.0.0.1", str(port), str(left.path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+        try:
+            wait_until(lambda: list(ready.glob("*" + PENDING)), 30, every=0.02,
+                       what="the instance spooled, its publish waiting for the broker")
+            stack.kill("gateway")
+            output, _ = sender.communicate(timeout=60)
+        finally:
+            if sender.poll() is None:
+                sender.kill()
+        assert "Received Store Response (Success)" not in output, output[-1500:]
+        assert list(ready.glob("*" + PENDING)), "the killed gateway's marker"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "set_vm_memory_high_watermark", *before.split()],
+                       check=True, timeout=60, capture_output=True)
+    wait_until(lambda: _alarms() == "[]", 60, what="the alarm cleared")
+
+    wait_until(lambda: indexed(stack, [left.sop_uid]) == {left.sop_uid},
+               UNCONFIRMED_AGE + SWEEP_EVERY + 60, what="the unacknowledged instance indexed")
+    wait_until(lambda: _spool_empty(ready), 60, what="file and marker gone from ready/")
+    assert_stored_byte_identical(stack, [left])
+    assert _indexed_rows(stack, left.sop_uid) == 1
+    assert depth(stack, topology.STORAGE.dead_letter_queue) == 0
+
+    # the gateway back, and the modality's retry converges on the same instance
+    stack.start_service("gateway")
+    wait_until(lambda: port_open(port), 60, what="gateway back")
+    assert storescu(port, [left.path]).successes == 1
+    wait_until(lambda: _spool_empty(ready), 60, what="the retry's spool file consumed")
+    assert _indexed_rows(stack, left.sop_uid) == 1
