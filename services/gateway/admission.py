@@ -11,6 +11,8 @@ from shared.settings import Node
 # (result, source, diagnostic) of A-ASSOCIATE-RJ, PS3.8 9.3.4
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)   # permanent, called AE title not recognised
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, calling AE title not recognised
+REJECT_NO_CONTEXT = (0x01, 0x01, 0x01)   # permanent, no reason given (PS3.8 9.3.2 asks for
+                                         # one or more presentation contexts; DCMTK: 0006:0110)
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,11 @@ def permitted(operation: str, calling_aet: str, peer_host: str, allow_list: bool
 
 def admit(calling_aet: str, called_aet: str, peer_host: str, our_aet: str,
           require_called_aet: bool, allow_list: bool, check_host: bool,
-          nodes: dict[str, Node]) -> Decision:
+          nodes: dict[str, Node], proposed: int = 1) -> Decision:
+    """``proposed``: how many presentation contexts the A-ASSOCIATE-RQ carries."""
     calling = calling_aet.strip()
+    if proposed < 1:
+        return Decision(False, "no presentation context proposed", REJECT_NO_CONTEXT)
     if require_called_aet and called_aet.strip() != our_aet:
         return Decision(False, f"called AE title {called_aet.strip()!r} is not ours",
                         REJECT_CALLED_AET)

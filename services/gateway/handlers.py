@@ -73,8 +73,10 @@ class Gateway:
         called = str(getattr(rq.primitive, "called_ae_title", "") or "")
         calling = str(getattr(rq.primitive, "calling_ae_title", "") or "")
         s = self.settings
+        proposed = getattr(rq.primitive, "presentation_context_definition_list", None) or []
         decision = admit(calling, called, str(rq.address), s.gateway_aet,
-                         s.require_called_aet, s.allow_list, s.check_host, s.nodes)
+                         s.require_called_aet, s.allow_list, s.check_host, s.nodes,
+                         proposed=len(proposed))
         who = f"assoc={self.ids(assoc)} {calling.strip()}@{rq.address}:{rq.port}"
         if decision.accept:
             log.info("%s -> %s: association requested", who, called.strip())

@@ -22,6 +22,7 @@ from pynetdicom.association import Association
 
 from scripts.native import Stack
 from services.gateway import statuses
+from services.gateway.admission import REJECT_NO_CONTEXT
 from shared import dimse_wire as wire
 from tests.conftest import dsn, make_stack, s3_client, teardown
 from tests.dicomgen import CT_IMAGE, MR_IMAGE, make_instance, uid
@@ -549,10 +550,12 @@ def _item(kind: int, value: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(value)) + value
 
 
-def associate_rq(calling: str = "TESTSCU", called: str = "MINIPACS") -> bytes:
-    """A well-formed A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing Verification."""
+def associate_rq(calling: str = "TESTSCU", called: str = "MINIPACS", *,
+                 propose: bool = True) -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing Verification (or, without
+    ``propose``, no presentation context at all)."""
     context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1")
-                    + _item(0x40, b"1.2.840.10008.1.2"))
+                    + _item(0x40, b"1.2.840.10008.1.2")) if propose else b""
     body = (struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16)
             + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + context
             + _item(0x50, _item(0x51, struct.pack(">L", 16384))))
@@ -609,3 +612,22 @@ def test_protocol_garbage_is_closed_within_the_acse_timeout(tmp_path: Path) -> N
         assert "Unknown PDU type received '0x08'" in stack.log_text("gateway")
     finally:
         teardown(stack)
+
+
+def test_an_association_proposing_no_presentation_context_is_rejected(stack: Stack) -> None:
+    """PS3.8 9.3.2: an A-ASSOCIATE-RQ carries one or more presentation contexts. One without
+    any gets A-ASSOCIATE-RJ (permanent, service user, no reason given) and a log line saying
+    why, instead of an association on which nothing can be done."""
+    before = stack.log_text("gateway").count("no presentation context proposed")
+    received = b""
+    with socket.create_connection(("127.0.0.1", stack.config.gateway_port),
+                                  timeout=CLIENT_PATIENCE) as s:
+        s.sendall(associate_rq(propose=False))
+        while len(received) < 10 and (chunk := s.recv(4096)):
+            received += chunk
+    assert received[:1] == b"\x03", received[:20].hex()  # A-ASSOCIATE-RJ
+    assert received[7:10] == bytes(REJECT_NO_CONTEXT), received[:10].hex()
+    wait_until(lambda: stack.log_text("gateway").count(
+        "association rejected: no presentation context proposed") == before + 1, 10,
+        what="the rejection logged")
+    assert echo(stack, "-aec", "MINIPACS").returncode == 0

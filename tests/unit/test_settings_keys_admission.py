@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 
 from services.gateway import statuses
-from services.gateway.admission import REJECT_CALLED_AET, REJECT_CALLING_AET, admit, permitted
+from services.gateway.admission import (
+    REJECT_CALLED_AET,
+    REJECT_CALLING_AET,
+    REJECT_NO_CONTEXT,
+    admit,
+    permitted,
+)
 from shared.keys import InvalidUID, is_strict_uid, object_key, validate_uid
 from shared.settings import GatewaySettings, SettingsError, parse_nodes
 
@@ -53,10 +59,11 @@ def test_good_uid_and_content_addressed_key() -> None:
 
 
 def _admit(calling: str, called: str = "MINIPACS", host: str = "127.0.0.1",
-           allow_list: bool = True) -> tuple[bool, tuple[int, int, int]]:
+           allow_list: bool = True, proposed: int = 1) -> tuple[bool, tuple[int, int, int]]:
     nodes = parse_nodes('{"m": ["MOD", "127.0.0.1", 104], "far": ["FAR", "10.9.9.9", 104],'
                         ' "any": ["ANY", "*", 104]}')
-    d = admit(calling, called, host, "MINIPACS", True, allow_list, True, nodes)
+    d = admit(calling, called, host, "MINIPACS", True, allow_list, True, nodes,
+              proposed=proposed)
     return d.accept, d.reject
 
 
@@ -67,6 +74,9 @@ def test_admission() -> None:
     assert _admit("NOBODY") == (False, REJECT_CALLING_AET)
     assert _admit("FAR") == (False, REJECT_CALLING_AET)
     assert _admit("NOBODY", allow_list=False)[0]
+    # an A-ASSOCIATE-RQ proposing no presentation context, whoever sends it
+    assert _admit("MOD", proposed=0) == (False, REJECT_NO_CONTEXT)
+    assert _admit("NOBODY", allow_list=False, proposed=0) == (False, REJECT_NO_CONTEXT)
 
 
 def test_per_operation_permissions() -> None:
