@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -180,8 +180,8 @@ def findscu_latencies(port: int, called: str, queries: list[Dataset], warmup: in
             ds = query.copy()
             ds.file_meta = FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-            ds.file_meta.MediaStorageSOPClassUID = _FIND_MODEL
-            ds.file_meta.MediaStorageSOPInstanceUID = f"2.25.{n + 1}"
+            ds.file_meta.MediaStorageSOPClassUID = UID(_FIND_MODEL)
+            ds.file_meta.MediaStorageSOPInstanceUID = UID(f"2.25.{n + 1}")
             path = folder / f"q{n:05d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             files.append(str(path))

@@ -48,7 +48,7 @@ def findscu(port: int, keys: list[str], model: str = "-S", aet: str = "FINDSCU",
         for key in keys:
             cmd += ["-k", key]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=60)
-        responses = [dcmread(p) for p in sorted(Path(out).glob("rsp*.dcm"))]
+        responses: list[Dataset] = [dcmread(p) for p in sorted(Path(out).glob("rsp*.dcm"))]
     output = proc.stdout + proc.stderr
     final = re.findall(r"Received Final Find Response \(([^)]*)\)", output)
     return FindResult(proc.returncode, responses, final[-1] if final else "", output)

@@ -173,6 +173,7 @@ def test_get_without_a_storage_context_fails_the_sub_operations(world: World) ->
     expected = {m.sop_uid for m in world.data if m.study_uid == study}
     assert status.Status == 0xA702
     assert status.NumberOfFailedSuboperations == len(expected)
+    assert identifier is not None
     assert set(identifier.FailedSOPInstanceUIDList) == expected
 
 
@@ -246,7 +247,10 @@ def test_the_hot_cache_serves_c_get_and_what_s3_serves_is_kept_there(
         dsn(world.stack), "SELECT sop_instance_uid, object_key FROM instance WHERE "
         "sop_instance_uid = ANY($1::text[])", uids)}
     for key in keys.values():
-        wait_until(lambda key=key: hot_copy(world.stack, key).exists(), 30, what="hot copies")
+        def copied(key: str = key) -> bool:
+            return hot_copy(world.stack, key).exists()
+
+        wait_until(copied, 30, what="hot copies")
     only_hot, only_s3 = keys[made[0].sop_uid], keys[made[1].sop_uid]
     _s3(world.stack).remove_object(world.stack.env["MINIPACS_S3_BUCKET"], only_hot)
     hot_copy(world.stack, only_s3).unlink()

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from scripts.native import Stack
 from tests.conftest import dsn, make_stack, s3_client, teardown
@@ -79,8 +79,8 @@ def make_large_instance(path: Path, tag: str, rows: int = 16384, cols: int = 163
     ds.HighBit = 15
     ds.PixelRepresentation = 0
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE
-    meta.MediaStorageSOPInstanceUID = sop
+    meta.MediaStorageSOPClassUID = UID(CT_IMAGE)
+    meta.MediaStorageSOPInstanceUID = UID(sop)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     path.parent.mkdir(parents=True, exist_ok=True)

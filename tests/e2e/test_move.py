@@ -146,7 +146,7 @@ def final_has(result: MoveResult, status_hex: str) -> bool:
     return re.search(rf"DIMSE Status\s*:\s*0x{status_hex}", result.final, re.I) is not None
 
 
-def job_rows(w: World, requested_by: str = "MOVESCU") -> list[dict[str, object]]:
+def job_rows(w: World, requested_by: str = "MOVESCU") -> list[dict[str, Any]]:
     return [dict(r) for r in pg(dsn(w.stack), "SELECT * FROM move_job WHERE requested_by_aet "
                                 "= $1 ORDER BY started_at", requested_by)]
 
@@ -437,6 +437,7 @@ def test_c_cancel_stops_the_move(world: World) -> None:
     row = wait_until(lambda: next((r for r in job_rows(world)[-1:]
                                    if r["state"] != "running"), None), 60,
                      what="the cancelled job recorded")
+    assert row is not None
     assert row["state"] == "canceled" and row["destination"] == "slow"
     assert row["completed"] == len(dest.received) < len(world.ct)
     assert row["remaining"] == len(world.ct) - row["completed"] - row["failed"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -103,6 +104,7 @@ def test_store_find_and_echo_share_an_association(stack: Stack, tmp_path: Path) 
         answers = [ds for status, ds in assoc.send_c_find(
             identifier, StudyRootQueryRetrieveInformationModelFind) if status.Status == 0xFF00]
         assert len(answers) == 1
+        assert answers[0] is not None
         assert int(answers[0].NumberOfSeriesRelatedInstances) == 2
         for m in files[2:]:  # and C-STORE again after pynetdicom's messages
             assert assoc.send_c_store(dcmread(m.path)).Status == 0x0000
@@ -140,7 +142,9 @@ def test_a_c_store_cut_off_mid_dataset_leaves_nothing_behind(stack: Stack,
 
     leftovers = set((Path(stack.config.base_dir) / "spool" / "incoming").iterdir())
     dropped = stack.log_text("gateway").count("partial dataset dropped")
-    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert assoc.dul.socket is not None
+    sock = assoc.dul.socket.socket
+    assert sock is not None
     sock.sendall(pdv(0x03, wire.c_store_rq(7, CT_IMAGE, m.sop_uid)))
     sock.sendall(pdv(0x00, dataset[: len(dataset) // 2]))  # not the last fragment
     incoming = Path(stack.config.base_dir) / "spool" / "incoming"
@@ -193,7 +197,7 @@ def encode_as(source: Path, target: Path, ts: str) -> Path:
     from pydicom.encaps import encapsulate
 
     ds = dcmread(source)
-    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.TransferSyntaxUID = UID(ts)
     if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):
         ds.PixelData = encapsulate([b"\xff\xd8" + bytes(range(200)) + b"\xff\xd9"])
         ds["PixelData"].VR = "OB"
@@ -250,7 +254,9 @@ def test_oversized_pdus_are_refused_without_allocating_them(stack: Stack) -> Non
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
         assert assoc.is_established
-        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert assoc.dul.socket is not None
+        sock = assoc.dul.socket.socket
+        assert sock is not None
         sock.sendall(struct.pack(">BBL", 0x04, 0, 64 << 20) + bytes(1024))
         wait_until(lambda: assoc.is_aborted, 30, what="the gateway aborting the association")
         assert "of 67108864 bytes, over the 1048576 negotiated: aborting" in \

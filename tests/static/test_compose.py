@@ -94,7 +94,8 @@ def resolved() -> dict[str, Any]:
     """docker-compose.yml after interpolation with the committed .env."""
     proc = _run_config("config")
     assert proc.returncode == 0, proc.stderr
-    return yaml.safe_load(proc.stdout)
+    data: dict[str, Any] = yaml.safe_load(proc.stdout)
+    return data
 
 
 def environment(service: dict[str, Any]) -> dict[str, str]:

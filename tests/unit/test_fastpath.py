@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from io import BytesIO
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
@@ -24,7 +25,7 @@ UIDS = ["1.2.3", "1.2.3.4", "1.2.826.0.1.3680043.8.498.1234567890123456789012345
 def test_file_meta_is_what_pydicom_writes(sop: str, ts: str) -> None:
     expected = BytesIO()
     write_file_meta_info(expected, create_file_meta(  # type: ignore[arg-type]
-        sop_class_uid=CT, sop_instance_uid=sop, transfer_syntax=ts))
+        sop_class_uid=UID(CT), sop_instance_uid=UID(sop), transfer_syntax=UID(ts)))
     assert file_meta(CT, sop, ts) == expected.getvalue()
 
 
@@ -45,7 +46,8 @@ def test_store_response_is_what_pynetdicom_encodes(sop: str, status: int, msg_id
 def test_copied_contexts_are_equal_and_independent() -> None:
     from pynetdicom import AllStoragePresentationContexts, build_context
 
-    original = [build_context(cx.abstract_syntax, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    original = [build_context(cast(UID, cx.abstract_syntax),
+                              ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
                 for cx in AllStoragePresentationContexts[:20]]
     copied = copy_contexts(original)
     assert [(c.abstract_syntax, c.transfer_syntax, c.as_scu, c.as_scp) for c in copied] == \
@@ -148,7 +150,7 @@ def test_find_responses_with_a_comment_go_to_pynetdicom() -> None:
     rsp.MessageIDBeingRespondedTo = 7
     rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
     rsp.Status = 0xA700
-    rsp.ErrorComment = "more than 1000 matches"
+    cast(Any, rsp).ErrorComment = "more than 1000 matches"  # pynetdicom types it as None
     handed: list[Any] = []
     _sent_by(_fast_send_msg(lambda _s, p, _cx: handed.append(p)), rsp, 16384)
     assert handed == [rsp]
@@ -179,10 +181,10 @@ def test_remembered_uid_checks_give_pynetdicoms_verdict(value: str | bytes, allo
 
 @pytest.mark.parametrize("value", [v for v in UID_CASES if isinstance(v, str)])
 def test_remembered_is_valid_is_pydicoms(value: str) -> None:
-    from pydicom.uid import UID
-
     from services.gateway import fastpath
 
-    original = fastpath._original_is_valid.fget(UID(value))  # type: ignore[union-attr]
+    is_valid = cast(property, fastpath._original_is_valid)  # the property, not its getter
+    assert is_valid.fget is not None
+    original = is_valid.fget(UID(value))
     assert fastpath._uid_is_valid(UID(value)) == original
     assert fastpath._uid_is_valid(UID(value)) == original

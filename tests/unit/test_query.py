@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydicom import dcmread
@@ -232,6 +232,7 @@ def test_non_ascii_answers_declare_utf8() -> None:
     assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert "Müller".encode() in _encode(ds)
     name_alias = next(r.alias for r in q.returns if r.keyword == "PatientName")
+    assert name_alias is not None
     ascii_row = {**row, name_alias: "MULLER"}
     assert response(q, ascii_row, Options()).SpecificCharacterSet in ("", None)
 
@@ -331,7 +332,8 @@ def test_handler_yields_pending_then_success() -> None:
     event = FakeEvent(ident("STUDY", StudyInstanceUID=""), FakeRequest(FIND_STUDY))
     out = list(finder(rows(3)).on_find(event))  # type: ignore[arg-type]
     assert statuses_of(out) == [statuses.PENDING] * 3 + [statuses.SUCCESS]
-    assert [ds.StudyInstanceUID for _, ds in out[:3]] == ["1.2.0", "1.2.1", "1.2.2"]
+    assert [cast(Dataset, ds).StudyInstanceUID for _, ds in out[:3]] == \
+        ["1.2.0", "1.2.1", "1.2.2"]
 
 
 def test_handler_honours_cancel() -> None:
@@ -345,7 +347,9 @@ def test_handler_limit_sends_the_first_then_out_of_resources() -> None:
     event = FakeEvent(ident("STUDY", StudyInstanceUID=""), FakeRequest(FIND_STUDY))
     out = list(finder(rows(3), limit=2).on_find(event))  # type: ignore[arg-type]
     assert statuses_of(out) == [statuses.PENDING] * 2 + [statuses.OUT_OF_RESOURCES]
-    assert "more than 2 matches" in out[-1][0].ErrorComment
+    last = out[-1][0]
+    assert isinstance(last, Dataset)
+    assert "more than 2 matches" in last.ErrorComment
 
 
 @pytest.mark.parametrize(("identifier", "model", "status"), [
@@ -357,7 +361,9 @@ def test_handler_refuses_bad_identifiers(identifier: Dataset, model: str, status
     event = FakeEvent(identifier, FakeRequest(model))
     out = list(finder(rows(1)).on_find(event))  # type: ignore[arg-type]
     assert statuses_of(out) == [status] and out[0][1] is None
-    assert out[0][0].ErrorComment
+    first = out[0][0]
+    assert isinstance(first, Dataset)
+    assert first.ErrorComment
 
 
 def test_handler_answers_out_of_resources_when_the_index_does_not() -> None:
@@ -463,6 +469,7 @@ def test_handler_sends_matches_pre_encoded_in_little_endian(syntax: str, encoded
     for n, (_, ds) in enumerate(out[:2]):
         assert isinstance(ds, EncodedIdentifier) == encoded
         plain = ds.decoded() if isinstance(ds, EncodedIdentifier) else ds
+        assert plain is not None
         assert plain.StudyInstanceUID == f"1.2.{n}" and plain.QueryRetrieveLevel == "STUDY"
         if isinstance(ds, EncodedIdentifier):  # pynetdicom's encode passes it through, or not
             assert encode(ds, ds.implicit, True) == ds.raw

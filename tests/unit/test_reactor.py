@@ -50,7 +50,11 @@ def _finishes(work: Callable[[], object], deadline: float = 20.0) -> bool:
 
 def _returns_at_once(wait: Callable[[float], None], times: int = 20) -> bool:
     """``times`` waits all returned (none waited for its hour-long cap)."""
-    return _finishes(lambda: [wait(reactor.REACTOR_PAUSE) for _ in range(times)])
+    def waits() -> None:
+        for _ in range(times):
+            wait(reactor.REACTOR_PAUSE)
+
+    return _finishes(waits)
 
 
 def test_until_due_is_the_first_running_timer_capped() -> None:

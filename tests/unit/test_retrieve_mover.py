@@ -7,6 +7,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import pytest
 from pydicom.dataset import Dataset
@@ -24,6 +25,11 @@ from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
 from shared.query import PATIENT_ROOT, STUDY_ROOT, QueryError
 from shared.suboperations import Tally, classify
 
+if TYPE_CHECKING:
+    from pynetdicom.dimse_primitives import C_GET, C_STORE
+
+    from shared.prefetch import Fetched
+
 
 @dataclass(frozen=True)
 class Ref:
@@ -31,6 +37,7 @@ class Ref:
     sop_class_uid: str
     transfer_syntax: str
     object_key: str = "k"
+    size: int = 0  # unused by plan_contexts; services.mover.send.Ref has it
 
 
 # ---- final responses ---------------------------------------------------------------------------
@@ -126,7 +133,7 @@ def test_too_many_pairs_are_split_keeping_each_pair_in_one_group() -> None:
     assert sum(len(g) for g in groups) == 400
     for g in groups:
         assert len({(r.sop_class_uid, r.transfer_syntax) for r in g}) <= MAX_CONTEXTS
-    owner = {}
+    owner: dict[str, int] = {}
     for n, g in enumerate(groups):
         for r in g:
             assert owner.setdefault(r.sop_class_uid, n) == n
@@ -182,7 +189,7 @@ def test_move_messages_round_trip() -> None:
 
 # ---- hand-encoded DIMSE (shared.dimse_wire) against pynetdicom's own encoding ------------------
 
-def _pynetdicom_command(primitive: object) -> bytes:
+def _pynetdicom_command(primitive: C_STORE | C_GET) -> bytes:
     from pynetdicom.dimse_messages import C_GET_RSP, C_STORE_RQ
     from pynetdicom.dsutils import encode
 
@@ -311,7 +318,7 @@ def test_prefetcher_keeps_order_counts_failures_and_stays_bounded() -> None:
             raise OSError("S3 said no")
         return Blob(data=ref.object_key.encode())
 
-    taken = []
+    taken: list[Fetched[Obj]] = []
     with Prefetcher(refs, fetch, threads=3, depth=4) as work:
         while (item := work.next()) is not None:
             assert len(started) <= len(taken) + 1 + 4  # never more than `depth` ahead
@@ -347,6 +354,7 @@ def test_prefetcher_gives_back_what_was_not_taken(tmp_path: Path) -> None:
 def test_store_association_sends_datasets_as_stored_and_releases(tmp_path: Path) -> None:
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE, evt
+    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
     from scripts.native import free_port
@@ -357,9 +365,11 @@ def test_store_association_sends_datasets_as_stored_and_releases(tmp_path: Path)
     got: list[tuple[str, bytes, str]] = []
 
     def on_store(event: evt.Event) -> int:
-        got.append((str(event.request.AffectedSOPInstanceUID),
-                    bytes(event.request.DataSet.getvalue()),
-                    str(event.request.MoveOriginatorApplicationEntityTitle or "").strip()))
+        request = cast(C_STORE, event.request)
+        assert request.DataSet is not None
+        got.append((str(request.AffectedSOPInstanceUID),
+                    bytes(request.DataSet.getvalue()),
+                    str(request.MoveOriginatorApplicationEntityTitle or "").strip()))
         return 0x0000
 
     ae = AE(ae_title="DEST")
@@ -367,6 +377,7 @@ def test_store_association_sends_datasets_as_stored_and_releases(tmp_path: Path)
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
     try:
         made = ct_series(tmp_path, count=2, tag="scu", size=32)
         contexts = [(CT_IMAGE, ExplicitVRLittleEndian), (MR_IMAGE, ExplicitVRLittleEndian)]

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import pytest
-from minio.credentials import Credentials
+from minio.credentials.credentials import Credentials
 from minio.signer import sign_v4_s3
 
 from shared.s3http import EMPTY_SHA256, object_path, sigv4

@@ -8,9 +8,11 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 import asyncpg
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from services.gateway.announce import ReceivedAnnouncer
 from services.indexer import worker as indexer_worker
@@ -112,11 +114,15 @@ async def test_one_refused_instance_dead_letters_its_message_not_its_neighbours(
     worker = IndexerWorker(IndexerSettings(batch_size=4, batch_wait=0.0), Pool(),  # type: ignore[arg-type]
                            asyncio.Event())
     poisoned, clean, single = Message(), Message(), Message()
-    worker.pending += [(poisoned, [event(1), event(2), event(3)]),  # type: ignore[list-item]
-                       (clean, [event(4)]), (single, [event(5)])]
+    # stand-ins for the worker's incoming messages
+    poisoned_in = cast(AbstractIncomingMessage, poisoned)
+    clean_in = cast(AbstractIncomingMessage, clean)
+    single_in = cast(AbstractIncomingMessage, single)
+    worker.pending += [(poisoned_in, [event(1), event(2), event(3)]),
+                       (clean_in, [event(4)]), (single_in, [event(5)])]
     assert [len(e) for _, e in worker.take_batch()] == [3, 1]  # whole messages, <= 4 events
-    worker.pending[:0] = [(poisoned, [event(1), event(2), event(3)]),  # type: ignore[list-item]
-                          (clean, [event(4)])]
+    worker.pending[:0] = [(poisoned_in, [event(1), event(2), event(3)]),
+                          (clean_in, [event(4)])]
     worker.stop.set()
     await asyncio.wait_for(worker.run(), 5)
     assert indexed == {"1.2.1", "1.2.2", "1.2.4", "1.2.5"}

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -48,9 +49,9 @@ def _write(path: Path, ts: str, encapsulated: bool = False) -> Path:
         ds.PixelData = bytes(range(16))
     ds.LossyImageCompression = "00"  # an element after the pixel data
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT
-    meta.MediaStorageSOPInstanceUID = SOP
-    meta.TransferSyntaxUID = ts
+    meta.MediaStorageSOPClassUID = UID(CT)
+    meta.MediaStorageSOPInstanceUID = UID(SOP)
+    meta.TransferSyntaxUID = UID(ts)
     ds.file_meta = meta
     ds.save_as(path, enforce_file_format=True)
     return path
