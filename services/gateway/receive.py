@@ -123,7 +123,12 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         log.warning("assoc %s: malformed P-DATA-TF (%s)", _who(self), exc)
         _to_pynetdicom(self, bytes(head) + bytes(body))
         return
-    _p_data(self, items)
+    try:
+        _p_data(self, items)
+    except ProtocolError as exc:
+        log.warning("assoc %s: %s: aborting", _who(self), exc)
+        _drop_partial(self)
+        self.event_queue.put("Evt19")  # pynetdicom answers an invalid PDU with A-ABORT
 
 
 # States where a connection has no association yet (Sta1: the first read, before pynetdicom
@@ -204,8 +209,8 @@ def _encode_pdvs(items: list[tuple[int, int, memoryview]]) -> bytes:
 
 
 class ProtocolError(RuntimeError):
-    """The peer broke the message framing: raised out of the DUL reader, so pynetdicom's
-    reactor aborts the association (as it does for its own decoding errors)."""
+    """The peer broke the message framing, or sent a message on a presentation context that
+    was not accepted: the reader logs it and aborts the association (PS3.8 Evt19)."""
 
 
 def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -> None:
@@ -261,9 +266,11 @@ def _take(dul: DULServiceProvider, command: dict[int, bytes], cx: int) -> _Store
     context = assoc._accepted_cx.get(cx)
     sop_class, sop_instance = _ui(command, 0x0002), _ui(command, 0x1000)
     message_id = wire.us_value(command, 0x0110)
+    if context is None:  # pynetdicom would abort too, after spooling the dataset
+        raise ProtocolError(f"C-STORE on presentation context {cx}, which was not accepted")
     # Also when the command's SOP class is not the context's, or empty: the handler answers
     # those (pynetdicom would store the first and leave the second without any response).
-    if context is None or message_id is None:
+    if message_id is None:
         return None
     transfer_syntax = str(context.transfer_syntax[0])
     if log.isEnabledFor(logging.DEBUG):

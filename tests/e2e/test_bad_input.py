@@ -511,7 +511,10 @@ def test_an_unsupported_sop_class_is_rejected_at_association(stack: Stack,
                                                              tmp_path: Path) -> None:
     """A made-up SOP class: its presentation context is rejected (result 3, abstract syntax
     not supported) while the CT one beside it is accepted; a C-STORE sent on the rejected
-    context anyway aborts the association, and nothing is stored."""
+    context anyway aborts the association, with a log line saying why and from whom, nothing
+    is stored and nothing is left in the spool's staging folder."""
+    incoming = Path(stack.config.base_dir) / "spool" / "incoming"
+    staged_before = set(incoming.iterdir())
     sop = uid("bad", "made-up-class")
     dataset = dataset_of(instance(tmp_path, "made-up-class", sop_uid=sop,
                                   sop_class=MADE_UP_CLASS))
@@ -539,7 +542,11 @@ def test_an_unsupported_sop_class_is_rejected_at_association(stack: Stack,
     finally:
         if assoc.is_established:
             assoc.release()
+    wait_until(lambda: f"TESTSCU@127.0.0.1: C-STORE on presentation context {cx}, which was "
+               "not accepted: aborting" in stack.log_text("gateway"), 10,
+               what="the abort logged with its reason")
     assert nothing_stored(stack, sop)
+    assert set(incoming.iterdir()) - staged_before == set()
     ok = instance(tmp_path, "made-up-class-after", sop_uid=uid("bad", "made-up-class", "a"))
     assert send_file(stack, ok) == statuses.SUCCESS
 
