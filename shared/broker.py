@@ -52,7 +52,13 @@ FLAP_LIMIT = 3            # dropping: reported (ERROR, unhealthy), not retried q
 
 
 class PublishFailed(RuntimeError):
-    """The broker did not confirm the message in time (or returned it as unroutable)."""
+    """The broker did not confirm the message. ``refused``: it certainly did not take it (a
+    ``basic.nack``, returned as unroutable, or never sent); otherwise the message may still be
+    in the queue (no confirm in time, the connection lost mid-publish)."""
+
+    def __init__(self, reason: str, *, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.refused = refused
 
 
 def robust_url(url: str) -> str:
@@ -282,12 +288,12 @@ class Publisher:
         # Straight to aiormq with prebuilt properties: aio-pika's Message and Exchange layers
         # and a wait_for task per message were a tenth of the gateway's CPU per instance.
         if self._channel is None or self._exchange is None:
-            raise PublishFailed("publisher is not open")
+            raise PublishFailed("publisher is not open", refused=True)
         properties = _PERSISTENT_JSON if not headers else aiormq.spec.Basic.Properties(
             delivery_mode=2, content_type="application/json", headers=dict(headers))
         try:
             if self._channel.is_closed:
-                raise PublishFailed("the publishing channel is closed")
+                raise PublishFailed("the publishing channel is closed", refused=True)
             # The plain Channel's accessor: the robust one waits for a reconnection, and a
             # publish must fail fast instead (the modality gets 0xA700 and retries).
             channel = await aio_pika.Channel.get_underlay_channel(self._channel)  # type: ignore[arg-type]
@@ -302,7 +308,7 @@ class Publisher:
         except aiormq.exceptions.DeliveryError as exc:
             if not isinstance(exc, aiormq.exceptions.PublishError):  # a nack, not a return
                 self._renew_after_refusal()
-            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+            raise PublishFailed(f"{type(exc).__name__}: {exc}", refused=True) from exc
         except Exception as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 

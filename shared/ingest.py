@@ -16,6 +16,7 @@ from pathlib import Path
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
+from shared.broker import PublishFailed
 from shared.dicom import InstanceInfo, InvalidInstance, inspect_instance
 from shared.messages import InstanceReceived
 from shared.spool import Spool, Spooled, Unconfirmed, file_digest
@@ -65,10 +66,14 @@ class Ingest:
         try:
             self._publish(message)
         except Exception as exc:
-            self._spool.reject(spooled.name)
+            if isinstance(exc, PublishFailed) and exc.refused:
+                # nothing on the broker refers to the file: it goes at once
+                self._spool.remove(spooled.name)
+                self._spool.settle(spooled.name)
+            # else the message may be queued after all: the file stays in ready/ with its
+            # marker, as after a gateway that stopped here, for storage (or its sweeper)
             return Outcome("unavailable", f"broker did not confirm: {exc}")
-        finally:
-            self._spool.settle(spooled.name)
+        self._spool.settle(spooled.name)
         return Outcome("stored", sha256=spooled.sha256, size=spooled.size)
 
 

@@ -2,18 +2,21 @@
 
     incoming/   pynetdicom writes each arriving dataset here (one temp file per C-STORE)
     ready/      fsynced files referenced by an ``instance.received`` message (claim check);
-                beside each, a ``.pending`` marker until the broker has answered its publish
-    rejected/   files whose message the broker did not confirm; storage can still rescue one
-                if the message turns up after all, else the sweeper removes it
+                beside each, a ``.pending`` marker until the broker has confirmed its publish
+    rejected/   files set aside: ready files that no longer read as the instance the gateway
+                checked (and, from older versions, files whose publish was not confirmed);
+                the sweeper removes them
 
 Durability of ``ready/`` is that of the disk under it (a named volume in compose). File names
 are random UUIDs: never derived from a tag value.
 
-A gateway that stops between ``commit`` and the broker's answer leaves a ``ready/`` file whose
-message may or may not be queued, and its marker says so. Storage's sweeper re-announces such
-files (``unconfirmed``) once they are older than any confirm could take: the consumers are
+A gateway that stops between ``commit`` and the broker's answer, or a publish that got no
+answer (no confirm in time, the connection lost), leaves a ``ready/`` file whose message may or
+may not be queued, and its marker says so. Storage's sweeper re-announces such files
+(``unconfirmed``) once they are older than any confirm could take: the consumers are
 idempotent, so a second message for a file already queued costs one redundant delivery, and a
-file nobody announced gets stored instead of filling the disk.
+file nobody announced gets stored instead of filling the disk. A publish the broker refused
+(``basic.nack``) leaves nothing: the file is removed at once.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Spooled:
 
 @dataclass(frozen=True)
 class Unconfirmed:
-    """A ready file whose gateway stopped before the broker answered its publish."""
+    """A ready file whose publish the broker never answered (or its gateway stopped first)."""
 
     name: str
     note: bytes  # what the gateway wrote into the marker (who sent it); may be lost in a crash
@@ -106,16 +109,17 @@ class Spool:
 
     def settle(self, name: str) -> None:
         """The broker answered the publish of ``name`` (confirmed, or refused and the file
-        moved to ``rejected/``): drop the marker. Losing this unlink in a crash only costs a
-        redundant re-announcement."""
+        removed): drop the marker. Losing this unlink in a crash only costs a redundant
+        re-announcement."""
         try:
             os.unlink(os.path.join(self._ready, name + PENDING))
         except FileNotFoundError:
             pass
 
     def unconfirmed(self, older_than: float) -> list[Unconfirmed]:
-        """Markers older than ``older_than`` seconds: their gateway stopped before the broker
-        answered. A marker whose ready file is gone (consumed, or rejected) is dropped here."""
+        """Markers older than ``older_than`` seconds: the broker never answered their publish
+        (or their gateway stopped first). A marker whose ready file is gone (consumed, or
+        removed) is dropped here."""
         cutoff = time.time() - older_than
         found: list[Unconfirmed] = []
         for entry in os.scandir(self.ready):

@@ -195,8 +195,9 @@ class StorageWorker:
                 self.stored_count = self.stored_bytes = 0
 
     async def recover_unconfirmed(self) -> int:
-        """Re-announce the ready files a stopped gateway left without the broker's answer
-        (``shared/spool.py``). Returns how many were announced."""
+        """Re-announce the ready files whose publish the broker never answered (the gateway
+        stopped, or got no confirm in time: ``shared/spool.py``). Returns how many were
+        announced."""
         announced = 0
         # well past any confirm a live gateway may still be waiting for
         age = max(self.settings.sweep_after, 2 * self.settings.confirm_timeout)
@@ -205,21 +206,22 @@ class StorageWorker:
                 message = await asyncio.to_thread(recover, self.spool, item)
             except InvalidInstance as exc:
                 # checked by the gateway before it was spooled: the disk changed it since
-                log.error("spool file %s left unconfirmed by a stopped gateway no longer reads "
-                          "as a DICOM instance (%s): moved to rejected/", item.name, exc.reason)
+                log.error("unconfirmed spool file %s no longer reads as a DICOM instance "
+                          "(%s): moved to rejected/", item.name, exc.reason)
                 self.spool.reject(item.name)
                 self.spool.settle(item.name)
                 continue
             try:
                 await self.publisher.publish(message)
             except PublishFailed as exc:
-                log.warning("spool file %s left unconfirmed by a stopped gateway: not announced "
-                            "yet (%s); the next sweep tries again", item.name, exc)
+                log.warning("unconfirmed spool file %s not announced yet (%s); the next sweep "
+                            "tries again", item.name, exc)
                 break
             self.spool.settle(item.name)
             announced += 1
-            log.warning("spool file %s (obj=%s) was left unconfirmed by a gateway that stopped: "
-                        "announced again", item.name, message.sha256[:12])
+            log.warning("spool file %s (obj=%s): its publish was never confirmed (the gateway "
+                        "stopped, or got no answer): announced again", item.name,
+                        message.sha256[:12])
         return announced
 
     async def sweep_forever(self) -> None:

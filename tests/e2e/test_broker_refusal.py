@@ -109,7 +109,7 @@ def test_a_publish_the_broker_refuses_gets_out_of_resources_never_success(
     channel: the gateway has to publish on a new one)."""
     stack = private_stack
     vhost, queue = stack.config.vhost, topology.STORAGE.name
-    rejected = Path(stack.config.base_dir) / "spool" / "rejected"
+    spool = Path(stack.config.base_dir) / "spool"
     files = [_instance(tmp_path, f"i{n}") for n in range(10)]
     acknowledged: list[str] = []
     try:
@@ -120,7 +120,7 @@ def test_a_publish_the_broker_refuses_gets_out_of_resources_never_success(
             # storage stopped: what the gateway publishes stays in the queue until it is full
             stack.kill("storage", signal.SIGTERM)
             wait_until(lambda: _consumers(vhost, queue) == 0, 60, what="storage stopped")
-            before = len(list(rejected.iterdir())) if rejected.exists() else 0
+            before = sorted(p.name for p in (spool / "ready").iterdir())
             logged = stack.log_text("gateway").count("broker did not confirm")
             accepted, refused = _fill_until_refused(stack, files)
             files = files[len(accepted) + 1:]
@@ -132,8 +132,12 @@ def test_a_publish_the_broker_refuses_gets_out_of_resources_never_success(
             assert len(lines) == logged + 1
             assert "STORESCU@127.0.0.1" in lines[-1], lines[-1]
             assert "0xA700 out of resources" in lines[-1], lines[-1]
-            # the refused instance's spooled file is set aside, not announced
-            assert len(list(rejected.iterdir())) == before + 1
+            # the refused instance's spooled file is gone at once; the accepted ones wait in
+            # ready/ (storage is stopped), their publishes settled
+            after = sorted(p.name for p in (spool / "ready").iterdir())
+            assert len(after) == len(before) + len(accepted), (before, after)
+            assert not any(name.endswith(".pending") for name in after), after
+            assert list((spool / "rejected").iterdir()) == []
             if lift_the_limit:
                 _clear_policy(vhost)
                 wait_until(lambda: _queue_policy(vhost, queue) == "", 60,

@@ -284,8 +284,9 @@ def test_a_spool_file_nobody_announced_is_announced_by_the_sweeper(
               left.sop_uid)
     assert rows[0]["calling_aet"] == "CT_ROOM_3"  # who sent it, from the marker
     log = stack.log_text("storage")
-    assert log.count(f"spool file {spooled.name} (obj={spooled.sha256[:12]}) was left "
-                     "unconfirmed by a gateway that stopped: announced again") == 1, log[-3000:]
+    assert log.count(f"spool file {spooled.name} (obj={spooled.sha256[:12]}): its publish was "
+                     "never confirmed (the gateway stopped, or got no answer): announced again"
+                     ) == 1, log[-3000:]
     assert depth(stack, topology.STORAGE.dead_letter_queue) == 0
 
 

@@ -73,7 +73,7 @@ def test_the_marker_lives_from_commit_until_the_broker_answers(spool: Spool, dic
 
     def refused(message: InstanceReceived) -> None:
         seen.append(markers(spool))
-        raise broker.PublishFailed("basic.nack")
+        raise broker.PublishFailed("basic.nack", refused=True)
 
     ok = Ingest(spool, confirmed).accept_file(staged(spool, dicom), CT_IMAGE, uid("unconf", 1),
                                               EXPLICIT_LE, CALLER)
@@ -84,8 +84,31 @@ def test_the_marker_lives_from_commit_until_the_broker_answers(spool: Spool, dic
     assert [len(m) for m in seen] == [1, 1]
     assert markers(spool) == []  # settled either way
     assert len(list(spool.ready.iterdir())) == 1  # the confirmed file, for storage
-    assert len(list(spool.rejected.iterdir())) == 1  # the refused one, for the sweeper
+    assert list(spool.rejected.iterdir()) == []  # the refused one removed at once
+    assert list(spool.incoming.iterdir()) == []
     assert spool.unconfirmed(0) == []
+
+
+def test_a_publish_without_an_answer_leaves_the_file_for_the_sweeper(spool: Spool, dicom: Path
+                                                                     ) -> None:
+    """No confirm in time, or the connection lost mid-publish: the message may be queued, so
+    the file and its marker stay, exactly as after a gateway that stopped there."""
+    def unanswered(message: InstanceReceived) -> None:
+        raise broker.PublishFailed("no publisher confirm within 10s")
+
+    def connection_lost(message: InstanceReceived) -> None:
+        raise ConnectionResetError("connection lost")
+
+    for n, publish in enumerate((unanswered, connection_lost)):
+        outcome = Ingest(spool, publish).accept_file(staged(spool, dicom, n), CT_IMAGE,
+                                                     uid("unconf", 1), EXPLICIT_LE, CALLER)
+        assert outcome.kind == "unavailable"
+    assert len(markers(spool)) == 2
+    names = [m[: -len(PENDING)] for m in markers(spool)]
+    assert all((spool.ready / name).exists() for name in names)
+    for name in names:
+        age(spool, name, 2 * HOUR)
+    assert sorted(item.name for item in spool.unconfirmed(HOUR)) == sorted(names)
 
 
 def test_a_stopped_gateways_file_is_found_and_its_message_rebuilt(spool: Spool, dicom: Path
