@@ -2,7 +2,7 @@
 
 Used by the gateway's C-STORE handler (from an association thread). The outcome is a small
 value the caller maps to its own protocol (DIMSE status, HTTP status). ``recover`` rebuilds the
-message of a spool file whose gateway stopped before the broker answered (storage's sweeper)."""
+message of a spool file whose publish the broker never answered (for storage's sweeper)."""
 
 from __future__ import annotations
 
@@ -108,9 +108,9 @@ def _caller_from(note: bytes) -> Caller:
 
 
 def recover(spool: Spool, item: Unconfirmed) -> InstanceReceived:
-    """The ``instance.received`` message for a ready file whose gateway stopped before the
-    broker answered: the file is read again (it was fsynced before the publish), so the
-    message says what the gateway's would have said. Raises ``InvalidInstance`` if the file no
+    """The ``instance.received`` message for a ready file whose publish the broker never
+    answered: the file is read again (it was fsynced before the publish), so the message says
+    what the gateway's said. Raises ``InvalidInstance`` if the file no
     longer reads as the instance the gateway checked."""
     path = spool.ready / item.name
     try:
