@@ -38,9 +38,9 @@ from tests.dicomgen import Made, small_set
 from tests.e2e.test_ingest import assert_stored_byte_identical
 from tests.helpers import pg, queue_counts, storescu, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
 SOAK = float(os.environ.get("MINIPACS_SOAK_SECONDS", "600"))
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(int(SOAK) + 900)]
 PERIOD = SOAK / 5  # between two faults
 SENDERS = 2
 PACE = 1.0  # s between two storescu runs of one modality
