@@ -1,4 +1,5 @@
-"""Integration tests: a migrated PostgreSQL database of their own."""
+"""Integration tests: a migrated PostgreSQL database of their own; a broker connection for
+building a storage worker."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import pytest
+from aio_pika.abc import AbstractRobustConnection
 
-from scripts.native import drop_database, ensure_database, ensure_postgres
+from scripts.native import drop_database, ensure_database, ensure_postgres, ensure_rabbitmq
 from services.migrate.core import upgrade
+from shared import broker
 
 
 @asynccontextmanager
@@ -24,3 +28,14 @@ async def migrated_database(prefix: str) -> AsyncIterator[asyncpg.Connection]:
     finally:
         await conn.close()
         drop_database(name)
+
+
+@pytest.fixture()
+async def connection() -> AsyncIterator[AbstractRobustConnection]:
+    """A real broker connection (default vhost), for building a storage worker; the tests
+    that use it publish nothing."""
+    ensure_rabbitmq()
+    conn = await broker.connect("amqp://guest:guest@127.0.0.1:5672/%2F", 30,
+                                name="minipacs-test-integration")
+    yield conn
+    await conn.close()

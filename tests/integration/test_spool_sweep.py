@@ -14,13 +14,12 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from scripts.native import ensure_rabbitmq
 from services.storage.worker import StorageWorker
 from shared import broker, s3
 from shared.settings import StorageSettings
@@ -118,15 +117,6 @@ async def eventually(check: Callable[[], bool], timeout: float, what: str) -> No
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
 
-
-@pytest.fixture()
-async def connection() -> AsyncIterator[AbstractRobustConnection]:
-    """A real broker connection, only for building the worker (the sweeper never uses it)."""
-    ensure_rabbitmq()
-    conn = await broker.connect("amqp://guest:guest@127.0.0.1:5672/%2F", 30,
-                                name="minipacs-test-sweep")
-    yield conn
-    await conn.close()
 
 
 async def test_storage_sweeper_collects_staging_leftovers_and_spares_ready(

@@ -14,13 +14,11 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from scripts.native import ensure_rabbitmq
 from services.storage.worker import StorageWorker
 from shared import broker, s3
 from shared.dicom import InvalidInstance
@@ -165,14 +163,6 @@ def test_a_file_that_no_longer_reads_as_dicom_is_refused(spool: Spool, dicom: Pa
     with pytest.raises(InvalidInstance):
         recover(spool, item)
 
-
-@pytest.fixture()
-async def connection() -> AsyncIterator[AbstractRobustConnection]:
-    ensure_rabbitmq()
-    conn = await broker.connect("amqp://guest:guest@127.0.0.1:5672/%2F", 30,
-                                name="minipacs-test-unconfirmed")
-    yield conn
-    await conn.close()
 
 
 async def test_the_storage_sweeper_keeps_what_it_cannot_announce_and_rejects_what_is_damaged(
