@@ -195,7 +195,8 @@ class StorageSettings(Common):
     prefetch: int = 64
     concurrency: int = 32
     part_size: int = 16 * 1024 * 1024
-    sweep_after: float = 3600.0
+    sweep_after: float = 3600.0   # s: staging files of cut-off transfers are removed after this
+    unconfirmed_after: float = 300.0  # s: a ready file never confirmed is announced again
     announce_batch: int = 32      # instance.stored events per message at most
     announce_linger: float = 0.005  # s an event waits for others to share its message
 

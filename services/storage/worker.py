@@ -53,6 +53,13 @@ class Permanent(Exception):
     """This message can never succeed: dead-letter it."""
 
 
+def unconfirmed_age(settings: StorageSettings) -> float:
+    """How old a ``.pending`` marker must be before the sweeper announces its file again:
+    ``unconfirmed_after``, and well past any confirm a live gateway may still be waiting for
+    (after ``confirm_timeout`` it stops waiting and leaves the file as it is)."""
+    return max(settings.unconfirmed_after, 2 * settings.confirm_timeout)
+
+
 @dataclass
 class StorageWorker:
     settings: StorageSettings
@@ -199,8 +206,7 @@ class StorageWorker:
         stopped, or got no confirm in time: ``shared/spool.py``). Returns how many were
         announced."""
         announced = 0
-        # well past any confirm a live gateway may still be waiting for
-        age = max(self.settings.sweep_after, 2 * self.settings.confirm_timeout)
+        age = unconfirmed_age(self.settings)
         for item in await asyncio.to_thread(self.spool.unconfirmed, age):
             try:
                 message = await asyncio.to_thread(recover, self.spool, item)
@@ -225,9 +231,10 @@ class StorageWorker:
         return announced
 
     async def sweep_forever(self) -> None:
-        """Every ``sweep_after`` seconds, at most every minute: remove abandoned staging files,
-        re-announce unconfirmed ready files, trim the hot cache."""
-        every = min(60.0, max(self.settings.sweep_after, 1.0))
+        """Every minute, or every ``sweep_after`` / ``unconfirmed_after`` seconds if shorter:
+        remove abandoned staging files, re-announce unconfirmed ready files, trim the hot
+        cache."""
+        every = max(1.0, min(60.0, self.settings.sweep_after, self.settings.unconfirmed_after))
         while not self.stop.is_set():
             try:
                 removed = await asyncio.to_thread(self.spool.sweep, self.settings.sweep_after)

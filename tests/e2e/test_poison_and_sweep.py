@@ -50,7 +50,7 @@ pytestmark = pytest.mark.e2e
 
 # Seconds after which storage's sweeper treats a staging file as abandoned. Storage sweeps when
 # it starts and then every SWEEP_AFTER seconds (``StorageWorker.sweep_forever``); a ``.pending``
-# marker must also be older than twice the confirm timeout.
+# marker must be older than UNCONFIRMED_AFTER (the same here) and twice the confirm timeout.
 SWEEP_AFTER = "2"
 CONFIRM_TIMEOUT = "3"
 SWEEP_EVERY = 2.0
@@ -61,6 +61,7 @@ UNCONFIRMED_AGE = 6.0
 def sweep_stack(tmp_path: Path) -> Iterator[Stack]:
     """A stack of the test's own (its gateway gets killed, its dead-letter queue filled)."""
     stack = make_stack(tmp_path, "poison", MINIPACS_SWEEP_AFTER=SWEEP_AFTER,
+                       MINIPACS_UNCONFIRMED_AFTER=SWEEP_AFTER,
                        MINIPACS_CONFIRM_TIMEOUT=CONFIRM_TIMEOUT)
     stack.start()
     yield stack

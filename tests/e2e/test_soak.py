@@ -156,7 +156,7 @@ def _indexed(stack: Stack, sops: list[str]) -> tuple[int, int]:
 
 def test_ten_minutes_of_ingest_with_a_fault_every_two(tmp_path: Path) -> None:
     stack = make_stack(tmp_path, "soak", MINIPACS_SWEEP_AFTER="5",
-                       MINIPACS_CONFIRM_TIMEOUT="5")
+                       MINIPACS_UNCONFIRMED_AFTER="5", MINIPACS_CONFIRM_TIMEOUT="5")
     stack.start()
     stop = threading.Event()
     modalities = [Modality(stack, tmp_path / f"m{i}", f"soak{i}", stop) for i in range(SENDERS)]

@@ -10,8 +10,9 @@ from services.gateway.admission import (
     admit,
     permitted,
 )
+from services.storage.worker import unconfirmed_age
 from shared.keys import InvalidUID, is_strict_uid, object_key, validate_uid
-from shared.settings import GatewaySettings, SettingsError, parse_nodes
+from shared.settings import GatewaySettings, SettingsError, StorageSettings, parse_nodes
 
 
 def test_nodes_accept_both_orthanc_forms() -> None:
@@ -92,3 +93,15 @@ def test_per_operation_permissions() -> None:
 def test_statuses_are_named() -> None:
     assert statuses.describe(statuses.OUT_OF_RESOURCES) == "0xA700 out of resources"
     assert statuses.FOR_INVALID_INSTANCE["mismatch"] == statuses.DATASET_DOES_NOT_MATCH
+
+
+def test_unconfirmed_files_are_announced_again_after_minutes_not_the_staging_hour() -> None:
+    """A ready file whose publish was never answered waits ``MINIPACS_UNCONFIRMED_AFTER``
+    (default 5 minutes), not the hour after which cut-off transfers are swept, and never less
+    than twice the confirm timeout a live gateway may still be waiting out."""
+    default = StorageSettings.from_env({})
+    assert default.sweep_after == 3600.0
+    assert unconfirmed_age(default) == 300.0
+    assert unconfirmed_age(StorageSettings.from_env({"MINIPACS_UNCONFIRMED_AFTER": "2",
+                                                     "MINIPACS_CONFIRM_TIMEOUT": "3"})) == 6.0
+    assert unconfirmed_age(StorageSettings.from_env({"MINIPACS_UNCONFIRMED_AFTER": "60"})) == 60.0
