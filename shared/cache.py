@@ -14,6 +14,7 @@ loses nothing: everything in it is in S3. ``MINIPACS_CACHE_MB=0`` turns it off.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -142,30 +144,45 @@ class HotCache:
 
     def trim(self) -> int:
         """Evict least recently used entries until the cache holds at most ``max_bytes``;
-        also removes temp files left by a crash. Returns the number of files removed."""
+        also removes temp files left by a crash. Returns the number of files removed.
+
+        Memory stays proportional to what is evicted, not to what the cache holds (up to
+        ``max_bytes`` of small instances, 100,000 files and more): a first pass only adds up
+        the sizes, and a second, if the cache is over its size, keeps the oldest entries that
+        cover the excess in a heap."""
         if not self.root.is_dir():
             return 0
-        entries: list[tuple[float, int, str]] = []
         removed = 0
+        total = 0
         stale = time.time() - 3600
-        with os.scandir(self.root) as it:
-            for entry in it:
-                try:
-                    st = entry.stat()
-                except OSError:
-                    continue
-                if _ENTRY.fullmatch(entry.name):
-                    entries.append((st.st_mtime, st.st_size, entry.path))
-                elif st.st_mtime < stale:  # a temp file of a write that never finished
-                    removed += _unlink(entry.path)
-        total = sum(size for _, size, _ in entries)
-        entries.sort()
-        for _, size, path in entries:
-            if total <= self.max_bytes:
-                break
-            removed += _unlink(path)
-            total -= size
-        return removed
+        for entry, st in _entries(self.root):
+            if _ENTRY.fullmatch(entry.name):
+                total += st.st_size
+            elif st.st_mtime < stale:  # a temp file of a write that never finished
+                removed += _unlink(entry.path)
+        excess = total - self.max_bytes
+        if excess <= 0:
+            return removed
+        oldest: list[tuple[float, int, str]] = []  # a heap, the newest of them on top
+        held = 0
+        for entry, st in _entries(self.root):
+            if not _ENTRY.fullmatch(entry.name):
+                continue
+            heapq.heappush(oldest, (-st.st_mtime, st.st_size, entry.path))
+            held += st.st_size
+            while held - oldest[0][1] >= excess:  # enough without the newest of them
+                held -= heapq.heappop(oldest)[1]
+        return removed + sum(_unlink(path) for _, _, path in oldest)
+
+
+def _entries(root: Path) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
+    """The files in ``root`` with their ``stat`` (those gone meanwhile are skipped)."""
+    with os.scandir(root) as it:
+        for entry in it:
+            try:
+                yield entry, entry.stat()
+            except OSError:
+                continue
 
 
 def _unlink(path: str) -> int:

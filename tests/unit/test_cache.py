@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,28 @@ def test_trim_evicts_the_least_recently_used_first(tmp_path: Path) -> None:
     os.utime(stray, (now - 7200, now - 7200))
     assert hot.trim() == 3  # blobs 1 and 2, and the stray temp file
     assert {n for n, d in enumerate(blobs) if hot.read(_key(d), 8192)} == {0, 3, 4}
+
+
+def test_trim_holds_what_it_evicts_in_memory_not_the_whole_cache(tmp_path: Path) -> None:
+    """A full cache of small instances holds 100,000 files and more: a trim that listed them
+    all grew the process's resident memory by megabytes at each trim (storage's RSS stepped up
+    as the cache filled). Only the entries to evict may be held."""
+    files, size = 4000, 100
+    hot = HotCache(tmp_path / "cache", (files - 20) * size).create()
+    now = time.time()
+    for n in range(files):
+        path = tmp_path / "cache" / f"{n:064x}.dcm"
+        path.write_bytes(b"x" * size)
+        os.utime(path, (now - files + n, now - files + n))  # entry 0 the least recently used
+    tracemalloc.start()
+    try:
+        removed = hot.trim()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert removed == 20
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir())[0] == f"{20:064x}.dcm"
+    assert peak < 100_000, f"trim held {peak} bytes for {files} files"  # listing all: ~1 MB
 
 
 def test_the_fetcher_reads_the_cache_first_and_keeps_what_s3_gave(tmp_path: Path) -> None:
