@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -68,6 +69,11 @@ class BatchResult:
     conflicts: int = 0
 
 
+def _patient_key(patient: dict[str, Any]) -> tuple[str, str]:
+    """(PatientID, IssuerOfPatientID): the patient table's unique key."""
+    return patient["patient_id"], patient["issuer_of_patient_id"]
+
+
 def _time(value: str) -> datetime | None:
     try:
         return datetime.fromisoformat(value) if value else None
@@ -76,8 +82,9 @@ def _time(value: str) -> datetime | None:
 
 
 async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored]) -> BatchResult:
-    """Index ``batch`` in one transaction. Sorted by UIDs so concurrent indexers lock in the
-    same order."""
+    """Index ``batch`` in one transaction. Concurrent indexers lock rows in the same order,
+    so neither waits for the other in a cycle: all patients first, by key, then studies,
+    series and instances by UID."""
     result = BatchResult()
     if not batch:
         return result
@@ -91,15 +98,18 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored]) -> 
                                            m.sop_instance_uid))
     rows: list[tuple[object, ...]] = []
     fks: dict[str, tuple[int, int]] = {}  # SOP Instance UID -> (series, study) ids
+    records = [(msg, index_record(msg.header)) for msg in ordered]
+    first_seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for _, rec in records:
+        first_seen.setdefault(_patient_key(rec.patient), rec.patient)
     async with conn.transaction():
-        for msg in ordered:
-            rec = index_record(msg.header)
-            p = rec.patient
-            pkey = (p["patient_id"], p["issuer_of_patient_id"])
-            if pkey not in patients:
-                patients[pkey] = await conn.fetchval(
-                    UPSERT_PATIENT, *pkey, p["patient_name"], p["patient_birth_date"],
-                    p["patient_sex"])
+        for pkey in sorted(first_seen):
+            p = first_seen[pkey]
+            patients[pkey] = await conn.fetchval(
+                UPSERT_PATIENT, *pkey, p["patient_name"], p["patient_birth_date"],
+                p["patient_sex"])
+        for msg, rec in records:
+            pkey = _patient_key(rec.patient)
             st = rec.study
             if msg.study_instance_uid not in studies:
                 studies[msg.study_instance_uid] = await conn.fetchval(

@@ -28,10 +28,12 @@ from shared.settings import IndexerSettings
 
 log = logging.getLogger("minipacs.indexer")
 
-_CONNECTION_ERRORS = (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
-                      asyncpg.exceptions.CannotConnectNowError,
-                      asyncpg.exceptions.InterfaceError, asyncpg.exceptions.AdminShutdownError,
-                      TimeoutError)
+# Worth trying again as they are: PostgreSQL away, or a transaction it rolled back (deadlock,
+# serialization failure) that says nothing about the data.
+_TRANSIENT_ERRORS = (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
+                     asyncpg.exceptions.CannotConnectNowError,
+                     asyncpg.exceptions.InterfaceError, asyncpg.exceptions.AdminShutdownError,
+                     TimeoutError, asyncpg.exceptions.TransactionRollbackError)
 _DATA_ERRORS = (asyncpg.PostgresError, ValueError, TypeError, KeyError)
 Held = tuple[AbstractIncomingMessage, list[InstanceStored]]  # a message and its events
 
@@ -97,13 +99,15 @@ class IndexerWorker:
             try:
                 async with self.pool.acquire() as conn:
                     result = await write_batch(conn, [e for _, events in batch for e in events])
-            except _CONNECTION_ERRORS as exc:
+            except _TRANSIENT_ERRORS as exc:
                 if self.stop.is_set():
                     for message, _ in batch:
                         await settle(message, "requeue")
                     return
-                log.warning("PostgreSQL unavailable (%s); holding %d messages, retrying in "
-                            "%.1fs", type(exc).__name__, len(batch), delay)
+                why = ("rolled the batch back" if isinstance(
+                    exc, asyncpg.exceptions.TransactionRollbackError) else "unavailable")
+                log.warning("PostgreSQL %s (%s); holding %d messages, retrying in %.1fs", why,
+                            type(exc).__name__, len(batch), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -140,7 +144,7 @@ class IndexerWorker:
                     await write_batch(conn, [event])
             except _DATA_ERRORS as one:
                 bad.append((event, one))
-            except _CONNECTION_ERRORS:  # PostgreSQL went away meanwhile: try it all later
+            except _TRANSIENT_ERRORS:  # PostgreSQL went away meanwhile: try it all later
                 await settle(message, "requeue")
                 return
         if not bad:  # it was not the data after all (e.g. a conflict between two events)

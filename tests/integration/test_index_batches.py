@@ -3,6 +3,7 @@ and conflicting instances in one batch and across batches, and the derived count
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -70,3 +71,34 @@ async def test_an_empty_batch_writes_nothing(conn: asyncpg.Connection) -> None:
     result = await write_batch(conn, [])
     assert (result.inserted, result.duplicates, result.conflicts) == (0, 0, 0)
     assert await conn.fetchval("SELECT count(*) FROM instance") == 0
+
+
+def _in_study(r: int, i: int, patient: str) -> InstanceStored:
+    """The one instance of study ``1.5.<r>.<i>``, of ``patient``."""
+    study = f"1.5.{r}.{i}"
+    return stored(f"{study}.1.1", series=f"{study}.1", study=study, patient=patient,
+                  sha=f"{r}{i}")
+
+
+async def test_two_indexers_meeting_the_same_patients_in_opposite_order_do_not_deadlock(
+        conn: asyncpg.Connection) -> None:
+    """Two indexer processes (``--scale indexer=2``) write two batches at once that hold the
+    same two patients, met in opposite order when the batch is sorted by Study Instance UID
+    (patient A has studies .1 and .4, patient B .2 and .3). Patients are locked in one order
+    whatever the studies, so neither transaction waits for the other in a cycle, which
+    PostgreSQL ends by aborting one (deadlock detected)."""
+    other = await asyncpg.connect(
+        f"postgresql://minipacs@127.0.0.1:5432/{await conn.fetchval('SELECT current_database()')}")
+    try:
+        for r in range(10):
+            a, b = f"A{r}", f"B{r}"
+            first, second = await asyncio.gather(
+                write_batch(conn, [_in_study(r, 1, a), _in_study(r, 2, b)]),
+                write_batch(other, [_in_study(r, 3, b), _in_study(r, 4, a)]))
+            assert first.inserted == second.inserted == 2
+        patients = await conn.fetch("SELECT p.patient_id, count(*) AS studies FROM patient p "
+                                    "JOIN study s ON s.patient_fk = p.id GROUP BY 1")
+        assert sorted((p["patient_id"], p["studies"]) for p in patients) == sorted(
+            [(f"A{r}", 2) for r in range(10)] + [(f"B{r}", 2) for r in range(10)])
+    finally:
+        await other.close()

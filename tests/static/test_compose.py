@@ -279,6 +279,17 @@ def test_gateway_storage_and_mover_share_the_spool(services: dict[str, dict[str,
             == mounts(services["mover"])["spool"])
 
 
+def test_storage_and_indexer_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
+    """``docker compose up --scale storage=N --scale indexer=N`` (README): nothing that only
+    one container can have: no fixed container name, no published port, the heartbeat in the
+    container's own /tmp rather than on a shared volume."""
+    for name in ("storage", "indexer"):
+        svc = services[name]
+        assert "container_name" not in svc, name
+        assert not published_ports(svc), name
+        assert environment(svc)["MINIPACS_HEARTBEAT_FILE"].startswith("/tmp/"), name
+
+
 def test_rabbitmq_config_files_exist(services: dict[str, dict[str, Any]]) -> None:
     for source in mounts(services["rabbitmq"]):
         if source.startswith("."):

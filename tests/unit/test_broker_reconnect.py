@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import pytest
 from aiormq.exceptions import ChannelInvalidStateError
 from yarl import URL
@@ -182,6 +183,35 @@ async def test_indexer_goes_on_when_acks_are_lost_with_the_channel(
     assert redelivered.acked
     assert "could not be acked" in caplog.text
     assert "delivered on a closed channel" in caplog.text
+
+
+async def test_indexer_writes_a_batch_again_whole_after_a_deadlock(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A transaction PostgreSQL rolled back (deadlock, serialization failure) says nothing
+    about the data: the same batch is written again whole, not split apart as if one of its
+    instances were bad (which could end with good instances dead-lettered)."""
+    written: list[list[str]] = []
+
+    async def write_batch(_conn: object, batch: list[InstanceStored]) -> BatchResult:
+        written.append([m.sop_instance_uid for m in batch])
+        if len(written) == 1:
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        return BatchResult(inserted=len(batch))
+
+    monkeypatch.setattr(indexer_worker, "write_batch", write_batch)
+    stop = asyncio.Event()
+    worker = IndexerWorker(IndexerSettings(batch_size=2, batch_wait=0.0), Pool(),  # type: ignore[arg-type]
+                           stop)
+    messages = [Message(Channel()) for _ in range(2)]
+    for i, m in enumerate(messages):
+        worker.pending.append((m, [stored(i)]))  # type: ignore[arg-type]
+    runner = asyncio.create_task(worker.run())
+    worker.wake.set()
+    await until(lambda: all(m.acked for m in messages))
+    stop.set()
+    await asyncio.wait_for(runner, 5)
+    assert written == [["1.2.0", "1.2.1"], ["1.2.0", "1.2.1"]]
+    assert "PostgreSQL rolled the batch back (DeadlockDetectedError)" in caplog.text
 
 
 # -- the proxy --------------------------------------------------------------------------------
