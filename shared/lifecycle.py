@@ -63,6 +63,13 @@ def heartbeat_path(configured: str, service: str) -> str:
     return configured or f"/tmp/minipacs-{service}.alive"  # noqa: S108 - a liveness marker
 
 
+def heartbeat_fresh(path: str, max_age: float = 15.0) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime <= max_age
+    except OSError:
+        return False
+
+
 def check_heartbeat(path: str, max_age: float = 15.0) -> int:
     """Exit status for ``python -m services.X --check``: 0 when the heartbeat is fresh."""
     try:

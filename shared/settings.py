@@ -181,8 +181,12 @@ class GatewaySettings(Common):
     move_start_timeout: float = 10.0   # no mover took the C-MOVE job by then: 0xA702
     move_idle_timeout: float = 60.0    # no progress from the mover for this long: 0xA702
     announce_batch: int = 16           # instance.received events per message at most
+    gateway_processes: int = 1         # processes sharing the DICOM port (gateway/workers.py)
 
     def finish(self, env: Mapping[str, str]) -> Self:
+        if self.gateway_processes < 1:
+            raise SettingsError(f"{PREFIX}GATEWAY_PROCESSES must be 1 or more, "
+                             f"not {self.gateway_processes}")
         return replace(
             self,
             gateway_aet=validate_aet(self.gateway_aet),

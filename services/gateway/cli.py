@@ -5,12 +5,19 @@ import os
 import sys
 
 from services.gateway.app import run
+from services.gateway.workers import supervise, worker_number
 from shared.lifecycle import service_main
 from shared.settings import GatewaySettings
 
 
 def main(argv: list[str]) -> int:
-    status = service_main("gateway", argv, GatewaySettings, run)
+    worker = worker_number()
+    if not worker and "--check" not in argv:
+        settings = GatewaySettings.from_env()
+        if settings.gateway_processes > 1:
+            return supervise(settings)
+    status = service_main(f"gateway.{worker}" if worker else "gateway", argv, GatewaySettings,
+                          run)
     if "--check" in argv:
         return status
     # Established associations have finished and everything is closed. What may be left are

@@ -57,6 +57,15 @@ class NoDelayServer(ThreadedAssociationServer):
         return sock, address
 
 
+class SharedPortServer(NoDelayServer):
+    """One of several gateway processes listening on the same port (``workers.py``)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def build_ae(settings: GatewaySettings) -> AE:
     # Received datasets go straight to a temp file in the spool (bounded memory), never to RAM.
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -93,7 +102,8 @@ def build_ae(settings: GatewaySettings) -> AE:
 
 def start(ae: AE, settings: GatewaySettings, handlers: list[Any]) -> ThreadedAssociationServer:
     server = ae.make_server((settings.gateway_host, settings.gateway_port),
-                            evt_handlers=handlers, server_class=NoDelayServer)
+                            evt_handlers=handlers, server_class=SharedPortServer
+                            if settings.gateway_processes > 1 else NoDelayServer)
     thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
     thread.start()
     ae._servers.append(server)  # so server.shutdown() can deregister it, as start_server does

@@ -39,6 +39,9 @@ def test_settings_from_env_types_and_masking() -> None:
     assert "pw" not in str(masked) and masked["s3_secret_key"] == "***"
     with pytest.raises(SettingsError):
         GatewaySettings.from_env({"MINIPACS_GATEWAY_PORT": "eleven"})
+    assert GatewaySettings.from_env({"MINIPACS_GATEWAY_PROCESSES": "4"}).gateway_processes == 4
+    with pytest.raises(SettingsError, match="GATEWAY_PROCESSES must be 1 or more"):
+        GatewaySettings.from_env({"MINIPACS_GATEWAY_PROCESSES": "0"})
 
 
 @pytest.mark.parametrize("uid", ["../../etc/x", "1.2/3", "1.2\\3", "1.2\x003", "", "1..2",

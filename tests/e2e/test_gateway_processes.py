@@ -1,0 +1,121 @@
+"""``MINIPACS_GATEWAY_PROCESSES=2``: two gateway processes on one DICOM port
+(``services/gateway/workers.py``). DCMTK's tools see one gateway; the kernel spreads their
+associations over both workers; a worker that dies is started again while the other serves;
+the supervisor's stop stops both, and its ``kill -9`` leaves none behind."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from scripts.native import Stack
+from tests.conftest import make_stack, teardown
+from tests.dicomgen import Made, small_set
+from tests.e2e.test_ingest import assert_stored_byte_identical, indexed
+from tests.helpers import StoreResult, dcmtk, dcmtk_env, storescu, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _echo(stack: Stack) -> bool:
+    out = subprocess.run([dcmtk("echoscu"), "-aec", "MINIPACS", "127.0.0.1",
+                          str(stack.config.gateway_port)], capture_output=True, timeout=60,
+                         env=dcmtk_env())
+    return out.returncode == 0
+
+
+def _workers(stack: Stack) -> dict[int, psutil.Process]:
+    """The supervisor's worker processes, by worker number."""
+    out = {}
+    for child in psutil.Process(stack.procs["gateway"].pid).children():
+        try:
+            number = child.environ().get("MINIPACS_GATEWAY_WORKER", "")
+        except psutil.Error:
+            continue
+        if number.isdigit():
+            out[int(number)] = child
+    return out
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _served(stack: Stack) -> set[str]:
+    """Which workers logged an accepted association."""
+    return set(re.findall(r" (gateway\.\d) minipacs\.gateway: assoc=\d+ accepted",
+                          stack.log_text("gateway")))
+
+
+def test_two_gateway_processes_share_the_port(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, "procs", MINIPACS_GATEWAY_PROCESSES="2")
+    stack.start()
+    try:
+        wait_until(lambda: len(_workers(stack)) == 2 and stack.log_text("gateway").count(
+            "listening on") == 2, 60, what="two gateway workers listening")
+        # Each new association goes to one of them (by a hash of its source port): keep
+        # echoing until both have served one.
+        wait_until(lambda: _echo(stack) and _served(stack) == {"gateway.1", "gateway.2"}, 60,
+                   every=0.0, what="associations on both workers")
+
+        made = small_set(tmp_path / "small", patients=8, studies=1, series=2, per_series=10,
+                         tag="procs")
+        results: list[StoreResult] = []
+        parts: list[list[Made]] = [made[i::8] for i in range(8)]
+        threads = [threading.Thread(target=lambda p=part: results.append(
+            storescu(stack.config.gateway_port, [m.path for m in p]))) for part in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert sum(r.successes for r in results) == len(made), [r.output[-800:] for r in results]
+        studies = sorted({m.study_uid for m in made})
+        wait_until(lambda: indexed(stack, studies) == len(made), 120, what="all indexed")
+        assert_stored_byte_identical(stack, made)
+
+        # A worker killed: the other goes on serving, the supervisor starts it again.
+        gone = _workers(stack)[1]
+        gone.kill()
+        gone.wait(30)
+        assert _echo(stack) or _echo(stack)  # at worst the first try hit the dead socket
+        wait_until(lambda: 1 in _workers(stack) and _workers(stack)[1].pid != gone.pid, 30,
+                   what="worker 1 started again")
+        wait_until(lambda: stack.log_text("gateway").count("listening on") == 3, 60,
+                   what="the new worker 1 listening")
+        assert "gateway worker 1 exited" in stack.log_text("gateway")
+
+        # The supervisor's health follows its workers' heartbeats.
+        check = subprocess.run([sys.executable, "-m", "services.gateway", "--check"],
+                               env={**stack.env, "MINIPACS_GATEWAY_PROCESSES": "2",
+                                    "MINIPACS_HEARTBEAT_FILE": stack.heartbeat_file("gateway")},
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+        # SIGTERM (compose stop, Ctrl-C): passed on, both workers finish and exit.
+        workers = list(_workers(stack).values())
+        stack.kill("gateway", signal.SIGTERM)
+        psutil.wait_procs(workers, timeout=60)
+        assert not any(_alive(w) for w in workers)
+        assert "gateway stopped (2 workers)" in stack.log_text("gateway")
+
+        # kill -9 of the supervisor: its workers get SIGTERM and go, freeing the port.
+        stack.start_service("gateway")
+        wait_until(lambda: len(_workers(stack)) == 2 and _echo(stack), 60,
+                   what="the gateway up again")
+        workers = list(_workers(stack).values())
+        stack.kill("gateway", signal.SIGKILL)
+        psutil.wait_procs(workers, timeout=60)
+        assert not any(_alive(w) for w in workers)
+        assert not _echo(stack)
+    finally:
+        teardown(stack)
