@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +61,12 @@ def storescu(port: int, paths: Sequence[Path | str], aet: str = "STORESCU",
     ok = len(re.findall(r"Received Store Response \(Success\)", out))
     bad = len(re.findall(r"Received Store Response \((?!Success)", out))
     return StoreResult(proc.returncode, ok, bad, out)
+
+
+def storescu_at_once(port: int, groups: Sequence[Sequence[Path | str]]) -> list[StoreResult]:
+    """One ``storescu`` per group, all running at once (several modalities, or associations)."""
+    with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:
+        return list(pool.map(lambda group: storescu(port, group), groups))
 
 
 def pg(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import psutil
@@ -17,9 +16,9 @@ import pytest
 
 from scripts.native import Stack
 from tests.conftest import make_stack, teardown
-from tests.dicomgen import Made, small_set
+from tests.dicomgen import small_set
 from tests.e2e.test_ingest import assert_stored_byte_identical, indexed
-from tests.helpers import StoreResult, dcmtk, dcmtk_env, storescu, wait_until
+from tests.helpers import dcmtk, dcmtk_env, storescu_at_once, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -70,14 +69,8 @@ def test_two_gateway_processes_share_the_port(tmp_path: Path) -> None:
 
         made = small_set(tmp_path / "small", patients=8, studies=1, series=2, per_series=10,
                          tag="procs")
-        results: list[StoreResult] = []
-        parts: list[list[Made]] = [made[i::8] for i in range(8)]
-        threads = [threading.Thread(target=lambda p=part: results.append(
-            storescu(stack.config.gateway_port, [m.path for m in p]))) for part in parts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
+        results = storescu_at_once(stack.config.gateway_port,
+                                   [[m.path for m in made[i::8]] for i in range(8)])
         assert sum(r.successes for r in results) == len(made), [r.output[-800:] for r in results]
         studies = sorted({m.study_uid for m in made})
         wait_until(lambda: indexed(stack, studies) == len(made), 120, what="all indexed")

@@ -6,7 +6,6 @@ every instance is still stored once and indexed once, with the right counts."""
 from __future__ import annotations
 
 import re
-import threading
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -16,9 +15,9 @@ import pytest
 from scripts.native import Stack
 from shared import topology
 from tests.conftest import dsn, make_stack, teardown
-from tests.dicomgen import Made, small_set
+from tests.dicomgen import small_set
 from tests.e2e.test_ingest import assert_stored_byte_identical, indexed
-from tests.helpers import StoreResult, pg, queue_counts, storescu, wait_until
+from tests.helpers import pg, queue_counts, storescu_at_once, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -41,17 +40,8 @@ def test_two_storage_and_two_indexer_processes(tmp_path: Path) -> None:
         # association carries every series, so both indexers' batches hold the same rows.
         made = small_set(tmp_path / "small", patients=4, studies=2, series=2, per_series=25,
                          tag="scale")
-        parts: list[list[Made]] = [made[i::4] for i in range(4)]
-        results: list[StoreResult] = []
-
-        def send(files: list[Made]) -> None:
-            results.append(storescu(stack.config.gateway_port, [m.path for m in files]))
-
-        threads = [threading.Thread(target=send, args=(part,)) for part in parts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
+        results = storescu_at_once(stack.config.gateway_port,
+                                   [[m.path for m in made[i::4]] for i in range(4)])
         assert sum(r.successes for r in results) == len(made), [r.output[-800:] for r in results]
 
         studies = sorted({m.study_uid for m in made})
