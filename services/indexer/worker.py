@@ -142,11 +142,11 @@ class IndexerWorker:
             try:
                 async with self.pool.acquire() as conn:
                     await write_batch(conn, [event])
-            except _DATA_ERRORS as one:
-                bad.append((event, one))
             except _TRANSIENT_ERRORS:  # PostgreSQL went away meanwhile: try it all later
                 await settle(message, "requeue")
                 return
+            except _DATA_ERRORS as one:
+                bad.append((event, one))
         if not bad:  # it was not the data after all (e.g. a conflict between two events)
             await settle(message, "ack")
             return
