@@ -21,6 +21,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
@@ -92,32 +93,52 @@ def percentile(values: Iterable[float], pct: float) -> float:
 def find_latencies(port: int, called: str, queries: list[Dataset], warmup: int = 5
                    ) -> Latencies:
     """Send ``queries`` one after the other inside ONE association; the time of each is from
-    the C-FIND request until its final response. The first ``warmup`` ones are not counted."""
+    the C-FIND request until its final response. The first ``warmup`` ones are not counted.
+    A query the server aborts (or leaves unanswered) counts as a failure and the rest go on in
+    a new association; a second abort in a row ends the run with an error."""
     ae = AE(ae_title="BENCHFIND")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if not assoc.is_established:
-        raise RuntimeError(f"C-FIND association to {called}@{port} not established")
-    ms: list[float] = []
-    matches: list[int] = []
-    failures = 0
-    try:
+
+    def associate() -> Association:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        if not assoc.is_established:
+            raise RuntimeError(f"C-FIND association to {called}@{port} not established")
         dul_sock = assoc.dul.socket
         if dul_sock is not None and dul_sock.socket is not None:
             dul_sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return assoc
+
+    ms: list[float] = []
+    matches: list[int] = []
+    failures = 0
+    aborted_last = False
+    assoc = associate()
+    try:
         for n, query in enumerate([*queries[:warmup], *queries]):
             t0 = time.perf_counter()
             count, final = 0, None
             for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                 if status is None or "Status" not in status:
-                    raise RuntimeError(f"C-FIND to {called}: no response (timeout/abort)")
+                    break  # aborted, or no answer within the DIMSE timeout
                 code = int(status.Status)
                 if code in PENDING:
                     count += 1
                 else:
                     final = code
             elapsed = (time.perf_counter() - t0) * 1000
+            if final is None:
+                if aborted_last:
+                    raise RuntimeError(f"C-FIND to {called}: no response twice in a row "
+                                       "(timeout/abort)")
+                print(f"  C-FIND to {called}: query {n} got no response (timeout/abort); "
+                      "counted as a failure, going on in a new association", flush=True)
+                aborted_last = True
+                failures += n >= warmup
+                assoc.abort()
+                assoc = associate()
+                continue
+            aborted_last = False
             if n < warmup:
                 continue
             ms.append(elapsed)

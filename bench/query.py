@@ -222,7 +222,8 @@ def measure(server: Server, archive: str, instances: int, queries: dict[str, lis
     lat = find_latencies(server.port, server.aet, queries["patient_id"])
     pynetdicom[f"{archive} {server.name}"] = lat.median
     print(f"  {archive:5} {server.name:8} patient_id, pynetdicom client: median "
-          f"{lat.median:6.2f} ms", flush=True)
+          f"{lat.median:6.2f} ms" + (f", {lat.failures} NOT Success" if lat.failures else ""),
+          flush=True)
     for kind in KINDS:
         lat = findscu_latencies(server.port, server.aet, queries[kind])
         cells.append(Cell(archive, server.name, kind, instances, lat.ms, lat.matches,

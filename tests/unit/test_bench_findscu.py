@@ -27,3 +27,39 @@ def test_each_query_is_timed_from_request_to_final_response() -> None:
     (first_ms, first_n, first_ok), (second_ms, second_n, second_ok) = timed
     assert abs(first_ms - 4.969) < 1e-6 and first_n == 2 and first_ok  # across midnight
     assert abs(second_ms - 2.0) < 1e-6 and second_n == 0 and not second_ok
+
+
+def test_a_query_the_server_aborts_is_a_failure_and_the_rest_go_on() -> None:
+    """The pynetdicom-client timing (``find_latencies``) against an SCP that aborts the
+    association on one query: that query counts as a failure, the others are timed in a new
+    association. A full bench once died on one such abort from Orthanc."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    from bench.dimse import find_latencies, study_query
+    from scripts.native import free_port
+
+    seen: list[str] = []
+
+    def on_find(event: evt.Event):  # type: ignore[no-untyped-def]
+        seen.append(event.identifier.PatientID)
+        if event.identifier.PatientID == "ABORT":
+            event.assoc.abort()
+            return
+        yield 0x0000, None
+
+    ae = AE(ae_title="FLAKY")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    assert server is not None
+    try:
+        queries = [study_query(PatientID=p) for p in ("A", "B", "ABORT", "C", "D")]
+        lat = find_latencies(port, "FLAKY", queries, warmup=1)
+    finally:
+        server.shutdown()
+    assert seen == ["A", "A", "B", "ABORT", "C", "D"]
+    assert lat.failures == 1 and len(lat.ms) == 4
