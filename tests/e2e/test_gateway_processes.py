@@ -150,6 +150,7 @@ def test_a_worker_killed_mid_transfer_with_storage_and_indexer(tmp_path: Path) -
         victim = wait_until(lambda: next((n for n, w in sorted(_workers(stack).items())
                                           if _peer_ports(w, port, local=True)), None), 60,
                             every=0.0, what="a worker in the middle of a transfer")
+        assert victim is not None
         worker = _workers(stack)[victim]
         cut_off = [bool(_peer_ports(psutil.Process(s.pid), port, local=False)
                         & _peer_ports(worker, port, local=True)) for s in senders]
