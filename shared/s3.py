@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
+import uuid
 from typing import IO, BinaryIO
 
 from minio import Minio
@@ -15,6 +17,8 @@ from minio.error import S3Error
 
 from shared.s3http import RawS3, S3Refused
 from shared.settings import Common
+
+log = logging.getLogger("minipacs.s3")
 
 SHA_META = "sha256"
 CHECKSUM_HEADER = "x-amz-checksum-sha256"
@@ -40,6 +44,26 @@ def ensure_bucket(s3: Minio, bucket: str) -> None:
         except S3Error as exc:
             if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
+
+
+PROBE_PREFIX = "probe/"  # outside ``instances/``: never the key of a stored instance
+
+
+def probe_write(s3: Minio, bucket: str) -> None:
+    """PUT a few bytes under a key of our own (``probe/`` + a random UUID: no tag value) and
+    DELETE them again: fails at start-up, with S3's own error, where the bucket cannot be
+    written (credentials, policy, a full or read-only store) instead of at the first instance.
+    It also takes the S3 store's first-write cost out of the first study: SeaweedFS grows its
+    volumes on a bucket's first PUT, and PUTs arriving meanwhile waited up to a second
+    (``bench/findable.py``)."""
+    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    body = b"minipacs storage write probe\n"
+    s3.put_object(bucket, key, io.BytesIO(body), len(body), content_type="text/plain")
+    try:
+        s3.remove_object(bucket, key)
+    except S3Error as exc:  # written, so the store works; a WORM bucket may refuse this
+        log.warning("S3 write probe %s could not be removed (%s): harmless, delete it by hand",
+                    key, exc.code)
 
 
 class HashingReader:

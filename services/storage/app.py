@@ -25,8 +25,9 @@ async def run(settings: StorageSettings, stop: asyncio.Event | None = None) -> N
 
     async def bucket() -> None:
         await asyncio.to_thread(s3.ensure_bucket, client, settings.s3_bucket)
+        await asyncio.to_thread(s3.probe_write, client, settings.s3_bucket)
 
-    await retry_until("S3", bucket, settings.startup_timeout)
+    await retry_until("S3 (bucket, and a write probe)", bucket, settings.startup_timeout)
     connection = await broker.connect(settings.amqp_url, settings.startup_timeout,
                                       name="minipacs-storage")
     publisher = broker.Publisher(connection, settings.confirm_timeout)
