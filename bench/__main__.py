@@ -9,6 +9,7 @@ import sys
 import time
 from types import FrameType
 
+from bench import findable
 from bench.datasets import OUT
 from bench.ingest import IDLE, Options, run_ingest
 from bench.qr import run_query_bench, run_retrieve_bench
@@ -37,8 +38,12 @@ def main(argv: list[str]) -> int:
     chosen = args.only or args.bench
     signal.signal(signal.SIGTERM, _sigterm)
     if chosen in (None, "ingest"):
+        found_runs: list[findable.Findable] = []
+        found_trials = 2 if args.quick else 5
         opts = Options(sizes=QUICK if args.quick else FULL,
-                       trials=args.trials or (1 if args.quick else 3), keep=args.keep)
+                       trials=args.trials or (1 if args.quick else 3), keep=args.keep,
+                       then=lambda servers, work: found_runs.extend(
+                           findable.run_findable(servers, work, found_trials)))
         runs = run_ingest(opts)
         save_runs(runs, OUT / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json")
         table = rows(runs)
@@ -47,8 +52,12 @@ def main(argv: list[str]) -> int:
         print()
         for target in targets(table):
             print(target.line())
+        found = findable.summarize(found_runs)
+        extra = findable.markdown(found, found_trials) if found else []
+        if found:
+            print(findable.target_line(found))
         command = "make bench" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else "")
-        section = markdown(table, opts.trials, command, IDLE)
+        section = markdown(table, opts.trials, command, IDLE, extra)
         if args.quick or args.no_doc:
             (OUT / "benchmarks-latest.md").write_text(section + "\n")
         else:

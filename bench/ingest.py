@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ class Options:
     trials: int
     associations: tuple[int, ...] = (1, 4)
     keep: bool = False  # keep the run directory (server logs, storescu output)
+    # more measurements with the started servers (Orthanc, minipacs), before they stop
+    then: Callable[[list[Server], Path], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,8 @@ def run_ingest(opts: Options) -> list[Run]:
                 IDLE[server.name] = idle_cost(server, work)
                 print(f"  idle: {server.name} with 4 silent associations open: "
                       f"{idle_text(IDLE[server.name])}", flush=True)
+        if opts.then is not None:
+            opts.then([s for s in servers if s.name != "storescp"], work)
     return runs
 
 

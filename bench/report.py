@@ -158,7 +158,9 @@ def text_table(table: list[Row]) -> str:
 
 
 def markdown(table: list[Row], trials: int, command: str,
-             idle: dict[str, dict[str, float]] | None = None) -> str:
+             idle: dict[str, dict[str, float]] | None = None,
+             extra: list[str] | None = None) -> str:
+    """The generated section; ``extra``: more markdown lines, after the held-open figure."""
     cells = [(r.kind, r.associations) for r in table]
     col = " | ".join(f"{k}, {a} assoc" for k, a in cells)
     sep = "|---" * (len(cells) + 1) + "|"
@@ -194,6 +196,7 @@ def markdown(table: list[Row], trials: int, command: str,
         out += ["", "**Held open, silent**: CPU while 4 associations stay open without "
                 "traffic (a modality that keeps its association): " + ", ".join(
                     f"{NAMES.get(s, s)} {idle_text(v)}" for s, v in idle.items()) + "."]
+    out += extra or []
     lost = [f"{s} {n} ({r.kind}, {r.associations} assoc)" for r in table
             for s, n in r.lost.items() if n]
     out += ["", "Instances not acknowledged (over all trials): " + "; ".join(lost) + "."

@@ -183,6 +183,7 @@ class Orthanc(ProcessServer):
             "DicomPort": self.port,
             "HttpPort": self.http_port,
             "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowFind": True,  # the sent -> findable poller (bench/findable.py)
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [],
