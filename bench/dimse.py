@@ -5,7 +5,6 @@ and a fresh receiving ``storescp``, plus the generated doc sections."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -28,7 +27,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from bench.report import DOC
 from bench.servers import (
-    ORTHANC,
     STORESCP,
     Orthanc,
     nodelay_env,
@@ -36,7 +34,7 @@ from bench.servers import (
     terminate,
     wait_exited,
 )
-from scripts.native import free_port, port_open, wait_for
+from scripts.native import port_open, wait_for
 
 MOVESCU = "/usr/bin/movescu"  # DCMTK's, never the pynetdicom ones in .venv/bin
 FINDSCU = "/usr/bin/findscu"
@@ -314,32 +312,14 @@ class QROrthanc(Orthanc):
         super().__init__()
         self.receiver_port = receiver_port
 
-    def launch(self, folder: Path) -> subprocess.Popen[bytes]:
-        self.http_port = free_port()
+    def config(self, folder: Path) -> dict[str, object]:
         modalities: dict[str, list[str | int]] = {
             "getscu": [GETSCU_AET, "127.0.0.1", 104],
             "movescu": [MOVESCU_AET, "127.0.0.1", 104],
         }
         if self.receiver_port:
             modalities["receiver"] = [RECEIVER_AET, "127.0.0.1", self.receiver_port]
-        config = {
-            "Name": "bench",
-            "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "index"),
-            "DicomAet": self.aet,
-            "DicomPort": self.port,
-            "HttpPort": self.http_port,
-            "DicomCheckCalledAet": False,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-            "DicomModalities": modalities,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowFind": True,
-            "DicomAlwaysAllowMove": True,
-            "DicomAlwaysAllowGet": True,
-        }
-        path = folder / "orthanc.json"
-        path.write_text(json.dumps(config, indent=2))
-        return spawn([ORTHANC, str(path)], folder / "orthanc.log", nodelay_env())
+        return {**super().config(folder), "DicomModalities": modalities,
+                "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+                "DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True,
+                "DicomAlwaysAllowGet": True}

@@ -173,9 +173,9 @@ class Orthanc(ProcessServer):
         super().__init__()
         self.http_port = 0
 
-    def launch(self, folder: Path) -> subprocess.Popen[bytes]:
-        self.http_port = free_port()
-        config = {
+    def config(self, folder: Path) -> dict[str, object]:
+        """Its configuration file: empty directories of its own, the ports of this run."""
+        return {
             "Name": "bench",
             "StorageDirectory": str(folder / "storage"),
             "IndexDirectory": str(folder / "index"),
@@ -188,8 +188,11 @@ class Orthanc(ProcessServer):
             "AuthenticationEnabled": False,
             "Plugins": [],
         }
+
+    def launch(self, folder: Path) -> subprocess.Popen[bytes]:
+        self.http_port = free_port()
         path = folder / "orthanc.json"
-        path.write_text(json.dumps(config, indent=2))
+        path.write_text(json.dumps(self.config(folder), indent=2))
         return spawn([ORTHANC, str(path)], folder / "orthanc.log", nodelay_env())
 
     def ready(self) -> bool:
