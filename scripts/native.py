@@ -3,6 +3,8 @@
 Starts (or checks) PostgreSQL and RabbitMQ with its management plugin, runs SeaweedFS as the
 S3 endpoint, applies the migrations, then runs gateway, storage and indexer in the foreground
 until Ctrl-C / SIGTERM, and stops everything it started. Tests and benchmarks use ``Stack``.
+Exit status: 0 after Ctrl-C / SIGTERM; 1 when the stack could not start (one line says why)
+or when one of its processes died (the rest are stopped); 2 for a port setting that is not one.
 
 ``run`` reads ``MINIPACS_GATEWAY_PORT`` / ``MINIPACS_GATEWAY_AET`` like the gateway, ``--data``
 (or ``MINIPACS_DATA``, default ``.data``), and, so that a second stack on the machine does not
@@ -263,8 +265,25 @@ class Stack:
         self.prepare()
         for name in SERVICES:
             self.start_service(name)
-        wait_for("gateway port", lambda: port_open(self.config.gateway_port), 60)
+
+        def gateway_up() -> bool:
+            self.check_running("during start-up")
+            return port_open(self.config.gateway_port)
+
+        wait_for("gateway port", gateway_up, 60)
         return self
+
+    def exited(self) -> list[tuple[str, int]]:
+        """(name, exit status) of every started process that has ended."""
+        return [(name, rc) for name, proc in self.procs.items()
+                if (rc := proc.poll()) is not None]
+
+    def check_running(self, when: str) -> None:
+        """Raise ``RuntimeError`` if a started process has ended (its log says why)."""
+        gone = self.exited()
+        if gone:
+            raise RuntimeError(", ".join(f"{name} exited with {rc}" for name, rc in gone)
+                               + f" {when}; its log is above")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.pop(name)
@@ -309,29 +328,49 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", default=os.environ.get("MINIPACS_DATA", str(ROOT / ".data")))
     args = parser.parse_args(argv)
     env = os.environ
-    stack = Stack(StackConfig(base_dir=Path(args.data),
-                              gateway_port=int(env.get("MINIPACS_GATEWAY_PORT", 11112)),
-                              gateway_aet=env.get("MINIPACS_GATEWAY_AET", "MINIPACS"),
-                              s3_port=int(env.get("MINIPACS_NATIVE_S3_PORT", StackConfig.s3_port)),
-                              database=env.get("MINIPACS_NATIVE_DATABASE", StackConfig.database),
-                              vhost=env.get("MINIPACS_NATIVE_VHOST", StackConfig.vhost)))
+    try:
+        config = StackConfig(
+            base_dir=Path(args.data),
+            gateway_port=port_from_env(env, "MINIPACS_GATEWAY_PORT", 11112),
+            gateway_aet=env.get("MINIPACS_GATEWAY_AET", "MINIPACS"),
+            s3_port=port_from_env(env, "MINIPACS_NATIVE_S3_PORT", StackConfig.s3_port),
+            database=env.get("MINIPACS_NATIVE_DATABASE", StackConfig.database),
+            vhost=env.get("MINIPACS_NATIVE_VHOST", StackConfig.vhost))
+    except ValueError as exc:
+        print(f"minipacs: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 2
+    stack = Stack(config)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    status = 0
     try:
-        stack.start()
+        try:
+            stack.start()
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+            # what went wrong, in one line (the services' own logs are above it)
+            print(f"minipacs: cannot start: {exc}; stopping", file=sys.stderr, flush=True)
+            return 1
         print(f"minipacs is up: DICOM {stack.config.gateway_aet}@127.0.0.1:"
               f"{stack.config.gateway_port}, queue dashboard http://127.0.0.1:15672 "
               "(guest/guest). Ctrl-C stops it.", flush=True)
         while not stopping.is_set():
-            for name, proc in stack.procs.items():
-                if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; stopping", flush=True)
-                    stopping.set()
+            for name, rc in stack.exited():
+                # a supervisor (systemd's Restart=on-failure) must see that this was no stop
+                print(f"{name} exited with {rc}; stopping", flush=True)
+                stopping.set()
+                status = 1
             stopping.wait(1)
     finally:
         stack.stop()
-    return 0
+    return status
+
+
+def port_from_env(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, str(default))
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"{name}={raw!r} is not a TCP port")
+    return int(raw)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+S = TypeVar("S")
 log = logging.getLogger("minipacs.lifecycle")
+
+EX_CONFIG = 78  # sysexits.h: a configuration error, which restarting will not cure
 
 
 async def retry_until(
@@ -84,13 +88,25 @@ def check_heartbeat(path: str, max_age: float = 15.0) -> int:
     return 0
 
 
+def settings_or_exit(settings_type: type[S], name: str) -> S:
+    """``settings_type.from_env()``; a value it cannot use ends the process with one line on
+    stderr naming the variable (no traceback) and exit status ``EX_CONFIG``."""
+    from shared.settings import SettingsError
+
+    try:
+        return settings_type.from_env()  # type: ignore[attr-defined, no-any-return]
+    except SettingsError as exc:
+        print(f"{name}: configuration error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG) from None
+
+
 def service_main(name: str, argv: list[str], settings_type: type[Any],
                  run: Callable[[Any], Coroutine[Any, Any, None]]) -> int:
     """The whole ``__main__`` of a service: ``--check`` for health, else configure logging, log
     the (masked) settings and run until SIGTERM / Ctrl-C."""
     from shared.logs import configure
 
-    settings = settings_type.from_env()
+    settings = settings_or_exit(settings_type, name)
     if "--check" in argv:
         return check_heartbeat(heartbeat_path(settings.heartbeat_file, name))
     configure(settings.log_level, name)

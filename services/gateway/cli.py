@@ -6,14 +6,14 @@ import sys
 
 from services.gateway.app import run
 from services.gateway.workers import supervise, worker_number
-from shared.lifecycle import service_main
+from shared.lifecycle import service_main, settings_or_exit
 from shared.settings import GatewaySettings
 
 
 def main(argv: list[str]) -> int:
     worker = worker_number()
     if not worker and "--check" not in argv:
-        settings = GatewaySettings.from_env()
+        settings = settings_or_exit(GatewaySettings, "gateway")
         if settings.gateway_processes > 1:
             return supervise(settings)
     status = service_main(f"gateway.{worker}" if worker else "gateway", argv, GatewaySettings,

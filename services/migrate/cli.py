@@ -5,7 +5,7 @@ import logging
 import asyncpg
 
 from services.migrate.core import downgrade, upgrade
-from shared.lifecycle import retry_until
+from shared.lifecycle import retry_until, settings_or_exit
 from shared.logs import configure
 from shared.settings import Common
 
@@ -13,7 +13,7 @@ log = logging.getLogger("minipacs.migrate")
 
 
 async def main(argv: list[str]) -> int:
-    settings = Common.from_env()
+    settings = settings_or_exit(Common, "migrate")
     configure(settings.log_level, "migrate")
     command = argv[0] if argv else "up"
 

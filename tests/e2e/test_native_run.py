@@ -1,8 +1,9 @@
 """`make run` as a user runs it: ``python -m scripts.native run --data DIR`` in the foreground.
 
 It says it is up, takes DCMTK's echo and stores, stops everything it started on Ctrl-C (exit 0),
-finds its instances again when started on the same data directory, and stops the whole stack
-when one of its services dies. Nothing here uses ``Stack``: the runner is a subprocess in its
+finds its instances again when started on the same data directory, stops the whole stack when
+one of its services dies (exit 1), and refuses to start, in one line and exit 1, with a bad
+setting or a port in use. Nothing here uses ``Stack``: the runner is a subprocess in its
 own process group, on its own ports, PostgreSQL database and RabbitMQ vhost (the
 ``MINIPACS_NATIVE_*`` overrides), so a user's own ``make run`` is left alone.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +34,7 @@ from scripts.native import (
     free_port,
     free_port_block,
 )
+from shared.lifecycle import EX_CONFIG
 from tests.dicomgen import Made, small_set
 from tests.e2e.test_find import findscu
 from tests.helpers import dcmtk, dcmtk_env, pg, s3_objects, storescu, wait_until
@@ -71,12 +74,13 @@ class Runner:
     """``python -m scripts.native run`` as a subprocess in a process group of its own; a
     thread reads its output line by line, and callers wait on that with a deadline."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, extra_env: dict[str, str] | None = None) -> None:
         self.target = target
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "scripts.native", "run", "--data", str(target.data)],
-            cwd=ROOT, env=target.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+            cwd=ROOT, env={**target.env(), **(extra_env or {})}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+            start_new_session=True)
         self.pgid = self.proc.pid  # start_new_session: it leads its own group
         self._lines: list[str] = []
         self._eof = False
@@ -268,5 +272,56 @@ def test_a_dead_service_stops_the_whole_stack(start: list[Runner], new_target: T
     runner, services = _start(start, new_target)
     services["storage"].kill()  # kill -9
     runner.wait_for_line(f"storage exited with {-signal.SIGKILL}; stopping", 30)
-    assert runner.wait_exit() == 0, runner.output()
+    # not a stop that was asked for: a supervisor (systemd's Restart=on-failure) must see it
+    assert runner.wait_exit() == 1, runner.output()
     _assert_all_gone(runner)
+
+
+def _strays(target: Target) -> list[str]:
+    """Processes of this target's stack still running: its SeaweedFS (by its S3 port) and its
+    services (by their heartbeat file, under the target's data directory)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            ours = f"-s3.port={target.s3_port}" in cmd or any(
+                v.startswith(str(target.data)) for k, v in p.environ().items()
+                if k == "MINIPACS_HEARTBEAT_FILE")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if ours and _alive(p):
+            found.append(f"{p.pid} {' '.join(cmd)}")
+    return found
+
+
+def test_a_bad_setting_stops_the_start_with_one_line(start: list[Runner],
+                                                     new_target: Target) -> None:
+    """A malformed MINIPACS_NODES (the Orthanc-style node list) ends the gateway at once
+    with a line that names the variable, and the runner stops everything at once instead of
+    waiting for a gateway port that will never open; no Python traceback for the admin."""
+    runner = Runner(new_target, {"MINIPACS_NODES": '{"archive": ["ARCHIVE", "127.0.0.1"'})
+    start.append(runner)
+    assert runner.wait_exit(START_DEADLINE) == 1, runner.output()
+    out = runner.output(tail=100_000)
+    assert "gateway: configuration error: MINIPACS_NODES is not JSON" in out, out
+    assert (f"minipacs: cannot start: gateway exited with {EX_CONFIG} during start-up"
+            in out), out
+    assert "Traceback" not in out, out
+    assert READY not in out, out
+    assert not _strays(new_target), out
+
+
+def test_a_busy_port_is_refused_before_anything_starts(start: list[Runner],
+                                                       new_target: Target) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", new_target.gateway_port))
+        busy.listen()
+        runner = Runner(new_target)
+        start.append(runner)
+        assert runner.wait_exit(START_DEADLINE) == 1, runner.output()
+    out = runner.output(tail=100_000)
+    assert (f"minipacs: cannot start: port(s) [{new_target.gateway_port}] already in use"
+            in out), out
+    assert "Traceback" not in out, out
+    assert "s3       |" not in out, out  # SeaweedFS was never started
+    assert not _strays(new_target), out

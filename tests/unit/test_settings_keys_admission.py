@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from scripts.native import port_from_env
 from services.gateway import statuses
 from services.gateway.admission import (
     REJECT_CALLED_AET,
@@ -12,6 +13,7 @@ from services.gateway.admission import (
 )
 from services.storage.worker import unconfirmed_age
 from shared.keys import InvalidUID, is_strict_uid, object_key, validate_uid
+from shared.lifecycle import EX_CONFIG, settings_or_exit
 from shared.settings import GatewaySettings, SettingsError, StorageSettings, parse_nodes
 
 
@@ -108,3 +110,23 @@ def test_unconfirmed_files_are_announced_again_after_minutes_not_the_staging_hou
     assert unconfirmed_age(StorageSettings.from_env({"MINIPACS_UNCONFIRMED_AFTER": "2",
                                                      "MINIPACS_CONFIRM_TIMEOUT": "3"})) == 6.0
     assert unconfirmed_age(StorageSettings.from_env({"MINIPACS_UNCONFIRMED_AFTER": "60"})) == 60.0
+
+
+def test_a_bad_setting_exits_with_one_line_and_ex_config(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MINIPACS_GATEWAY_PORT", "eleven")
+    with pytest.raises(SystemExit) as exited:
+        settings_or_exit(GatewaySettings, "gateway")
+    assert exited.value.code == EX_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith("gateway: configuration error: MINIPACS_GATEWAY_PORT='eleven'"), err
+    assert err.count("\n") == 1, err
+    monkeypatch.setenv("MINIPACS_GATEWAY_PORT", "11112")
+    assert settings_or_exit(GatewaySettings, "gateway").gateway_port == 11112
+
+
+@pytest.mark.parametrize("raw", ["", "abc", "0", "65536", "-1", " 1"])
+def test_native_runner_refuses_a_port_that_is_not_one(raw: str) -> None:
+    with pytest.raises(ValueError, match="MINIPACS_GATEWAY_PORT"):
+        port_from_env({"MINIPACS_GATEWAY_PORT": raw}, "MINIPACS_GATEWAY_PORT", 11112)
+    assert port_from_env({}, "MINIPACS_GATEWAY_PORT", 11112) == 11112
