@@ -13,7 +13,16 @@ from bench import findable
 from bench.datasets import OUT
 from bench.ingest import IDLE, Options, run_ingest
 from bench.qr import run_query_bench, run_retrieve_bench
-from bench.report import DOC, markdown, rows, save_runs, targets, text_table, write_doc
+from bench.report import (
+    DOC,
+    ceilings,
+    markdown,
+    rows,
+    save_runs,
+    targets,
+    text_table,
+    write_doc,
+)
 
 BENCHES = ("ingest", "query", "retrieve")
 FULL = {"ct": 300, "small": 2000}
@@ -52,6 +61,8 @@ def main(argv: list[str]) -> int:
         print()
         for target in targets(table):
             print(target.line())
+        for ceiling in ceilings(table):
+            print(ceiling.line())
         found = findable.summarize(found_runs)
         extra = findable.markdown(found, found_trials) if found else []
         if found:

@@ -106,16 +106,60 @@ def targets(table: list[Row]) -> list[Target]:
         return next((r for r in table if r.kind == kind and r.associations == assoc), None)
 
     out = []
-    for kind, limit in (("ct", 1.0), ("small", 0.7)):
+    for kind, limit in RATE_TARGETS:
         row = cell(kind, 4)
         if row is not None:
             out.append(Target(f"{kind} set, 4 associations, acknowledged instances/s vs "
                               "Orthanc", row.vs.get("orthanc", float("nan")), limit, True))
     if table:
         worst = max(table, key=lambda r: r.indexed)
-        out.append(Target(f"everything indexed within 1.5x the ack time (worst cell: "
-                          f"{worst.kind}, {worst.associations} assoc)", worst.indexed, 1.5,
-                          False))
+        out.append(Target(f"everything indexed within {INDEXED_LIMIT}x the ack time (worst "
+                          f"cell: {worst.kind}, {worst.associations} assoc)", worst.indexed,
+                          INDEXED_LIMIT, False))
+    return out
+
+
+INDEXED_LIMIT = 1.5  # issue 2: everything indexed within 1.5x the time it took to acknowledge
+RATE_TARGETS = (("ct", 1.0), ("small", 0.7))  # issue 2: minipacs / Orthanc, 4 associations
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What the machine's cores allow minipacs, whatever the scheduling: indexing may end
+    ``INDEXED_LIMIT`` x the ack time T after the start, so the stack has ``cores`` x 1.5 T
+    CPU-seconds for the N instances it acknowledged in T, and N / T <= cores x 1.5 / (its CPU
+    per instance). The ``storescu`` clients on the same cores are not counted: the true
+    ceiling is lower."""
+
+    kind: str
+    cores: int
+    cpu_ms: float  # whole-stack CPU per instance (ms)
+    needed: float  # acknowledged/s the target asks for (limit x Orthanc's rate)
+    limit: float
+
+    @property
+    def most(self) -> float:
+        return self.cores * INDEXED_LIMIT * 1000 / self.cpu_ms if self.cpu_ms > 0 else math.inf
+
+    def line(self) -> str:
+        verdict = ("out of reach on this machine, whatever the scheduling" if self.most < self.needed
+                   else "not ruled out by the cores")
+        return (f"ceiling: {self.kind} set, 4 associations: {self.cores} cores x "
+                f"{INDEXED_LIMIT} / {self.cpu_ms:.2f} ms of whole-stack CPU per instance = "
+                f"at most {self.most:.0f} acknowledged/s; {self.limit}x Orthanc needs "
+                f"{self.needed:.0f}/s: {verdict}")
+
+
+def ceilings(table: list[Row], cores: int | None = None) -> list[Ceiling]:
+    """One ``Ceiling`` per 4-association cell with a target (see ``Ceiling``)."""
+    n = cores or os.cpu_count() or 1
+    out = []
+    for kind, limit in RATE_TARGETS:
+        row = next((r for r in table if r.kind == kind and r.associations == 4), None)
+        if row is None or math.isnan(row.cpu.get("minipacs", math.nan)) \
+                or math.isnan(row.rate.get("orthanc", math.nan)):
+            continue
+        out.append(Ceiling(kind, n, row.cpu["minipacs"], limit * row.rate["orthanc"], limit))
     return out
 
 
@@ -169,6 +213,12 @@ def markdown(table: list[Row], trials: int, command: str,
            + ", ".join(f"{r.kind} {r.count} instances" for r in table if r.associations == 1)
            + ".", "", "**Targets (issue 2)**", ""]
     out += [f"- {t.line()}" for t in targets(table)]
+    bounds = ceilings(table)
+    if bounds:
+        out += ["", "What the rate and indexing targets together allow on this machine (the CPU "
+                "per instance is from the table below; the `storescu` clients are not counted, "
+                "so the real ceiling is lower):", ""]
+        out += [f"- {c.line()}" for c in bounds]
     out += ["", "**Acknowledged instances/s (MB/s)**", "", f"| server | {col} |", sep]
     for s in SERVERS:
         vals = [f"{_f(r.rate.get(s, math.nan))} ({_f(r.mb_rate.get(s, math.nan))})"
