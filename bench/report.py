@@ -142,8 +142,8 @@ class Ceiling:
         return self.cores * INDEXED_LIMIT * 1000 / self.cpu_ms if self.cpu_ms > 0 else math.inf
 
     def line(self) -> str:
-        verdict = ("out of reach on this machine, whatever the scheduling" if self.most < self.needed
-                   else "not ruled out by the cores")
+        verdict = ("out of reach on this machine, whatever the scheduling"
+                   if self.most < self.needed else "not ruled out by the cores")
         return (f"ceiling: {self.kind} set, 4 associations: {self.cores} cores x "
                 f"{INDEXED_LIMIT} / {self.cpu_ms:.2f} ms of whole-stack CPU per instance = "
                 f"at most {self.most:.0f} acknowledged/s; {self.limit}x Orthanc needs "
