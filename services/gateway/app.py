@@ -11,7 +11,7 @@ import time
 import asyncpg
 from pynetdicom import AE, evt
 
-from services.gateway import receive
+from services.gateway import receive, trace
 from services.gateway.announce import ReceivedAnnouncer
 from services.gateway.bridge import LoopBridge
 from services.gateway.find import Finder
@@ -59,7 +59,7 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
     retrieve = await open_retrieve(settings, pool, connection, publisher, bridge, gateway.ids)
     retrieve.retriever.may = gateway.may
     handlers = [*gateway.handlers(), (evt.EVT_C_FIND, finder.on_find),
-                *retrieve.retriever.handlers()]
+                *retrieve.retriever.handlers(), *trace.handlers()]
     # pynetdicom's server runs a full ``gc.collect()`` every 60 requests it accepts, holding the
     # GIL for ~40 ms over the objects of every module loaded by now: set those aside first, so
     # the collections walk only what associations create.
