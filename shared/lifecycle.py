@@ -19,11 +19,16 @@ log = logging.getLogger("minipacs.lifecycle")
 EX_CONFIG = 78  # sysexits.h: a configuration error, which restarting will not cure
 
 
+class StartupFailed(RuntimeError):
+    """A dependency (PostgreSQL, S3, ...) did not answer within the start-up timeout."""
+
+
 async def retry_until(
     what: str, attempt: Callable[[], Awaitable[T]], timeout: float,  # noqa: ASYNC109
     first_delay: float = 0.2,
 ) -> T:
-    """Call ``attempt`` until it succeeds or ``timeout`` seconds have passed (bounded backoff)."""
+    """Call ``attempt`` until it succeeds or ``timeout`` seconds have passed (bounded backoff);
+    then ``StartupFailed``, naming ``what`` and the last error."""
     deadline = time.monotonic() + timeout
     delay = first_delay
     while True:
@@ -31,7 +36,8 @@ async def retry_until(
             return await attempt()
         except Exception as exc:
             if time.monotonic() + delay > deadline:
-                raise
+                raise StartupFailed(f"gave up waiting for {what} after {timeout:.0f} s: "
+                                    f"{type(exc).__name__}: {exc}") from exc
             log.warning("waiting for %s: %s; retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -111,5 +117,9 @@ def service_main(name: str, argv: list[str], settings_type: type[Any],
         return check_heartbeat(heartbeat_path(settings.heartbeat_file, name))
     configure(settings.log_level, name)
     logging.getLogger(f"minipacs.{name}").info("settings: %s", settings.masked())
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except StartupFailed as exc:  # its own line says what and why; a traceback adds nothing
+        logging.getLogger(f"minipacs.{name}").error("%s", exc)
+        return 1
     return 0

@@ -26,5 +26,7 @@ def configure(level: str, service: str) -> None:
     root.setLevel(numeric)
     # pynetdicom logs every PDU at DEBUG and a lot at INFO: only show it when tracing.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if numeric <= TRACE else logging.WARNING)
-    for noisy in ("aio_pika", "aiormq", "asyncio", "urllib3"):
+    for noisy in ("aio_pika", "aiormq", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # the minio client's own retries: our "waiting for S3" / "not stored yet" lines say it once
+    logging.getLogger("urllib3").setLevel(logging.ERROR)

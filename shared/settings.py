@@ -21,6 +21,9 @@ _AET = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5 AE VR: no backslash, n
 OPERATIONS = frozenset({"echo", "store", "find", "move", "get"})
 
 
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # any case
+
+
 class SettingsError(ValueError):
     """A setting in the environment has a value we cannot use."""
 
@@ -158,6 +161,12 @@ class Common(EnvSettings):
     confirm_timeout: float = 10.0
     startup_timeout: float = 60.0
     heartbeat_file: str = ""
+
+    def __post_init__(self) -> None:
+        # a typo ("TRAC") would otherwise log at INFO without a word
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(f"{PREFIX}LOG_LEVEL={self.log_level!r} is not one of "
+                                + ", ".join(LOG_LEVELS))
 
 
 @dataclass(frozen=True)

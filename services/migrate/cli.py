@@ -5,7 +5,7 @@ import logging
 import asyncpg
 
 from services.migrate.core import downgrade, upgrade
-from shared.lifecycle import retry_until, settings_or_exit
+from shared.lifecycle import StartupFailed, retry_until, settings_or_exit
 from shared.logs import configure
 from shared.settings import Common
 
@@ -20,7 +20,11 @@ async def main(argv: list[str]) -> int:
     async def attempt() -> asyncpg.Connection:
         return await asyncpg.connect(settings.database_url, timeout=5)
 
-    conn = await retry_until("PostgreSQL", attempt, settings.startup_timeout)
+    try:
+        conn = await retry_until("PostgreSQL", attempt, settings.startup_timeout)
+    except StartupFailed as exc:
+        log.error("%s", exc)
+        return 1
     try:
         if command == "up":
             done = await upgrade(conn)

@@ -1,7 +1,8 @@
 """Storage writes to its bucket once before it consumes anything (``shared/s3.py``
 ``probe_write``): a bucket it may read but not write stops it at start-up with S3's reason,
-instead of every instance retrying for ever later; with good credentials it starts and
-leaves no object behind. The S3 store is SeaweedFS with a second, read-only identity."""
+instead of every instance retrying for ever later (exit 1, one line saying why, no
+traceback); with good credentials it starts and leaves no object behind. The S3 store is
+SeaweedFS with a second, read-only identity."""
 
 from __future__ import annotations
 
@@ -45,10 +46,15 @@ def test_storage_refuses_a_bucket_it_cannot_write_and_leaves_no_probe(tmp_path: 
         proc = stack.procs["storage"]
         wait_until(lambda: proc.poll() is not None, timeout=60,
                    what="storage to give up on a bucket it cannot write")
-        assert proc.returncode != 0
+        assert proc.returncode == 1
         text = log_of(stack, "storage")
         assert "write probe" in text and "AccessDenied" in text, text[-2000:]
         assert "storage consuming" not in text
+        # the end, in one line that says what it waited for and why it gave up
+        last = text.strip().splitlines()[-1]
+        assert "ERROR" in last and "gave up waiting for S3 (bucket, and a write probe)" in last \
+            and "AccessDenied" in last, text[-2000:]
+        assert "Traceback" not in text, text[-2000:]
         del stack.procs["storage"]
 
         # the service's own credentials: it starts, and the probe object is gone again

@@ -130,3 +130,10 @@ def test_native_runner_refuses_a_port_that_is_not_one(raw: str) -> None:
     with pytest.raises(ValueError, match="MINIPACS_GATEWAY_PORT"):
         port_from_env({"MINIPACS_GATEWAY_PORT": raw}, "MINIPACS_GATEWAY_PORT", 11112)
     assert port_from_env({}, "MINIPACS_GATEWAY_PORT", 11112) == 11112
+
+
+def test_a_log_level_typo_is_refused_and_any_case_is_taken() -> None:
+    with pytest.raises(SettingsError, match="MINIPACS_LOG_LEVEL='TRAC'"):
+        StorageSettings.from_env({"MINIPACS_LOG_LEVEL": "TRAC"})
+    for level in ("trace", "Debug", "INFO", "warning"):
+        assert GatewaySettings.from_env({"MINIPACS_LOG_LEVEL": level}).log_level == level
