@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from shared.lifecycle import StartupFailed
+
 _CHUNK = 1024 * 1024
 PENDING = ".pending"  # suffix of the marker beside a ready file whose publish is unanswered
 log = logging.getLogger("minipacs.spool")
@@ -83,8 +85,24 @@ class Spool:
         self._ready = str(self.ready)  # the commit path joins strings: pathlib costs more here
 
     def create(self) -> Spool:
-        for d in (self.incoming, self.ready, self.rejected):
-            d.mkdir(parents=True, exist_ok=True)
+        """The spool's directories, then a small file written, fsynced and removed in
+        ``incoming/``: a spool the service cannot write stops it at start-up with the reason
+        (``StartupFailed``), instead of failing every C-STORE later. A probe left by a crash
+        is a staging leftover, which the sweeper removes."""
+        try:
+            for d in (self.incoming, self.ready, self.rejected):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = self.incoming / f"probe-{uuid.uuid4().hex}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"minipacs spool probe")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            raise StartupFailed(f"the spool directory {self.root} is not usable: "
+                                f"{type(exc).__name__}: {exc}") from exc
         return self
 
     def commit(self, path: Path, note: bytes = b"") -> Spooled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -47,3 +48,18 @@ def _check_and_stop(stack: Stack) -> None:
             assert f"{name} stopped" in stack.log_text(name), name
     finally:
         probe.close()
+
+
+@pytest.mark.parametrize("service", ["gateway", "storage"])
+def test_an_unusable_spool_stops_the_service_with_one_line(tmp_path: Path, service: str) -> None:
+    """Before it connects to anything: exit 1 and an ERROR line naming the spool, no
+    traceback (a spool the gateway cannot write would otherwise fail every C-STORE)."""
+    afile = tmp_path / "not-a-directory"
+    afile.write_text("x")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINIPACS_")}
+    env["MINIPACS_SPOOL_DIR"] = str(afile / "spool")
+    done = subprocess.run([sys.executable, "-m", f"services.{service}"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"the spool directory {afile / 'spool'} is not usable" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

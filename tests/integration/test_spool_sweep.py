@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from services.storage.worker import StorageWorker
 from shared import broker, s3
+from shared.lifecycle import StartupFailed
 from shared.settings import StorageSettings
 from shared.spool import Spool
 
@@ -145,3 +146,17 @@ async def test_storage_sweeper_collects_staging_leftovers_and_spares_ready(
         stop.set()
         await asyncio.wait_for(sweeper, 10)
     assert sweeper.exception() is None
+
+
+def test_create_probes_the_spool_and_leaves_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool").create()
+    assert all(d.is_dir() for d in (spool.incoming, spool.ready, spool.rejected))
+    assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
+
+
+def test_a_spool_that_cannot_be_created_stops_the_start_with_its_reason(tmp_path: Path) -> None:
+    afile = tmp_path / "not-a-directory"
+    afile.write_text("x")
+    with pytest.raises(StartupFailed, match=r"spool directory .* is not usable: "
+                                             r"NotADirectoryError"):
+        Spool(afile / "spool").create()
