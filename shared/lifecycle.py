@@ -20,7 +20,9 @@ EX_CONFIG = 78  # sysexits.h: a configuration error, which restarting will not c
 
 
 class StartupFailed(RuntimeError):
-    """A dependency (PostgreSQL, S3, ...) did not answer within the start-up timeout."""
+    """The service cannot start: a dependency (PostgreSQL, RabbitMQ, S3) did not answer within
+    the start-up timeout, or its spool directory is unusable. ``service_main`` logs it as one
+    ERROR line and exits 1."""
 
 
 async def retry_until(
