@@ -7,9 +7,10 @@ import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
-from bench import findable
+from bench import findable, stock
 from bench.datasets import OUT
 from bench.ingest import IDLE, Options, run_ingest
 from bench.qr import run_query_bench, run_retrieve_bench
@@ -23,6 +24,7 @@ from bench.report import (
     text_table,
     write_doc,
 )
+from bench.servers import Server
 
 BENCHES = ("ingest", "query", "retrieve")
 FULL = {"ct": 300, "small": 2000}
@@ -49,10 +51,15 @@ def main(argv: list[str]) -> int:
     if chosen in (None, "ingest"):
         found_runs: list[findable.Findable] = []
         found_trials = 2 if args.quick else 5
-        opts = Options(sizes=QUICK if args.quick else FULL,
-                       trials=args.trials or (1 if args.quick else 3), keep=args.keep,
-                       then=lambda servers, work: found_runs.extend(
-                           findable.run_findable(servers, work, found_trials)))
+        stock_runs: list[stock.StockRun] = []
+        trials = args.trials or (1 if args.quick else 3)
+
+        def then(servers: list[Server], work: Path) -> None:
+            found_runs.extend(findable.run_findable(servers, work, found_trials))
+            stock_runs.extend(stock.run_stock(servers, work, trials))
+
+        opts = Options(sizes=QUICK if args.quick else FULL, trials=trials, keep=args.keep,
+                       then=then)
         runs = run_ingest(opts)
         save_runs(runs, OUT / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json")
         table = rows(runs)
@@ -67,6 +74,9 @@ def main(argv: list[str]) -> int:
         extra = findable.markdown(found, found_trials) if found else []
         if found:
             print(findable.target_line(found))
+        for line in stock.lines(stock_runs):
+            print(line)
+        extra += stock.markdown(stock_runs, trials)
         command = "make bench" + (f" BENCH_ARGS='{' '.join(argv)}'" if argv else "")
         section = markdown(table, opts.trials, command, IDLE, extra)
         if args.quick or args.no_doc:

@@ -38,8 +38,11 @@ def split(files: tuple[Path, ...], parts: int) -> list[list[Path]]:
 
 
 def send(files: tuple[Path, ...], port: int, called: str, associations: int, logs: Path,
-         timeout: float = 1800) -> Sent:
-    env = {**os.environ, "TCP_NODELAY": "1"}
+         timeout: float = 1800, nodelay: bool = True) -> Sent:
+    """``nodelay=False``: ``storescu`` as Debian ships it, with Nagle's algorithm on."""
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
     logs.mkdir(parents=True, exist_ok=True)
     groups = split(files, associations)
     outputs = [logs / f"storescu-{i}.log" for i in range(len(groups))]
