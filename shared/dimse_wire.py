@@ -196,9 +196,17 @@ def send_message(sock: socket.socket, context_id: int, command: bytes,
 _CHUNK = 1 << 20  # the buffer grows by what has arrived: never by what a peer declares
 
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
+
+
 def recv_upto(sock: socket.socket, n: int) -> bytearray:
     """Up to ``n`` bytes: fewer only if the peer closed the connection. Memory follows the bytes
-    that arrived, not ``n``: a PDU header declaring 4 GiB costs nothing until 4 GiB are sent."""
+    that arrived, not ``n``: a PDU header declaring 4 GiB costs nothing until 4 GiB are sent.
+
+    What was read is ACKed at once (TCP_QUICKACK): a peer with Nagle's algorithm on (Debian's
+    DCMTK tools unless ``TCP_NODELAY=1``, many modalities and archives) sends the next PDU of a
+    message only once the last one is ACKed, and Linux delays the ACKs of a connection that
+    answers (~40 ms each): stock ``storescu`` sent 22 small instances/s instead of 240."""
     buffer = bytearray(min(n, _CHUNK))
     got = 0
     while got < n:
@@ -210,6 +218,11 @@ def recv_upto(sock: socket.socket, n: int) -> bytearray:
             del buffer[got:]
             break
         got += k
+    if got and _QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:  # not TCP (a socketpair in tests), or already closed
+            pass
     return buffer
 
 

@@ -6,11 +6,8 @@ Each replaces pydicom object work that is the same fixed byte layout for every i
 - ``recv_exact``: pynetdicom reads every PDU in 4 KiB ``recv`` calls appended to a
   ``bytearray``; with a 1 MiB maximum PDU that is 256 calls and copies per PDU. This reads into
   one buffer instead (``dimse_wire.recv_upto``), grown by what arrived, never by the length a
-  peer declares. It returns what was read so far if the peer closes. After each read it
-  sets TCP_QUICKACK, so the ACK leaves at once: a sender with Nagle's algorithm on
-  (Debian's DCMTK tools unless ``TCP_NODELAY=1``, many modalities) sends a DIMSE message's
-  next PDU only once the last one is ACKed, and Linux delays the ACKs of a connection that
-  answers (~40 ms each): stock ``storescu`` sent 22 small instances/s instead of 240.
+  peer declares. It returns what was read so far if the peer closes, and ACKs what it read
+  at once (a sender with Nagle's algorithm on waits for that ACK).
 - ``file_meta``: the File Meta Information group pynetdicom writes in front of each received
   dataset, encoded directly instead of through a pydicom ``FileMetaDataset``. Same bytes.
 - ``store_response``: the C-STORE-RSP command set (Implicit VR Little Endian), encoded directly
@@ -39,7 +36,6 @@ The unit tests compare the encoders byte for byte with pynetdicom's own.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import re
@@ -75,18 +71,8 @@ from shared import dimse_wire as wire
 _installed = False
 
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
-
-
 def recv_exact(self: transport.AssociationSocket, nr_bytes: int) -> bytearray:
-    sock = cast(socket.socket, self.socket)
-    data = wire.recv_upto(sock, nr_bytes)
-    if _QUICKACK is not None and data:
-        # ACK what was just read now, not ~40 ms later: a sender with Nagle's algorithm on
-        # (Debian's storescu, many modalities) holds its next PDU until then.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-    return data
+    return wire.recv_upto(cast(socket.socket, self.socket), nr_bytes)
 
 
 def copy_contexts(value: Any, memo: Any = None) -> Any:

@@ -191,21 +191,27 @@ def test_remembered_is_valid_is_pydicoms(value: str) -> None:
 
 
 @pytest.mark.skipif(not hasattr(__import__("socket"), "TCP_QUICKACK"), reason="Linux only")
-def test_each_read_acks_at_once_for_senders_with_nagle_on() -> None:
+@pytest.mark.parametrize("reader", ["gateway (pynetdicom's socket)", "mover and C-GET (wire)"])
+def test_each_read_acks_at_once_for_senders_with_nagle_on(reader: str) -> None:
     """A sender with Nagle's algorithm on (Debian's storescu) holds its next small PDU until
     the previous one is ACKed; a receiver that has just answered delays its ACKs (~40 ms
     each). Every read turns that delay off again (Linux reads the mode back as 1)."""
     import socket
 
     from services.gateway.fastpath import recv_exact
+    from shared import dimse_wire as wire
 
+    pdu = b"\x04\x00\x00\x00\x00\x02ab"
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as sender:
         receiver, _ = listener.accept()
         with receiver:
             for _ in range(2):
                 receiver.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # delayed ACKs
-                sender.sendall(b"\x04\x00\x00\x00\x00\x00")
-                assert recv_exact(cast(Any, SimpleNamespace(socket=receiver)), 6) == (
-                    b"\x04\x00\x00\x00\x00\x00")
+                sender.sendall(pdu)
+                if reader.startswith("gateway"):
+                    got = recv_exact(cast(Any, SimpleNamespace(socket=receiver)), len(pdu))
+                else:
+                    got = wire.read_pdu(receiver)[1]
+                assert got == pdu
                 assert receiver.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
