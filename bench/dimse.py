@@ -31,6 +31,7 @@ from bench.servers import (
     Orthanc,
     nodelay_env,
     spawn,
+    stock_env,
     terminate,
     wait_exited,
 )
@@ -257,12 +258,15 @@ class Receiver:
         self.proc = None
 
 
-def run_tool(argv: list[str], log: Path, timeout: float = 600) -> tuple[float, int]:
-    """Run a DCMTK tool with TCP_NODELAY=1; (seconds from launch to exit, exit code)."""
+def run_tool(argv: list[str], log: Path, timeout: float = 600,
+             nodelay: bool = True) -> tuple[float, int]:
+    """Run a DCMTK tool with TCP_NODELAY=1 (``nodelay=False``: as Debian ships it, Nagle on);
+    (seconds from launch to exit, exit code)."""
+    env = nodelay_env() if nodelay else stock_env()
     t0 = time.monotonic()
     with log.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=nodelay_env())
+                                stdin=subprocess.DEVNULL, env=env)
         (code,) = wait_exited([proc], timeout)
     return time.monotonic() - t0, code
 
@@ -276,10 +280,11 @@ def movescu(port: int, called: str, study_uid: str, log: Path) -> tuple[float, i
                      RECEIVER_AET, *study_keys(study_uid), "127.0.0.1", str(port)], log)
 
 
-def getscu(port: int, called: str, study_uid: str, out: Path, log: Path) -> tuple[float, int]:
+def getscu(port: int, called: str, study_uid: str, out: Path, log: Path,
+           nodelay: bool = True) -> tuple[float, int]:
     out.mkdir(parents=True, exist_ok=True)
     return run_tool([GETSCU, "-v", "-S", "-aet", GETSCU_AET, "-aec", called, "-od", str(out),
-                     *study_keys(study_uid), "127.0.0.1", str(port)], log)
+                     *study_keys(study_uid), "127.0.0.1", str(port)], log, nodelay=nodelay)
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -3,14 +3,13 @@ Success responses (storescu exits 0 even when the server answers a failure statu
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.servers import wait_exited
+from bench.servers import nodelay_env, stock_env, wait_exited
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's, never the pynetdicom one in .venv/bin
 _OK = re.compile(rb"Received Store Response \(Success\)")
@@ -40,9 +39,7 @@ def split(files: tuple[Path, ...], parts: int) -> list[list[Path]]:
 def send(files: tuple[Path, ...], port: int, called: str, associations: int, logs: Path,
          timeout: float = 1800, nodelay: bool = True) -> Sent:
     """``nodelay=False``: ``storescu`` as Debian ships it, with Nagle's algorithm on."""
-    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
-    if nodelay:
-        env["TCP_NODELAY"] = "1"
+    env = nodelay_env() if nodelay else stock_env()
     logs.mkdir(parents=True, exist_ok=True)
     groups = split(files, associations)
     outputs = [logs / f"storescu-{i}.log" for i in range(len(groups))]

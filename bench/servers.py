@@ -28,6 +28,11 @@ def nodelay_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+def stock_env() -> dict[str, str]:
+    """The environment without TCP_NODELAY: DCMTK as Debian ships it, Nagle on."""
+    return {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+
+
 def spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -184,6 +189,7 @@ class Orthanc(ProcessServer):
             "HttpPort": self.http_port,
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowFind": True,  # the sent -> findable poller (bench/findable.py)
+            "DicomAlwaysAllowGet": True,  # the tools as shipped (bench/stock.py)
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [],
