@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
+SEAWEEDFS_CONFIG = ROOT / "deploy" / "seaweedfs"  # master.toml: weed reads it from its cwd
 SERVICES = ("gateway", "storage", "indexer", "mover")
 
 
@@ -193,15 +194,16 @@ class Stack:
         env.update(c.extra_env)
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str],
+               cwd: Path = ROOT) -> None:
         if self.config.log_to_files:
             log = (self.config.base_dir / f"{name}.log").open("ab")
             self._logs[name] = log
             proc = subprocess.Popen(argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=ROOT)
+                                    cwd=cwd)
         else:
             proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
+                                    stderr=subprocess.STDOUT, cwd=cwd)
             threading.Thread(target=_prefix, args=(name, proc.stdout), daemon=True).start()
         self.procs[name] = proc
 
@@ -222,7 +224,7 @@ class Stack:
                            f"-volume.port={p + 2}", f"-filer.port={p + 3}",
                            f"-admin.port={p + 4}", f"-s3.port.iceberg={p + 5}",
                            f"-s3.metricsPort={p + 6}", "-s3.port.lance=0", "-admin.ui=false",
-                           "-webdav=false"], env)
+                           "-webdav=false"], env, cwd=SEAWEEDFS_CONFIG)
         proc = self.procs["s3"]
 
         def up() -> bool:
