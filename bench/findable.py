@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from bench.datasets import DataSet, dataset
 from bench.dimse import PENDING, associate_nodelay, study_query
 from bench.send import send
-from bench.servers import Server, settle
+from bench.servers import Server, rotated, settle
 
 # (data set, instances): a small multi-study patient and a CT series, one association each
 SETS = (("small", 20), ("ct", 60))
@@ -155,8 +155,7 @@ def run_findable(servers: list[Server], work: Path, trials: int) -> list[Findabl
     for kind, count in SETS:
         for trial in range(trials):
             data = dataset(kind, count, f"f{kind}t{trial}")
-            shift = trial % len(servers)
-            for server in servers[shift:] + servers[:shift]:
+            for server in rotated(servers, trial):
                 run = measure(server, data, trial, work)
                 out.append(run)
                 print(f"  findable: {kind} x{count} {server.name:8} trial {trial + 1}: "

@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.cpu import busy_seconds, rusage_seconds
 from bench.datasets import OUT, DataSet, dataset
 from bench.send import send
-from bench.servers import Orthanc, Server, StoreSCP, settle
+from bench.servers import Orthanc, Server, StoreSCP, rotated, settle
 from bench.target import Minipacs
 
 SERVERS = ("storescp", "orthanc", "minipacs")
@@ -151,8 +151,7 @@ def run_ingest(opts: Options) -> list[Run]:
             print(f"trial {trial + 1}/{opts.trials}", flush=True)
             for kind in opts.sizes:
                 for assoc in opts.associations:
-                    shift = trial % len(servers)
-                    for server in servers[shift:] + servers[:shift]:
+                    for server in rotated(servers, trial):
                         run = measure(server, sets[(kind, trial, assoc)], assoc, trial, work)
                         print(describe(run), flush=True)
                         runs.append(run)

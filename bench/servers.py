@@ -13,6 +13,7 @@ import time
 import urllib.request
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
@@ -212,6 +213,16 @@ class Orthanc(ProcessServer):
     def meter(self) -> CpuMeter:
         proc = self.process()
         return CpuMeter(lambda: [(self.name, proc)])
+
+
+S = TypeVar("S")
+
+
+def rotated(servers: list[S], trial: int) -> list[S]:
+    """The servers in this trial's order: the order rotates from trial to trial, so drift on
+    the shared machine hits every server alike."""
+    shift = trial % len(servers)
+    return servers[shift:] + servers[:shift]
 
 
 def settle(seconds: float = 0.3) -> None:

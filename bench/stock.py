@@ -22,7 +22,7 @@ from pydicom import dcmread
 from bench.datasets import DataSet, dataset
 from bench.dimse import getscu
 from bench.send import send
-from bench.servers import Server, settle
+from bench.servers import Server, rotated, settle
 
 SETS = (("small", 200), ("ct", 60))
 GET_SET = "ct"  # taken back with getscu: one study
@@ -75,8 +75,7 @@ def run_stock(servers: list[Server], work: Path, trials: int) -> list[StockRun]:
     for kind, count in SETS:
         for trial in range(trials):
             data = dataset(kind, count, f"s{kind}t{trial}")
-            shift = trial % len(servers)
-            for server in servers[shift:] + servers[:shift]:
+            for server in rotated(servers, trial):
                 run = measure(server, data, trial, work)
                 out.append(run)
                 print(f"  as shipped: {kind} x{count} {server.name:8} trial {trial + 1}: "
