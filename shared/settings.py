@@ -190,6 +190,7 @@ class GatewaySettings(Common):
     move_start_timeout: float = 10.0   # no mover took the C-MOVE job by then: 0xA702
     move_idle_timeout: float = 60.0    # no progress from the mover for this long: 0xA702
     announce_batch: int = 16           # instance.received events per message at most
+    announce_linger_ms: float = 2.0    # wait this long at most for C-STOREs on their way
     gateway_processes: int = 1         # processes sharing the DICOM port (gateway/workers.py)
 
     def finish(self, env: Mapping[str, str]) -> Self:

@@ -12,7 +12,7 @@ import asyncpg
 from pynetdicom import AE, evt
 
 from services.gateway import receive, trace
-from services.gateway.announce import ReceivedAnnouncer
+from services.gateway.announce import ReceivedAnnouncer, on_the_way
 from services.gateway.bridge import LoopBridge
 from services.gateway.find import Finder
 from services.gateway.handlers import AssociationIds, Gateway
@@ -49,7 +49,8 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
     announcer = ReceivedAnnouncer(
         asyncio.get_running_loop(),
         lambda body: publisher.publish_body(body, InstanceReceived.routing_key),
-        settings.announce_batch, settings.confirm_timeout + 1)
+        settings.announce_batch, settings.confirm_timeout + 1,
+        settings.announce_linger_ms / 1000, on_the_way)
     gateway = Gateway(settings, Ingest(spool, announcer.announce), AssociationIds())
     ae = build_ae(settings)
     receive.install(gateway.store_file)  # C-STORE requests read by the DUL threads

@@ -37,6 +37,8 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.timer import Timer
 
+from services.gateway.announce import on_the_way
+
 MAX_WAIT = 1.0  # s: the longest wait when no timer is due sooner
 # Set on a DUL while another thread owns its socket (the gateway's C-GET, ``retrieve.py``):
 # the DUL then waits for its wake-up socket only. Watching a socket it may not read would
@@ -171,6 +173,7 @@ def _new_dul_run(self: DULServiceProvider) -> None:
         _dul_run(self)
     finally:
         _local.wait = None
+        on_the_way.end()  # a C-STORE this thread was reading, if the thread ends inside it
         wakers.wake_assoc()  # the association thread checks whether the DUL is still alive
         wakers.close()
 

@@ -32,6 +32,7 @@ from typing import IO, Any, cast
 
 from pynetdicom.dul import DULServiceProvider
 
+from services.gateway.announce import on_the_way
 from services.gateway.fastpath import file_meta, store_response
 from services.gateway.statuses import OUT_OF_RESOURCES
 from shared import dimse_wire as wire
@@ -186,6 +187,7 @@ def _drop_partial(dul: DULServiceProvider) -> None:
         store.file.close()
         store.file = None
     store.path.unlink(missing_ok=True)
+    on_the_way.end()
     log.warning("assoc %s: connection ended inside C-STORE msg=%d: partial dataset dropped",
                 _who(dul), store.message_id)
 
@@ -280,6 +282,7 @@ def _take(dul: DULServiceProvider, command: dict[int, bytes], cx: int) -> _Store
                    os.fdopen(fd, "wb"), str(context.abstract_syntax))
     _write(store, b"\x00" * 128 + b"DICM" + file_meta(sop_class, sop_instance,
                                                        transfer_syntax))
+    on_the_way.begin()
     return store
 
 
@@ -311,6 +314,7 @@ def _finish(dul: DULServiceProvider, store: _Store) -> None:
         log.exception("assoc %s: C-STORE handler failed", _who(dul))
         status = 0xC211  # what pynetdicom answers for an exception in the handler
     finally:
+        on_the_way.end()  # if it was not announced (refused, or the handler failed)
         store.path.unlink(missing_ok=True)  # moved into the spool if it was accepted
     command = store_response(store.sop_class, store.sop_instance, store.message_id, status)
     pdu = _encode_pdvs([(store.context_id, 0x03, memoryview(command))])

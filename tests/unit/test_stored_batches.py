@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import cast
@@ -14,7 +15,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from services.gateway.announce import ReceivedAnnouncer
+from services.gateway.announce import OnTheWay, ReceivedAnnouncer
 from services.indexer import worker as indexer_worker
 from services.indexer.store import BatchResult
 from services.indexer.worker import IndexerWorker
@@ -175,6 +176,77 @@ async def test_a_failed_publish_fails_every_caller_of_its_message() -> None:
     announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=5)
     with pytest.raises(PublishFailed, match="broker gone"):
         await asyncio.to_thread(announcer.announce, received(1))
+
+
+def on_a_thread(*steps: Callable[[], object]) -> None:
+    """Run ``steps`` in order on one new thread (OnTheWay counts per thread), and wait."""
+    thread = threading.Thread(target=lambda: [step() for step in steps])
+    thread.start()
+    thread.join(5)
+
+
+def test_on_the_way_counts_each_thread_once() -> None:
+    way = OnTheWay()
+    on_a_thread(way.begin, way.begin)
+    assert way.count == 1
+    assert way.end() is False and way.count == 1  # this thread began nothing
+    on_a_thread(way.begin, way.end, way.end)
+    assert way.count == 1
+
+
+async def test_an_event_waits_for_the_c_stores_on_their_way_and_goes_with_them() -> None:
+    sent: list[list[str]] = []
+
+    async def send(body: bytes) -> None:
+        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
+
+    way = OnTheWay()
+    announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
+                                  linger=30, on_the_way=way)
+    began, go = threading.Event(), threading.Event()
+
+    def second_association() -> None:  # receiving its C-STORE while the first announces
+        way.begin()
+        began.set()
+        go.wait(5)
+        announcer.announce(received(2))
+
+    other = asyncio.create_task(asyncio.to_thread(second_association))
+    await asyncio.to_thread(began.wait, 5)
+    first = asyncio.create_task(asyncio.to_thread(announcer.announce, received(1)))
+    await until(lambda: len(announcer._pending) == 1 or bool(sent))
+    go.set()
+    await asyncio.wait_for(asyncio.gather(first, other), 5)  # long before the 30 s linger
+    assert sent == [["1.2.1", "1.2.2"]]
+    assert way.count == 0
+
+
+async def test_the_wait_for_a_c_store_on_its_way_is_bounded_by_the_linger() -> None:
+    sent: list[list[str]] = []
+
+    async def send(body: bytes) -> None:
+        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
+
+    way = OnTheWay()
+    on_a_thread(way.begin)  # a C-STORE that never arrives
+    announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
+                                  linger=0.05, on_the_way=way)
+    await asyncio.wait_for(asyncio.to_thread(announcer.announce, received(1)), 5)
+    assert sent == [["1.2.1"]]
+
+
+async def test_a_c_store_that_stops_short_no_longer_holds_the_others() -> None:
+    sent: list[list[str]] = []
+
+    async def send(body: bytes) -> None:
+        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
+
+    way = OnTheWay()
+    on_a_thread(way.begin, way.end)  # refused, or cut off: never announced
+    announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
+                                  linger=30, on_the_way=way)
+    await asyncio.wait_for(asyncio.to_thread(announcer.announce, received(1)), 5)
+    assert sent == [["1.2.1"]]
 
 
 def test_received_batches_read_back() -> None:
