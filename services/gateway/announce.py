@@ -6,11 +6,12 @@ message (one publish, one confirm, one delivery to storage):
 
 - while one message is being confirmed, the events that arrive meanwhile wait and go next;
 - an event that finds the announcer idle goes at once when no other C-STORE is on its way
-  (being received or spooled on another association: ``OnTheWay``); otherwise it waits for
-  them, at most ``linger`` (``MINIPACS_ANNOUNCE_LINGER_MS``, 2 ms) after the oldest event
-  arrived. Senders wait for each response, so with four associations sending, four events
-  now make one message where they made one or two: the broker and the gateway spend less
-  per instance (measured: messages per 4,000 small instances 2,500 -> 1,330).
+  (being received or spooled on another association: ``OnTheWay``) or when its instance is
+  large (``LINGER_UP_TO``); otherwise it waits for them, at most ``linger``
+  (``MINIPACS_ANNOUNCE_LINGER_MS``, 2 ms) after the oldest event arrived. Senders wait for
+  each response, so with four associations sending small instances, about three events make
+  one message where 1.6 did: the broker and the gateway spend less per instance (measured:
+  messages per 4,000 small instances 2,500 -> 1,330).
 
 A lone sender's event goes at once, as itself: no added latency when only one association
 is storing. The hand-over is a lock, a list and a lock per event; the loop is woken once
@@ -28,6 +29,11 @@ from shared.broker import PublishFailed
 from shared.messages import InstanceReceived, batch_body
 
 Send = Callable[[bytes], Awaitable[None]]
+
+# Only events of instances up to this size wait for company: a broker message costs about as
+# much CPU as the gateway's own work on a 10 KB instance, but ~1 % of what a 0.5 MB one costs
+# the stack (RabbitMQ 0.8 of 13 ms per CT instance), and there the wait would only delay acks.
+LINGER_UP_TO = 256 * 1024
 
 
 class _Waiter:
@@ -102,6 +108,7 @@ class ReceivedAnnouncer:
         waited ``linger``."""
         return (self._linger <= 0 or self._on_the_way.count <= 0
                 or len(self._pending) >= self._max
+                or any(event.size > LINGER_UP_TO for event, _ in self._pending)
                 or time.monotonic() - self._since >= self._linger)
 
     def announce(self, event: InstanceReceived) -> None:

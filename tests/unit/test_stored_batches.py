@@ -5,6 +5,7 @@ batch with one instance the index refuses."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +16,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from services.gateway.announce import OnTheWay, ReceivedAnnouncer
+from services.gateway.announce import LINGER_UP_TO, OnTheWay, ReceivedAnnouncer
 from services.indexer import worker as indexer_worker
 from services.indexer.store import BatchResult
 from services.indexer.worker import IndexerWorker
@@ -246,6 +247,21 @@ async def test_a_c_store_that_stops_short_no_longer_holds_the_others() -> None:
     announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
                                   linger=30, on_the_way=way)
     await asyncio.wait_for(asyncio.to_thread(announcer.announce, received(1)), 5)
+    assert sent == [["1.2.1"]]
+
+
+async def test_a_large_instance_does_not_wait_for_company() -> None:
+    sent: list[list[str]] = []
+
+    async def send(body: bytes) -> None:
+        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
+
+    way = OnTheWay()
+    on_a_thread(way.begin)  # another association is receiving
+    announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
+                                  linger=30, on_the_way=way)
+    large = dataclasses.replace(received(1), size=LINGER_UP_TO + 1)
+    await asyncio.wait_for(asyncio.to_thread(announcer.announce, large), 5)
     assert sent == [["1.2.1"]]
 
 
