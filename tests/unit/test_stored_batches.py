@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import json
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import cast
 
@@ -179,6 +179,16 @@ async def test_a_failed_publish_fails_every_caller_of_its_message() -> None:
         await asyncio.to_thread(announcer.announce, received(1))
 
 
+def recorder() -> tuple[list[list[str]], Callable[[bytes], Awaitable[None]]]:
+    """A ``send`` that records the SOP Instance UIDs of each message, and its record."""
+    sent: list[list[str]] = []
+
+    async def send(body: bytes) -> None:
+        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
+
+    return sent, send
+
+
 def on_a_thread(*steps: Callable[[], object]) -> None:
     """Run ``steps`` in order on one new thread (OnTheWay counts per thread), and wait."""
     thread = threading.Thread(target=lambda: [step() for step in steps])
@@ -196,11 +206,7 @@ def test_on_the_way_counts_each_thread_once() -> None:
 
 
 async def test_an_event_waits_for_the_c_stores_on_their_way_and_goes_with_them() -> None:
-    sent: list[list[str]] = []
-
-    async def send(body: bytes) -> None:
-        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
-
+    sent, send = recorder()
     way = OnTheWay()
     announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
                                   linger=30, on_the_way=way)
@@ -222,46 +228,20 @@ async def test_an_event_waits_for_the_c_stores_on_their_way_and_goes_with_them()
     assert way.count == 0
 
 
-async def test_the_wait_for_a_c_store_on_its_way_is_bounded_by_the_linger() -> None:
-    sent: list[list[str]] = []
-
-    async def send(body: bytes) -> None:
-        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
-
+@pytest.mark.parametrize(("steps", "linger", "size"), [
+    pytest.param(("begin",), 0.05, 1, id="a C-STORE that never arrives: the linger ends it"),
+    pytest.param(("begin", "end"), 30, 1, id="a C-STORE that ended short holds nobody"),
+    pytest.param(("begin",), 30, LINGER_UP_TO + 1, id="a large instance does not wait"),
+])
+async def test_an_event_goes_alone_when_no_company_is_coming(steps: tuple[str, ...],
+                                                             linger: float, size: int) -> None:
+    sent, send = recorder()
     way = OnTheWay()
-    on_a_thread(way.begin)  # a C-STORE that never arrives
+    on_a_thread(*(getattr(way, step) for step in steps))  # another association's C-STORE
     announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
-                                  linger=0.05, on_the_way=way)
-    await asyncio.wait_for(asyncio.to_thread(announcer.announce, received(1)), 5)
-    assert sent == [["1.2.1"]]
-
-
-async def test_a_c_store_that_stops_short_no_longer_holds_the_others() -> None:
-    sent: list[list[str]] = []
-
-    async def send(body: bytes) -> None:
-        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
-
-    way = OnTheWay()
-    on_a_thread(way.begin, way.end)  # refused, or cut off: never announced
-    announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
-                                  linger=30, on_the_way=way)
-    await asyncio.wait_for(asyncio.to_thread(announcer.announce, received(1)), 5)
-    assert sent == [["1.2.1"]]
-
-
-async def test_a_large_instance_does_not_wait_for_company() -> None:
-    sent: list[list[str]] = []
-
-    async def send(body: bytes) -> None:
-        sent.append([e.sop_instance_uid for e in read_batch(InstanceReceived, body)])
-
-    way = OnTheWay()
-    on_a_thread(way.begin)  # another association is receiving
-    announcer = ReceivedAnnouncer(asyncio.get_running_loop(), send, max_events=16, timeout=60,
-                                  linger=30, on_the_way=way)
-    large = dataclasses.replace(received(1), size=LINGER_UP_TO + 1)
-    await asyncio.wait_for(asyncio.to_thread(announcer.announce, large), 5)
+                                  linger=linger, on_the_way=way)
+    event = dataclasses.replace(received(1), size=size)
+    await asyncio.wait_for(asyncio.to_thread(announcer.announce, event), 5)  # not 30 s
     assert sent == [["1.2.1"]]
 
 
