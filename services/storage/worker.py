@@ -78,7 +78,7 @@ class StorageWorker:
         self.cache = hot_cache(self.settings.spool_dir, self.settings.cache_mb)
         self.batcher = StoredBatcher(
             lambda body: self.publisher.publish_body(body, InstanceStored.routing_key),
-            self.settings.announce_batch, self.settings.announce_linger)
+            self.settings.announce_batch, self.settings.stored_linger_ms / 1000)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """One ``instance.received`` message: one event, or a batch from the gateway. Its

@@ -112,6 +112,13 @@ def test_unconfirmed_files_are_announced_again_after_minutes_not_the_staging_hou
     assert unconfirmed_age(StorageSettings.from_env({"MINIPACS_UNCONFIRMED_AFTER": "60"})) == 60.0
 
 
+def test_stored_events_wait_20_ms_for_company_unless_told_otherwise() -> None:
+    """``MINIPACS_STORED_LINGER_MS`` (README), in milliseconds like the gateway's linger."""
+    assert StorageSettings.from_env({}).stored_linger_ms == 20.0
+    assert StorageSettings.from_env({"MINIPACS_STORED_LINGER_MS": "0"}).stored_linger_ms == 0.0
+    assert StorageSettings.from_env({"MINIPACS_STORED_LINGER_MS": "50"}).stored_linger_ms == 50.0
+
+
 def test_a_bad_setting_exits_with_one_line_and_ex_config(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("MINIPACS_GATEWAY_PORT", "eleven")
