@@ -235,7 +235,8 @@ def dataset_start(head: bytes) -> tuple[int, str] | None:
     """Where the dataset of a Part-10 file begins and its transfer syntax, read from the first
     bytes of the file (``head``, at least up to the end of the file meta), or None where the file
     meta is not the plain kind this reads (no group length, a length that disagrees with its
-    elements, a command group or a deflated dataset after it): ``dcmread`` reads those."""
+    elements, more meta elements past it, a command group or a deflated dataset after it):
+    ``dcmread`` reads those."""
     if head[128:_META_START] != b"DICM" or head[_META_START:140] != _GROUP_LENGTH:
         return None
     end = 144 + struct.unpack_from("<I", head, 140)[0]
@@ -254,7 +255,9 @@ def dataset_start(head: bytes) -> tuple[int, str] | None:
         if element == 0x0010:
             syntax = head[pos:pos + length].decode("ascii", "replace").strip(" \x00")
         pos += length
-    if pos != end or not syntax or syntax == DEFLATED or head[end:end + 2] == b"\x00\x00":
+    if pos != end or not syntax or syntax == DEFLATED:
+        return None
+    if head[end:end + 2] in (b"\x00\x00", b"\x02\x00"):  # a command group, or more meta
         return None
     return end, syntax
 
