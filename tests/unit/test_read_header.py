@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom import dcmread
 
+from services.gateway.fastpath import file_meta
 from shared import dicom
 from shared.dicom import DEFLATED, dataset_json, dataset_start, header_json
 from tests.dicomgen import small_set
@@ -100,3 +101,11 @@ def test_a_group_length_that_disagrees_with_the_elements_goes_to_dcmread() -> No
     data = bytearray(part10(meta))
     struct.pack_into("<I", data, 140, len(meta) - 2)
     assert dataset_start(bytes(data)) is None
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_LE, "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"])
+def test_the_gateways_own_file_meta_takes_the_direct_read(syntax: str) -> None:
+    """What storage reads is what the gateway spooled: ``fastpath.file_meta`` + the dataset."""
+    meta = file_meta("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4", syntax)
+    data = b"\x00" * 128 + b"DICM" + meta + b"\x08\x00\x16\x00"
+    assert dataset_start(data) == (132 + len(meta), syntax)
