@@ -23,7 +23,7 @@ from pydicom.tag import Tag
 
 from shared.dicomjson import to_json
 from shared.keys import InvalidUID, validate_uid
-from shared.walk import Malformed, walk_file
+from shared.walk import Malformed, meta_end, walk_file
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
@@ -224,10 +224,6 @@ def header_json(source: Path | BinaryIO, bulk_threshold: int = 4096) -> dict[str
     return dataset_json(read_header(source), bulk_threshold)
 
 
-# The file meta of a Part-10 file as the gateway writes it: preamble, "DICM", then the
-# group length (0002,0000) UL, explicit VR little endian.
-_META_START = 132
-_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
 _META_LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"}
 
 
@@ -237,9 +233,10 @@ def dataset_start(head: bytes) -> tuple[int, str] | None:
     meta is not the plain kind this reads (no group length, a length that disagrees with its
     elements, more meta elements past it, a command group or a deflated dataset after it):
     ``dcmread`` reads those."""
-    if head[128:_META_START] != b"DICM" or head[_META_START:140] != _GROUP_LENGTH:
+    try:
+        end = meta_end(head)
+    except Malformed:
         return None
-    end = 144 + struct.unpack_from("<I", head, 140)[0]
     if len(head) < end + 4:
         return None
     pos, syntax = 144, None

@@ -96,7 +96,7 @@ class _Walker:
                     raise Malformed("dataset truncated inside a sequence item")
 
 
-def _meta_end(buf: mmap.mmap | bytes) -> int:
+def meta_end(buf: mmap.mmap | bytes) -> int:
     """Position of the dataset after the preamble, ``DICM`` and the File Meta group."""
     if len(buf) < 144 or buf[128:132] != b"DICM":
         raise Malformed("not a DICOM Part-10 file")
@@ -119,5 +119,5 @@ def walk_file(path: Path, implicit: bool, little: bool,
             raise Malformed("empty file")
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             walker = _Walker(buf, implicit, little, wanted)
-            walker.dataset(_meta_end(buf), size, 0, in_item=False)
+            walker.dataset(meta_end(buf), size, 0, in_item=False)
             return walker.found
