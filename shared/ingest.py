@@ -69,11 +69,11 @@ class Ingest:
             if isinstance(exc, PublishFailed) and exc.refused:
                 # nothing on the broker refers to the file: it goes at once
                 self._spool.remove(spooled.name)
-                self._spool.settle(spooled.name)
+                self._spool.settle(spooled.marker)
             # else the message may be queued after all: the file stays in ready/ with its
             # marker, as after a gateway that stopped here, for storage (or its sweeper)
             return Outcome("unavailable", f"broker did not confirm: {exc}")
-        self._spool.settle(spooled.name)
+        self._spool.settle(spooled.marker)
         return Outcome("stored", sha256=spooled.sha256, size=spooled.size)
 
 
@@ -123,5 +123,5 @@ def recover(spool: Spool, item: Unconfirmed) -> InstanceReceived:
                               ) from exc
     info = inspect_instance(path, sop_class, sop_instance, transfer_syntax)
     sha256, size = file_digest(path)
-    return _message(info, Spooled(item.name, sha256, size), _caller_from(item.note),
+    return _message(info, Spooled(item.name, sha256, size, item.marker), _caller_from(item.note),
                     datetime.fromtimestamp(item.marked_at, UTC))

@@ -3,12 +3,20 @@
     incoming/   pynetdicom writes each arriving dataset here (one temp file per C-STORE)
     ready/      fsynced files referenced by an ``instance.received`` message (claim check);
                 beside each, a ``.pending`` marker until the broker has confirmed its publish
+                (a second hard link to the file, named ``<file>.<note in hex>.pending``)
     rejected/   files set aside: ready files that no longer read as the instance the gateway
                 checked (and, from older versions, files whose publish was not confirmed);
                 the sweeper removes them
 
 Durability of ``ready/`` is that of the disk under it (a named volume in compose). File names
-are random UUIDs: never derived from a tag value.
+are random UUIDs: never derived from a tag value. A marker's name adds the gateway's note (the
+calling AE title and host, not a tag value) in hexadecimal, so it cannot steer a path either.
+
+Why the marker is a hard link and not a small file: it costs no inode. On ext4 without a
+journal (this project's test machines), creating a file skips, one by one, the inodes freed in
+the last minutes; one marker created and removed per instance made every create in the spool
+slower as the ingest went on (``docs/benchmarks.md``, session 18). A filesystem that refuses
+hard links gets an empty marker file of the same name instead.
 
 A gateway that stops between ``commit`` and the broker's answer, or a publish that got no
 answer (no confirm in time, the connection lost), leaves a ``ready/`` file whose message may or
@@ -21,6 +29,7 @@ file nobody announced gets stored instead of filling the disk. A publish the bro
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -34,6 +43,8 @@ from shared.lifecycle import StartupFailed
 
 _CHUNK = 1024 * 1024
 PENDING = ".pending"  # suffix of the marker beside a ready file whose publish is unanswered
+NOTE_MAX = 100  # bytes of note a marker's name carries (in hex; longer notes are left out)
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS)
 log = logging.getLogger("minipacs.spool")
 
 
@@ -42,6 +53,29 @@ class Spooled:
     name: str
     sha256: str
     size: int
+    marker: str  # what ``settle`` removes once the broker has answered
+
+
+def marker_name(name: str, note: bytes) -> str:
+    """The marker of the ready file ``name``: the note (who sent it) travels in its name."""
+    return f"{name}.{note.hex() if len(note) <= NOTE_MAX else ''}{PENDING}"
+
+
+def parse_marker(marker: str) -> tuple[str, bytes | None] | None:
+    """``(ready file name, note)`` of a marker's name; note ``None`` for a marker written by an
+    earlier version (``<file>.pending``, the note inside); ``None`` for anything else."""
+    if not marker.endswith(PENDING):
+        return None
+    stem = marker[: -len(PENDING)]
+    if stem.endswith(".dcm"):
+        return stem, None
+    name, dot, hexnote = stem.rpartition(".")
+    if not dot or not name.endswith(".dcm"):
+        return None
+    try:
+        return name, bytes.fromhex(hexnote)
+    except ValueError:
+        return name, b""
 
 
 @dataclass(frozen=True)
@@ -49,8 +83,9 @@ class Unconfirmed:
     """A ready file whose publish the broker never answered (or its gateway stopped first)."""
 
     name: str
-    note: bytes  # what the gateway wrote into the marker (who sent it); may be lost in a crash
+    note: bytes  # what the gateway put in the marker (who sent it); b"" if it was lost
     marked_at: float
+    marker: str
 
 
 def _digest(fp: BinaryIO) -> tuple[str, int]:
@@ -83,6 +118,7 @@ class Spool:
         self.ready = root / "ready"
         self.rejected = root / "rejected"
         self._ready = str(self.ready)  # the commit path joins strings: pathlib costs more here
+        self._links = True  # False once the filesystem refused a hard link
 
     def create(self) -> Spool:
         """The spool's directories, then a small file written, fsynced and removed in
@@ -114,23 +150,34 @@ class Spool:
             sha256, size = _digest(fp)
             os.fsync(fp.fileno())
         name = f"{uuid.uuid4().hex}.dcm"
+        marker = marker_name(name, note)
         # the marker first: a ready file the directory's fsync makes durable always has one
-        fd = os.open(os.path.join(self._ready, name + PENDING),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, note)
-        finally:
-            os.close(fd)
+        self._mark(path, os.path.join(self._ready, marker))
         os.replace(path, os.path.join(self._ready, name))
         _fsync_dir(self._ready)  # one fsync makes both entries durable
-        return Spooled(name, sha256, size)
+        return Spooled(name, sha256, size, marker)
 
-    def settle(self, name: str) -> None:
-        """The broker answered the publish of ``name`` (confirmed, or refused and the file
-        removed): drop the marker. Losing this unlink in a crash only costs a redundant
+    def _mark(self, path: Path, marker: str) -> None:
+        if self._links:
+            try:
+                os.link(path, marker)
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                self._links = False
+                log.warning("the spool's filesystem refuses hard links (%s): pending markers "
+                            "are empty files from now on", exc.strerror or exc)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+    def settle(self, marker: str) -> None:
+        """The broker answered the publish behind ``marker`` (confirmed, or refused and the
+        file removed): drop the marker. Losing this unlink in a crash only costs a redundant
         re-announcement."""
+        if "/" in marker or not marker.endswith(PENDING):
+            raise ValueError(f"not a marker name: {marker!r}")
         try:
-            os.unlink(os.path.join(self._ready, name + PENDING))
+            os.unlink(os.path.join(self._ready, marker))
         except FileNotFoundError:
             pass
 
@@ -141,21 +188,23 @@ class Spool:
         cutoff = time.time() - older_than
         found: list[Unconfirmed] = []
         for entry in os.scandir(self.ready):
-            if not entry.name.endswith(PENDING) or not entry.is_file(follow_symlinks=False):
+            parsed = parse_marker(entry.name)
+            if parsed is None or not entry.is_file(follow_symlinks=False):
                 continue
-            name = entry.name[: -len(PENDING)]
+            name, note = parsed
             try:
                 marked_at = entry.stat(follow_symlinks=False).st_mtime
                 if marked_at >= cutoff:
                     continue
                 if not os.path.isfile(os.path.join(self._ready, name)):
-                    self.settle(name)
+                    self.settle(entry.name)
                     continue
-                with open(entry.path, "rb") as fp:
-                    note = fp.read(4096)
+                if note is None:  # an earlier version's marker: a small file holding the note
+                    with open(entry.path, "rb") as fp:
+                        note = fp.read(4096)
             except FileNotFoundError:
                 continue  # settled meanwhile
-            found.append(Unconfirmed(name, note, marked_at))
+            found.append(Unconfirmed(name, note, marked_at, entry.name))
         return found
 
     def path_of(self, name: str) -> Path | None:

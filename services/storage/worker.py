@@ -215,7 +215,7 @@ class StorageWorker:
                 log.error("unconfirmed spool file %s no longer reads as a DICOM instance "
                           "(%s): moved to rejected/", item.name, exc.reason)
                 self.spool.reject(item.name)
-                self.spool.settle(item.name)
+                self.spool.settle(item.marker)
                 continue
             try:
                 await self.publisher.publish(message)
@@ -223,7 +223,7 @@ class StorageWorker:
                 log.warning("unconfirmed spool file %s not announced yet (%s); the next sweep "
                             "tries again", item.name, exc)
                 break
-            self.spool.settle(item.name)
+            self.spool.settle(item.marker)
             announced += 1
             log.warning("spool file %s (obj=%s): its publish was never confirmed (the gateway "
                         "stopped, or got no answer): announced again", item.name,

@@ -274,7 +274,7 @@ def test_a_spool_file_nobody_announced_is_announced_by_the_sweeper(
     staged = spool.incoming / "tmp-unannounced.dcm"
     shutil.copyfile(left.path, staged)
     spooled = spool.commit(staged, note_of(Caller("CT_ROOM_3", "127.0.0.7")))
-    assert (spool.ready / (spooled.name + PENDING)).exists()
+    assert (spool.ready / spooled.marker).exists()
 
     wait_until(lambda: indexed(stack, [left.sop_uid]) == {left.sop_uid},
                UNCONFIRMED_AGE + SWEEP_EVERY + 60, what="the sweeper's announcement indexed")

@@ -45,7 +45,7 @@ def ready_file(spool: Spool, seconds: float, data: bytes) -> str:
     spooled = spool.commit(staged)
     assert spooled.sha256 == hashlib.sha256(data).hexdigest()
     name = spooled.name
-    spool.settle(name)  # the broker confirmed its message
+    spool.settle(spooled.marker)  # the broker confirmed its message
     path = spool.ready / name
     when = time.time() - seconds
     os.utime(path, (when, when))

@@ -1,5 +1,5 @@
 """Spool files a gateway left without the broker's answer (``shared/spool.py``), on a real
-directory: the ``.pending`` marker ``Spool.commit`` writes beside each ready file, ``settle``
+directory: the ``.pending`` marker ``Spool.commit`` links beside each ready file, ``settle``
 once the broker answered, ``unconfirmed`` listing the markers a stopped gateway left, and
 ``shared.ingest.recover`` rebuilding the message the gateway would have published.
 
@@ -25,7 +25,7 @@ from shared.dicom import InvalidInstance
 from shared.ingest import Caller, Ingest, recover
 from shared.messages import InstanceReceived
 from shared.settings import StorageSettings
-from shared.spool import PENDING, Spool
+from shared.spool import PENDING, Spool, marker_name, parse_marker
 from tests.dicomgen import CT_IMAGE, make_instance, uid
 
 HOUR = 3600.0
@@ -57,9 +57,9 @@ def markers(spool: Spool) -> list[str]:
     return sorted(p.name for p in spool.ready.iterdir() if p.name.endswith(PENDING))
 
 
-def age(spool: Spool, name: str, seconds: float) -> None:
+def age(spool: Spool, marker: str, seconds: float) -> None:
     when = time.time() - seconds
-    os.utime(spool.ready / (name + PENDING), (when, when))
+    os.utime(spool.ready / marker, (when, when))
 
 
 def test_the_marker_lives_from_commit_until_the_broker_answers(spool: Spool, dicom: Path
@@ -102,10 +102,10 @@ def test_a_publish_without_an_answer_leaves_the_file_for_the_sweeper(spool: Spoo
                                                      uid("unconf", 1), EXPLICIT_LE, CALLER)
         assert outcome.kind == "unavailable"
     assert len(markers(spool)) == 2
-    names = [m[: -len(PENDING)] for m in markers(spool)]
+    names = [parse_marker(m)[0] for m in markers(spool)]  # type: ignore[index]
     assert all((spool.ready / name).exists() for name in names)
-    for name in names:
-        age(spool, name, 2 * HOUR)
+    for marker in markers(spool):
+        age(spool, marker, 2 * HOUR)
     assert sorted(item.name for item in spool.unconfirmed(HOUR)) == sorted(names)
 
 
@@ -118,7 +118,7 @@ def test_a_stopped_gateways_file_is_found_and_its_message_rebuilt(spool: Spool, 
     left = spool.commit(staged(spool, dicom, 1), b'{"aet": "CT_ROOM_3", "host": "127.0.0.7"}')
 
     assert spool.unconfirmed(HOUR) == []  # a fresh marker: its gateway may still be waiting
-    age(spool, left.name, 2 * HOUR)
+    age(spool, left.marker, 2 * HOUR)
     [item] = spool.unconfirmed(HOUR)
     assert item.name == left.name
 
@@ -135,14 +135,72 @@ def test_a_stopped_gateways_file_is_found_and_its_message_rebuilt(spool: Spool, 
          "CT_ROOM_3", "127.0.0.7")
 
 
-def test_a_marker_whose_contents_did_not_survive_still_gets_its_message(spool: Spool,
-                                                                        dicom: Path) -> None:
-    left = spool.commit(staged(spool, dicom))
-    (spool.ready / (left.name + PENDING)).write_bytes(b"")  # the crash lost the marker's data
-    age(spool, left.name, 2 * HOUR)
+def test_the_marker_is_a_second_link_to_the_file_not_a_new_inode(spool: Spool, dicom: Path
+                                                                  ) -> None:
+    """No inode per marker: on ext4 without a journal, freeing one per instance made every
+    later create in the spool slower (``shared/spool.py``)."""
+    left = spool.commit(staged(spool, dicom), b'{"aet": "CT_ROOM_3"}')
+    ready, marker = spool.ready / left.name, spool.ready / left.marker
+    assert os.stat(ready).st_ino == os.stat(marker).st_ino
+    assert os.stat(ready).st_nlink == 2
+    spool.settle(left.marker)
+    assert not marker.exists() and os.stat(ready).st_nlink == 1
+
+
+def test_a_marker_without_a_note_still_gets_its_message(spool: Spool, dicom: Path) -> None:
+    left = spool.commit(staged(spool, dicom), b"x" * 500)  # too long to travel in a name
+    assert parse_marker(left.marker) == (left.name, b"")
+    age(spool, left.marker, 2 * HOUR)
     [item] = spool.unconfirmed(HOUR)
     message = recover(spool, item)
     assert (message.sha256, message.calling_aet) == (left.sha256, "")
+
+
+def test_an_earlier_versions_marker_file_is_still_found_with_its_note(spool: Spool,
+                                                                      dicom: Path) -> None:
+    """Before session 18 the marker was a small file ``<file>.pending`` holding the note: one
+    left by a gateway stopped before an upgrade is still announced, with its sender."""
+    left = spool.commit(staged(spool, dicom))
+    spool.settle(left.marker)
+    old = spool.ready / (left.name + PENDING)
+    old.write_bytes(b'{"aet": "CT_ROOM_3", "host": "127.0.0.7"}')
+    age(spool, old.name, 2 * HOUR)
+    [item] = spool.unconfirmed(HOUR)
+    assert (item.name, item.marker) == (left.name, old.name)
+    assert recover(spool, item).calling_aet == "CT_ROOM_3"
+    spool.settle(item.marker)
+    assert markers(spool) == [] and (spool.ready / left.name).exists()
+
+
+def test_a_filesystem_without_hard_links_gets_marker_files(spool: Spool, dicom: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    def refused(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refused)
+    left = spool.commit(staged(spool, dicom), b'{"aet": "CT_ROOM_3", "host": "127.0.0.7"}')
+    monkeypatch.undo()
+    assert "refuses hard links" in caplog.text
+    marker = spool.ready / left.marker
+    assert marker.stat().st_size == 0 and (spool.ready / left.name).stat().st_nlink == 1
+    age(spool, left.marker, 2 * HOUR)
+    [item] = spool.unconfirmed(HOUR)
+    assert recover(spool, item).calling_aet == "CT_ROOM_3"
+    second = spool.commit(staged(spool, dicom, 1))  # no second try at linking
+    assert (spool.ready / second.name).stat().st_nlink == 1
+
+
+def test_marker_names_carry_the_note_in_hex_and_nothing_else() -> None:
+    hostile = b'{"aet": "../../etc", "host": "a/b\\c\x00"}'
+    name = marker_name("0123abcd.dcm", hostile)
+    assert "/" not in name and "\\" not in name and "\x00" not in name
+    assert parse_marker(name) == ("0123abcd.dcm", hostile)
+    assert parse_marker("0123abcd.dcm.pending") == ("0123abcd.dcm", None)  # an earlier version's
+    assert parse_marker("0123abcd.dcm.zz.pending") == ("0123abcd.dcm", b"")
+    assert parse_marker("0123abcd.dcm") is None
+    assert parse_marker("notes.txt.pending") is None
 
 
 def test_a_marker_whose_file_was_consumed_is_dropped(spool: Spool, dicom: Path) -> None:
@@ -150,7 +208,7 @@ def test_a_marker_whose_file_was_consumed_is_dropped(spool: Spool, dicom: Path) 
     stored the file and removed it: nothing to announce, the marker goes."""
     left = spool.commit(staged(spool, dicom))
     spool.remove(left.name)
-    age(spool, left.name, 2 * HOUR)
+    age(spool, left.marker, 2 * HOUR)
     assert spool.unconfirmed(HOUR) == []
     assert list(spool.ready.iterdir()) == []
 
@@ -158,7 +216,7 @@ def test_a_marker_whose_file_was_consumed_is_dropped(spool: Spool, dicom: Path) 
 def test_a_file_that_no_longer_reads_as_dicom_is_refused(spool: Spool, dicom: Path) -> None:
     left = spool.commit(staged(spool, dicom))
     (spool.ready / left.name).write_bytes(b"not what the gateway checked")
-    age(spool, left.name, 2 * HOUR)
+    age(spool, left.marker, 2 * HOUR)
     [item] = spool.unconfirmed(HOUR)
     with pytest.raises(InvalidInstance):
         recover(spool, item)
@@ -176,14 +234,14 @@ async def test_the_storage_sweeper_keeps_what_it_cannot_announce_and_rejects_wha
                            broker.Publisher(connection, 10), asyncio.Event())
     damaged = spool.commit(staged(spool, dicom))
     (spool.ready / damaged.name).write_bytes(b"\0" * 300)
-    age(spool, damaged.name, 2 * HOUR)
+    age(spool, damaged.marker, 2 * HOUR)
     assert await worker.recover_unconfirmed() == 0
     assert not (spool.ready / damaged.name).exists()
     assert (spool.rejected / damaged.name).exists()
     assert markers(spool) == []
 
     waiting = spool.commit(staged(spool, dicom, 1))
-    age(spool, waiting.name, 2 * HOUR)
+    age(spool, waiting.marker, 2 * HOUR)
     assert await worker.recover_unconfirmed() == 0  # publisher not open: PublishFailed
     assert (spool.ready / waiting.name).exists()
-    assert markers(spool) == [waiting.name + PENDING]
+    assert markers(spool) == [waiting.marker]
