@@ -83,34 +83,32 @@ def measure(server: Server, op: str, trial: int, study_uid: str, expected: int,
     log = folder / f"{op}scu.log"
     folder.mkdir(parents=True, exist_ok=True)
     receiver_cpu: dict[str, float] = {}
-    try:
-        if op == "move":
-            with Receiver(receiver_port, folder / "receiver") as receiver:
-                settle(0.3)
-                assert receiver.proc is not None
-                parent = psutil.Process(receiver.proc.pid)
-                receiving = CpuMeter(lambda: [("storescp", p) for p in
-                                              (parent, *parent.children())],
-                                     reaper=("storescp", parent)).start()
-                meter = server.meter().start()
-                tools = rusage_seconds(resource.RUSAGE_CHILDREN)
-                seconds, code = movescu(server.port, server.aet, study_uid, log)
-                cpu = meter.stop()
-                tools = rusage_seconds(resource.RUSAGE_CHILDREN) - tools
-                receiver_cpu = receiving.stop()
-                received = receiver.received()
-        else:
-            out = folder / "get"
+    # what a run receives stays until the bench ends: removing it would slow the next run's
+    # file creation (``bench/servers.py``, ``ProcessServer``)
+    if op == "move":
+        with Receiver(receiver_port, folder / "receiver") as receiver:
             settle(0.3)
+            assert receiver.proc is not None
+            parent = psutil.Process(receiver.proc.pid)
+            receiving = CpuMeter(lambda: [("storescp", p) for p in
+                                          (parent, *parent.children())],
+                                 reaper=("storescp", parent)).start()
             meter = server.meter().start()
             tools = rusage_seconds(resource.RUSAGE_CHILDREN)
-            seconds, code = getscu(server.port, server.aet, study_uid, out, log)
+            seconds, code = movescu(server.port, server.aet, study_uid, log)
             cpu = meter.stop()
             tools = rusage_seconds(resource.RUSAGE_CHILDREN) - tools
-            received = _files(out)
-    finally:
-        for sub in ("receiver/files", "get"):
-            shutil.rmtree(folder / sub, ignore_errors=True)  # 160 MB each: not kept
+            receiver_cpu = receiving.stop()
+            received = receiver.received()
+    else:
+        out = folder / "get"
+        settle(0.3)
+        meter = server.meter().start()
+        tools = rusage_seconds(resource.RUSAGE_CHILDREN)
+        seconds, code = getscu(server.port, server.aet, study_uid, out, log)
+        cpu = meter.stop()
+        tools = rusage_seconds(resource.RUSAGE_CHILDREN) - tools
+        received = _files(out)
     return Run(op, server.name, trial, expected, received, seconds, code,
                {k: round(v, 4) for k, v in cpu.items()},
                round(tools + sum(receiver_cpu.values()), 4))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -95,11 +94,18 @@ class Server(ABC):
 
 
 class ProcessServer(Server):
-    """A peer run as one child process, restarted with an empty directory for every run."""
+    """A peer run as one child process, restarted with an empty directory for every run.
+
+    Each run gets a new directory, and none is removed before the bench ends (``work`` goes
+    then). On ext4 without a journal (this project's test machines) creating a file skips,
+    one by one, the inodes freed in the last minutes, so removing a run's thousands of files
+    made every file created in the next run (by whichever server) slower:
+    ``docs/benchmarks.md``, "Traps"."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir: Path | None = None
+        self.runs = 0
 
     @abstractmethod
     def launch(self, folder: Path) -> subprocess.Popen[bytes]: ...
@@ -112,8 +118,8 @@ class ProcessServer(Server):
         it (the clients' own ephemeral ports come from the same range): that start fails, and
         the next attempt picks other ports. The server's log tail goes into the error."""
         for attempt in range(1, attempts + 1):
-            self.dir = work / self.name
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self.runs += 1
+            self.dir = work / f"{self.name}-{self.runs}"
             self.dir.mkdir(parents=True)
             self.port = free_port()
             self.proc = self.launch(self.dir)
@@ -143,9 +149,7 @@ class ProcessServer(Server):
     def end(self) -> None:
         terminate(self.proc)
         self.proc = None
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        self.dir = None  # kept until the bench ends (see the class docstring)
 
 
 class StoreSCP(ProcessServer):
