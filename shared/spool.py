@@ -12,11 +12,11 @@ Durability of ``ready/`` is that of the disk under it (a named volume in compose
 are random UUIDs: never derived from a tag value. A marker's name adds the gateway's note (the
 calling AE title and host, not a tag value) in hexadecimal, so it cannot steer a path either.
 
-Why the marker is a hard link and not a small file: it costs no inode. On ext4 without a
-journal (this project's test machines), creating a file skips, one by one, the inodes freed in
-the last minutes; one marker created and removed per instance made every create in the spool
-slower as the ingest went on (``docs/benchmarks.md``, session 18). A filesystem that refuses
-hard links gets an empty marker file of the same name instead.
+Why the marker is a hard link and not a small file: it costs no inode, where a file marker
+was one more inode allocated and freed per instance. On ext4 without a journal (this project's
+test machines), creating a file skips, one by one, the inodes freed in the last minutes, so
+every freed inode makes the creates after it slower (``docs/benchmarks.md``, session 18). A
+filesystem that refuses hard links gets an empty marker file of the same name instead.
 
 A gateway that stops between ``commit`` and the broker's answer, or a publish that got no
 answer (no confirm in time, the connection lost), leaves a ``ready/`` file whose message may or
