@@ -366,15 +366,21 @@ def test_association_limit_and_silent_connections(tmp_path: Path) -> None:
         assert second.send_c_echo().Status == 0x0000
         first.release()
         second.release()
-        # a connection that never sends an A-ASSOCIATE-RQ: closed by the gateway
-        silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+        held.clear()
+        # connections that never send an A-ASSOCIATE-RQ, as many as the limit: the gateway
+        # closes them, and then both slots are free again (a leaked slot would leave at most
+        # one association possible, and ``two_held`` would never succeed)
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
         try:
-            assert silent.recv(1) == b""  # the gateway closed it (ACSE timeout 3 s)
+            for s in silent:
+                assert s.recv(1) == b""  # the gateway closed it (ACSE timeout 3 s)
         finally:
-            silent.close()
-        again = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
-        assert again.is_established and again.send_c_echo().Status == 0x0000
-        again.release()
+            for s in silent:
+                s.close()
+        wait_until(two_held, 30, what="two associations held at once after the silent ones")
+        for a in held:
+            assert a.send_c_echo().Status == 0x0000
+            a.release()
         assert "rejected (association limit 2" in stack.log_text("gateway")
     finally:
         teardown(stack)

@@ -207,6 +207,59 @@ def test_poison_messages_are_dead_lettered_and_the_queue_keeps_draining(
                                "sop_instance_uid = $1", good.sop_uid)[0]["object_key"]]
 
 
+def test_a_redelivery_of_an_instance_already_stored_is_acked_not_dead_lettered(
+        stack: Stack, tmp_path: Path) -> None:
+    """Storage killed after it finished an instance (stored, announced, spool file moved to
+    the hot cache) but before its ack reached the broker: the broker delivers the message
+    again. The spool file is gone; the object is in S3 with the message's size, so storage
+    acks it (no dead-letter, no second row, no second object)."""
+    done = instance(tmp_path, "redelivered")
+    sent = storescu(stack.config.gateway_port, [done.path])
+    assert sent.successes == 1, sent.output[-1500:]
+    rows = wait_until(lambda: pg(dsn(stack), "SELECT object_key FROM instance WHERE "
+                                 "sop_instance_uid = $1", done.sop_uid), 60,
+                      what="the instance indexed")
+    key = rows[0]["object_key"]
+    client = s3_client(stack)
+    obj = client.get_object("minipacs", key)
+    try:
+        body = obj.read()
+    finally:
+        obj.close()
+        obj.release_conn()
+    sha = hashlib.sha256(body).hexdigest()
+    assert key == object_key(sha)
+    objects_before = set(s3_objects(client, "minipacs"))
+    dead_before = _ready_count(stack, topology.STORAGE.dead_letter_queue)
+
+    # the same message again, as the broker would redeliver it (its spool name long gone)
+    publish(stack, [received(done, size=len(body), sha256=sha,
+                             spool_name=f"{uuid.uuid4().hex}.dcm")])
+    wait_until(lambda: f"obj={sha[:12]} already stored and announced (redelivery)"
+               in stack.log_text("storage"), 60, what="storage handling the redelivery")
+    wait_until(lambda: _ready_count(stack, topology.STORAGE.name) == 0, 30,
+               what="storage's work queue drained")
+    assert f"dead-lettering obj={sha[:12]}" not in stack.log_text("storage")
+    assert _ready_count(stack, topology.STORAGE.dead_letter_queue) == dead_before
+    assert _indexed_rows(stack, done.sop_uid) == 1
+    assert set(s3_objects(client, "minipacs")) == objects_before
+
+
+def _ready_count(stack: Stack, queue: str) -> int:
+    """Messages ready in ``queue`` now (AMQP passive declare: exact, where the dashboard's
+    figures are sampled every few seconds)."""
+    async def run() -> int:
+        conn = await broker.connect(stack.env["MINIPACS_AMQP_URL"], 10, name="test-depth")
+        try:
+            channel = await conn.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 @pytest.mark.slow
 def test_gateway_killed_mid_transfer_leaves_incoming_that_the_sweeper_removes(
         sweep_stack: Stack, tmp_path: Path) -> None:
