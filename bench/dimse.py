@@ -5,6 +5,7 @@ and a fresh receiving ``storescp``, plus the generated doc sections."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -13,7 +14,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,12 +102,17 @@ def associate_nodelay(ae: AE, port: int, called: str) -> Association:
     return assoc
 
 
-def find_latencies(port: int, called: str, queries: list[Dataset], warmup: int = 5
-                   ) -> Latencies:
+def find_latencies(port: int, called: str, queries: list[Dataset], warmup: int = 5, *,
+                   start: Callable[[], None] | None = None,
+                   running: Callable[[], bool] | None = None) -> Latencies:
     """Send ``queries`` one after the other inside ONE association; the time of each is from
     the C-FIND request until its final response. The first ``warmup`` ones are not counted.
     A query the server aborts (or leaves unanswered) counts as a failure and the rest go on in
-    a new association; a second abort in a row ends the run with an error."""
+    a new association; a second abort in a row ends the run with an error.
+
+    With ``start`` and ``running`` (queries during some other load): after the warm-up,
+    ``start()`` begins the load; the queries then go round until ``running()`` is false, and
+    only those that began and ended while it was true count."""
     ae = AE(ae_title="BENCHFIND")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
@@ -114,13 +120,25 @@ def find_latencies(port: int, called: str, queries: list[Dataset], warmup: int =
     def associate() -> Association:
         return associate_nodelay(ae, port, called)
 
+    def sequence() -> Iterator[tuple[bool, Dataset]]:
+        """(counted?, query): the warm-up, then the queries once, or round while running."""
+        yield from ((False, q) for q in queries[:warmup])
+        if start is None or running is None:
+            yield from ((True, q) for q in queries)
+            return
+        start()
+        for q in itertools.cycle(queries):
+            if not running():
+                return
+            yield running(), q
+
     ms: list[float] = []
     matches: list[int] = []
     failures = 0
     aborted_last = False
     assoc = associate()
     try:
-        for n, query in enumerate([*queries[:warmup], *queries]):
+        for n, (counted, query) in enumerate(sequence()):
             t0 = time.perf_counter()
             count, final = 0, None
             for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -132,6 +150,7 @@ def find_latencies(port: int, called: str, queries: list[Dataset], warmup: int =
                 else:
                     final = code
             elapsed = (time.perf_counter() - t0) * 1000
+            counted = counted and (running is None or running())
             if final is None:
                 if aborted_last:
                     raise RuntimeError(f"C-FIND to {called}: no response twice in a row "
@@ -139,12 +158,12 @@ def find_latencies(port: int, called: str, queries: list[Dataset], warmup: int =
                 print(f"  C-FIND to {called}: query {n} got no response (timeout/abort); "
                       "counted as a failure, going on in a new association", flush=True)
                 aborted_last = True
-                failures += n >= warmup
+                failures += counted
                 assoc.abort()
                 assoc = associate()
                 continue
             aborted_last = False
-            if n < warmup:
+            if not counted:
                 continue
             ms.append(elapsed)
             matches.append(count)

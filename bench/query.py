@@ -3,6 +3,9 @@ PatientName wildcard), 200 queries of each kind with varying values inside one a
 
 1. Orthanc (default SQLite index) and a fresh minipacs stack each receive the same small
    archive (the ``small`` set, 2000 instances) and are queried the same way: like for like.
+   Then the PatientID queries again, while 4 ``storescu`` send each of them another small set
+   (RELIABILITY: "C-FIND ... while ingesting → answers stay fast"): a pynetdicom client, as
+   the queries must stop when the send does; only those that begin and end during it count.
 2. Orthanc is stopped; minipacs' index is then seeded directly in PostgreSQL (INSERT ... SELECT
    over generate_series) up to >= 1,000,000 instances, ANALYZEd and queried again.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -30,7 +34,7 @@ from bench.dimse import (
     study_query,
 )
 from bench.report import machine
-from bench.send import send
+from bench.send import Sent, send
 from bench.servers import Server, settle
 from bench.target import Minipacs
 
@@ -79,7 +83,7 @@ class Options:
 
 @dataclass(frozen=True)
 class Cell:
-    archive: str  # "small" or "large"
+    archive: str  # "small", "ingesting" (the small archive while more arrives) or "large"
     server: str
     kind: str
     instances: int
@@ -233,6 +237,37 @@ def measure(server: Server, archive: str, instances: int, queries: dict[str, lis
               + (f", {lat.failures} NOT Success" if lat.failures else ""), flush=True)
 
 
+def during_ingest(server: Server, archive: int, busy: DataSet, queries: list[Dataset],
+                  work: Path, cells: list[Cell]) -> None:
+    """The PatientID queries, round and round, while 4 ``storescu`` send ``busy``."""
+    done = threading.Event()
+    sent: list[Sent] = []
+
+    def sender() -> None:
+        try:
+            sent.append(send(busy.files, server.port, server.aet, 4,
+                             work / "storescu-busy" / server.name))
+        finally:
+            done.set()
+
+    lat = find_latencies(server.port, server.aet, queries,
+                         start=threading.Thread(target=sender, daemon=True).start,
+                         running=lambda: not done.is_set())
+    done.wait()
+    if not sent or sent[0].acked != busy.count:
+        raise RuntimeError(f"{server.name}: {sent[0].acked if sent else 0} of {busy.count} "
+                           "acknowledged during the queries")
+    if server.name == "minipacs" and server.indexed_after(
+            sent[0].t0, archive + busy.count, 300) is None:
+        raise RuntimeError("minipacs did not index the set sent during the queries in time")
+    cells.append(Cell("ingesting", server.name, "patient_id", archive, lat.ms, lat.matches,
+                      lat.failures))
+    print(f"  ingesting {server.name:8} patient_id, pynetdicom client: {len(lat.ms)} queries "
+          f"during {sent[0].seconds:.1f} s of storescu, median {lat.median:6.2f} ms, p95 "
+          f"{lat.p95:6.2f} ms" + (f", {lat.failures} NOT Success" if lat.failures else ""),
+          flush=True)
+
+
 def load(server: Server, data: DataSet, work: Path) -> None:
     sent = send(data.files, server.port, server.aet, 4, work / "storescu" / server.name)
     if sent.acked != data.count:
@@ -269,6 +304,11 @@ def run_query(opts: Options) -> QueryResult:
         queries = small_queries(tag, patients, opts.queries, rng)
         for server in (orthanc, minipacs):
             measure(server, "small", small.count, queries, cells, pynetdicom)
+        busy = dataset("small", opts.small, f"{tag}busy")
+        for server in (orthanc, minipacs):
+            print(f"query: PatientID queries on {server.name} while it receives "
+                  f"{busy.count} more", flush=True)
+            during_ingest(server, small.count, busy, queries["patient_id"], work, cells)
         orthanc.end()
         print(f"query: seeding minipacs with {opts.shape.total} instances", flush=True)
         db = minipacs.stack.config.database
@@ -301,11 +341,11 @@ def target_line(result: QueryResult) -> str:
 
 
 def text_table(result: QueryResult) -> str:
-    lines = [f"{'archive':8}{'server':10}{'query':15}{'median ms':>11}{'p95 ms':>9}"
+    lines = [f"{'archive':10}{'server':10}{'query':15}{'median ms':>11}{'p95 ms':>9}"
              f"{'matches':>9}"]
     for c in result.cells:
         lat = c.lat
-        lines.append(f"{c.archive:8}{c.server:10}{c.kind:15}{fmt(lat.median, 2):>11}"
+        lines.append(f"{c.archive:10}{c.server:10}{c.kind:15}{fmt(lat.median, 2):>11}"
                      f"{fmt(lat.p95, 2):>9}{fmt(lat.median_matches, 0):>9}")
     return "\n".join(lines)
 
@@ -336,12 +376,39 @@ def markdown(result: QueryResult, command: str) -> str:
         seen = ", ".join(f"{k} {fmt(v, 2)} ms" for k, v in result.pynetdicom.items())
         out += ["", "The PatientID queries again from a pynetdicom 3.0 client (Python: its "
                 f"decoding and polling are in the time), median: {seen}."]
+    out += ingesting_table(result)
     fails = sum(c.failures for c in result.cells)
     out += ["", f"Queries not answered with Success: {fails}." if fails else
             "Every query ended with Success.", "",
             f"Seeding {result.indexed_instances:,} instances in PostgreSQL (INSERT ... SELECT "
             f"over generate_series, then ANALYZE) took {result.seed_seconds:.0f} s."]
     return "\n".join(out)
+
+
+def ingesting_table(result: QueryResult) -> list[str]:
+    """The PatientID queries while each server receives another small set, beside the same
+    client's figure on the idle server."""
+    o = _cell(result, "ingesting", "orthanc", "patient_id")
+    m = _cell(result, "ingesting", "minipacs", "patient_id")
+    if o is None or m is None:
+        return []
+    idle_o = result.pynetdicom.get("small orthanc", float("nan"))
+    idle_m = result.pynetdicom.get("small minipacs", float("nan"))
+    return ["", "**While receiving** (RELIABILITY: C-FIND while ingesting): the PatientID "
+            "queries from the pynetdicom client, one association, round and round while 4 "
+            "`storescu` send the server another small set; only queries that began and ended "
+            "during the send count. ms per query, median / p95 (queries counted)", "",
+            "| PatientID query | Orthanc | minipacs | minipacs / Orthanc (median) |",
+            "|---|---|---|---|",
+            f"| idle (median) | {fmt(idle_o, 2)} | {fmt(idle_m, 2)} | "
+            f"{_ratio(idle_m, idle_o)} |",
+            f"| while receiving | {fmt(o.median, 2)} / {fmt(o.p95, 2)} ({len(o.ms)}) | "
+            f"{fmt(m.median, 2)} / {fmt(m.p95, 2)} ({len(m.ms)}) | "
+            f"{_ratio(m.median, o.median)} |"]
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b and a == a and b == b else "-"
 
 
 def _lat(lat: Latencies | None) -> str:

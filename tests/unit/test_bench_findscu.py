@@ -63,3 +63,40 @@ def test_a_query_the_server_aborts_is_a_failure_and_the_rest_go_on() -> None:
         server.shutdown()
     assert seen == ["A", "A", "B", "ABORT", "C", "D"]
     assert lat.failures == 1 and len(lat.ms) == 4
+
+
+def test_queries_during_a_load_go_round_until_it_ends_and_count_only_inside_it() -> None:
+    """``find_latencies`` with ``start`` / ``running`` (the query bench's C-FIND while
+    ingesting): the load starts after the warm-up, the queries go round the list while it
+    runs, and the one that was still out when it ended is not counted."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    from bench.dimse import find_latencies, study_query
+    from scripts.native import free_port
+
+    seen: list[str] = []
+    started_after: list[int] = []
+
+    def on_find(event: evt.Event):  # type: ignore[no-untyped-def]
+        seen.append(event.identifier.PatientID)
+        yield 0x0000, None
+
+    ae = AE(ae_title="BUSY")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    assert server is not None
+    try:
+        queries = [study_query(PatientID=p) for p in ("A", "B", "C")]
+        lat = find_latencies(port, "BUSY", queries, warmup=2,
+                             start=lambda: started_after.append(len(seen)),
+                             running=lambda: len(seen) < 8)
+    finally:
+        server.shutdown()
+    assert started_after == [2]  # after the two warm-up queries
+    assert seen == ["A", "B", "A", "B", "C", "A", "B", "C"]  # round the list while running
+    assert len(lat.ms) == 5 and lat.failures == 0  # the 8th ended after the load: not counted
