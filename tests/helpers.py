@@ -85,6 +85,16 @@ def s3_objects(client: Minio, bucket: str, prefix: str = "instances/") -> dict[s
                                                                 recursive=True)}
 
 
+def s3_read(client: Minio, bucket: str, key: str) -> bytes:
+    """The whole object, its connection handed back to the pool."""
+    obj = client.get_object(bucket, key)
+    try:
+        return obj.read()
+    finally:
+        obj.close()
+        obj.release_conn()
+
+
 def queue_counts(vhost: str, column: str = "messages") -> dict[str, int]:
     """One ``rabbitmqctl list_queues`` column (messages, consumers...) by queue name."""
     out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", column,

@@ -26,7 +26,7 @@ from services.gateway.admission import REJECT_NO_CONTEXT
 from shared import dimse_wire as wire
 from tests.conftest import dsn, make_stack, s3_client, teardown
 from tests.dicomgen import CT_IMAGE, MR_IMAGE, make_instance, uid
-from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
+from tests.helpers import dcmtk, dcmtk_env, pg, s3_read, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
 TS = "1.2.840.10008.1.2.1"
@@ -414,12 +414,7 @@ def test_a_patient_id_like_a_path_is_stored_under_a_content_key(stack: Stack,
     assert match.group(2) == row["sha256"] and match.group(1) == row["sha256"][:2]
     assert ".." not in key and "../../.." not in key
     client = s3_client(stack)
-    obj = client.get_object("minipacs", key)
-    try:
-        data = obj.read()
-    finally:
-        obj.close()
-        obj.release_conn()
+    data = s3_read(client, "minipacs", key)
     assert hashlib.sha256(data).hexdigest() == row["sha256"] and len(data) == row["size"]
     assert dataset_of_bytes(data) == dataset_of(path)
     escaped = [o.object_name for o in client.list_objects("minipacs", recursive=True)
@@ -484,12 +479,8 @@ def test_an_odd_element_length_is_stored_as_received(stack: Stack, tmp_path: Pat
         "p.id = st.patient_fk WHERE i.sop_instance_uid = $1", sop), 60,
         what="the instance indexed")
     assert rows[0]["patient_id"] == "ODD"
-    obj = s3_client(stack).get_object("minipacs", rows[0]["object_key"])
-    try:
-        assert dataset_of_bytes(obj.read()) == dataset
-    finally:
-        obj.close()
-        obj.release_conn()
+    assert dataset_of_bytes(s3_read(s3_client(stack), "minipacs", rows[0]["object_key"])) \
+        == dataset
 
 
 # ---- 3. SOP classes ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from scripts.native import Stack
 from tests.conftest import dsn, s3_client
 from tests.dicomgen import Made, ct_series, dataset_bytes, make_instance, small_set, uid
-from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
+from tests.helpers import dcmtk, dcmtk_env, pg, s3_read, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -38,12 +38,7 @@ def assert_stored_byte_identical(stack: Stack, made: Sequence[Made]) -> None:
     client = s3_client(stack)
     for m in made:
         row = by_uid[m.sop_uid]
-        obj = client.get_object("minipacs", row["object_key"])
-        try:
-            data = obj.read()
-        finally:
-            obj.close()
-            obj.release_conn()
+        data = s3_read(client, "minipacs", row["object_key"])
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
         assert len(data) == row["size"]
         tmp = Path(stack.config.base_dir) / "check.dcm"

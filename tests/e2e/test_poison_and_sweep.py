@@ -44,7 +44,15 @@ from shared.spool import PENDING, Spool
 from tests.conftest import dsn, make_stack, s3_client, teardown
 from tests.dicomgen import CT_IMAGE, Made, make_instance, uid
 from tests.e2e.test_ingest import assert_stored_byte_identical
-from tests.helpers import dcmtk, dcmtk_env, pg, s3_objects, storescu, wait_until
+from tests.helpers import (
+    dcmtk,
+    dcmtk_env,
+    pg,
+    s3_objects,
+    s3_read,
+    storescu,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -221,12 +229,7 @@ def test_a_redelivery_of_an_instance_already_stored_is_acked_not_dead_lettered(
                       what="the instance indexed")
     key = rows[0]["object_key"]
     client = s3_client(stack)
-    obj = client.get_object("minipacs", key)
-    try:
-        body = obj.read()
-    finally:
-        obj.close()
-        obj.release_conn()
+    body = s3_read(client, "minipacs", key)
     sha = hashlib.sha256(body).hexdigest()
     assert key == object_key(sha)
     objects_before = set(s3_objects(client, "minipacs"))

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from bench.dimse import parse_findscu_log
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from bench.dimse import find_latencies, parse_findscu_log, study_query
+from scripts.native import free_port
 
 LOG = """\
 23:59:59.990.125 Requesting Association
@@ -29,18 +39,25 @@ def test_each_query_is_timed_from_request_to_final_response() -> None:
     assert abs(second_ms - 2.0) < 1e-6 and second_n == 0 and not second_ok
 
 
+@contextmanager
+def find_scp(aet: str, on_find: Callable[[evt.Event], Any]) -> Iterator[int]:
+    """A pynetdicom Study Root C-FIND SCP on a free loopback port (yielded) for the test."""
+    ae = AE(ae_title=aet)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    assert server is not None
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
 def test_a_query_the_server_aborts_is_a_failure_and_the_rest_go_on() -> None:
     """The pynetdicom-client timing (``find_latencies``) against an SCP that aborts the
     association on one query: that query counts as a failure, the others are timed in a new
     association. A full bench once died on one such abort from Orthanc."""
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        StudyRootQueryRetrieveInformationModelFind,
-    )
-
-    from bench.dimse import find_latencies, study_query
-    from scripts.native import free_port
-
     seen: list[str] = []
 
     def on_find(event: evt.Event):  # type: ignore[no-untyped-def]
@@ -50,17 +67,9 @@ def test_a_query_the_server_aborts_is_a_failure_and_the_rest_go_on() -> None:
             return
         yield 0x0000, None
 
-    ae = AE(ae_title="FLAKY")
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
-    assert server is not None
-    try:
+    with find_scp("FLAKY", on_find) as port:
         queries = [study_query(PatientID=p) for p in ("A", "B", "ABORT", "C", "D")]
         lat = find_latencies(port, "FLAKY", queries, warmup=1)
-    finally:
-        server.shutdown()
     assert seen == ["A", "A", "B", "ABORT", "C", "D"]
     assert lat.failures == 1 and len(lat.ms) == 4
 
@@ -69,14 +78,6 @@ def test_queries_during_a_load_go_round_until_it_ends_and_count_only_inside_it()
     """``find_latencies`` with ``start`` / ``running`` (the query bench's C-FIND while
     ingesting): the load starts after the warm-up, the queries go round the list while it
     runs, and the one that was still out when it ended is not counted."""
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        StudyRootQueryRetrieveInformationModelFind,
-    )
-
-    from bench.dimse import find_latencies, study_query
-    from scripts.native import free_port
-
     seen: list[str] = []
     started_after: list[int] = []
 
@@ -84,19 +85,11 @@ def test_queries_during_a_load_go_round_until_it_ends_and_count_only_inside_it()
         seen.append(event.identifier.PatientID)
         yield 0x0000, None
 
-    ae = AE(ae_title="BUSY")
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
-    assert server is not None
-    try:
+    with find_scp("BUSY", on_find) as port:
         queries = [study_query(PatientID=p) for p in ("A", "B", "C")]
         lat = find_latencies(port, "BUSY", queries, warmup=2,
                              start=lambda: started_after.append(len(seen)),
                              running=lambda: len(seen) < 8)
-    finally:
-        server.shutdown()
     assert started_after == [2]  # after the two warm-up queries
     assert seen == ["A", "B", "A", "B", "C", "A", "B", "C"]  # round the list while running
     assert len(lat.ms) == 5 and lat.failures == 0  # the 8th ended after the load: not counted
