@@ -1,7 +1,8 @@
 """Issue 3, C-MOVE end to end: DCMTK movescu asks minipacs to send to ARCHIVE, a real Orthanc;
 the mover sends; Orthanc's REST API shows exactly the requested instances, byte-identical.
-Also: pending counts, unknown destination, ARCHIVE down, mover down, C-CANCEL, jobs in
-PostgreSQL, "send study X to node Y" jobs, and Orthanc as the client (/modalities/x/move)."""
+Also: pending counts, unknown destination, ARCHIVE down or aborting mid-study, mover down,
+C-CANCEL, jobs in PostgreSQL, "send study X to node Y" jobs, and Orthanc as the client
+(/modalities/x/move)."""
 
 from __future__ import annotations
 
@@ -306,6 +307,79 @@ def test_archive_refusing_some_instances_gives_b000_with_their_uids(world: World
         assert row["failed_uids"] == [deflated.sop_uid] and row["state"] == "done"
     finally:
         archive2.stop()
+
+
+class AbortingArchive:
+    """An ARCHIVE that crashes mid-study: a Storage SCP (pynetdicom) that, once, aborts the
+    association instead of answering its ``abort_at``-th C-STORE. It keeps the SHA-256 of the
+    dataset bytes of every instance it answered with Success."""
+
+    def __init__(self, aet: str, abort_at: int) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+
+        self.abort_at = abort_at
+        self.stored: dict[str, str] = {}
+        self.aborted: list[str] = []
+        self._count = 0
+        self._lock = threading.Lock()
+        ae = AE(ae_title=aet)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        server = ae.start_server(("127.0.0.1", 0), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        assert server is not None
+        self._server = server
+        self.port = int(self._server.server_address[1])
+
+    def _on_store(self, event: Any) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        data = event.request.DataSet.getvalue()
+        with self._lock:
+            self._count += 1
+            if self._count == self.abort_at:
+                self.aborted.append(uid)
+                event.assoc.abort(block=False)  # the A-ABORT goes out instead of a response
+                return 0xA700
+            self.stored[uid] = sha(data)
+        return 0x0000
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def test_archive_aborting_mid_study_fails_only_the_instance_in_flight(world: World) -> None:
+    """RELIABILITY: the ARCHIVE aborts mid-study. The instance whose C-STORE it aborted is
+    failed and named in the Failed SOP Instance UID List; the mover re-associates and the rest
+    of the study arrives byte-identical; the job is recorded with that UID. Asking again (the
+    archive is back) sends the whole study."""
+    ct = world.ct
+    archive = AbortingArchive("ABORTER", abort_at=5)
+    try:
+        pg(dsn(world.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
+           "('aborter', 'ABORTER', '127.0.0.1', $1)", archive.port)
+        keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ct[0].study_uid}
+        result = movescu(world.port, keys, dest="ABORTER")
+        assert final_has(result, "B000"), result.output
+        assert len(archive.aborted) == 1
+        lost = archive.aborted[0]
+        assert re.search(rf"Completed Suboperations\s*:\s*{len(ct) - 1}\b", result.final)
+        assert re.search(r"Failed Suboperations\s*:\s*1\b", result.final)
+        assert lost in result.final
+        expected = {m.sop_uid: sha(dataset_bytes(m.path)) for m in ct}
+        assert archive.stored == {u: h for u, h in expected.items() if u != lost}
+        row = job_rows(world)[-1]
+        assert row["destination_aet"] == "ABORTER" and row["state"] == "done"
+        assert (row["completed"], row["failed"], row["remaining"]) == (len(ct) - 1, 1, 0)
+        assert row["failed_uids"] == [lost]
+
+        again = movescu(world.port, keys, dest="ABORTER")
+        assert final_has(again, "0000"), again.output
+        assert re.search(rf"Completed Suboperations\s*:\s*{len(ct)}\b", again.final)
+        assert archive.stored == expected
+        assert job_rows(world)[-1]["failed_uids"] == []
+    finally:
+        archive.stop()
+        pg(dsn(world.stack), "DELETE FROM remote_node WHERE name = 'aborter'")
 
 
 def test_send_study_to_node_job_without_c_move(world: World) -> None:
