@@ -234,6 +234,9 @@ class MoverSettings(Common):
     network_timeout: float = 60.0
     progress_every: float = 0.0     # s between progress messages (at least 0.1; final: always)
     keepalive_every: float = 5.0    # a progress message at least this often, even unchanged
+    # the gateway's setting of the same name: a C-MOVE job interrupted (its mover stopped) for
+    # longer than this has lost its requester, so it is recorded failed, not resumed
+    move_idle_timeout: float = 60.0
 
     def finish(self, env: Mapping[str, str]) -> Self:
         return replace(self, gateway_aet=validate_aet(self.gateway_aet))

@@ -480,6 +480,8 @@ class Retriever:
                 log.warning("%s job=%s: %s", who, job_id[:8], why)
                 if cancelling and last is not None:
                     yield Response(statuses.CANCEL, *last, failed_uids=())
+                elif last is not None:  # what was not reported done counts as failed
+                    yield final_response("failed", *last, failed_uids=(), error=why)
                 else:
                     yield Response(statuses.SUBOPERATIONS_UNABLE, comment=why)
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -41,9 +42,23 @@ def _time(value: str) -> datetime | None:
         return None
 
 
-async def state_of(conn: asyncpg.Connection, job_id: str) -> str | None:
-    value = await conn.fetchval("SELECT state FROM move_job WHERE id = $1::uuid", job_id)
-    return str(value) if value is not None else None
+@dataclass(frozen=True)
+class Recorded:
+    """A job's row as the mover last wrote it."""
+
+    state: str
+    quiet: float  # seconds since the row was last written (progress is written every second)
+    remaining: int
+    completed: int
+    failed: int
+    warning: int
+
+
+async def recorded(conn: asyncpg.Connection, job_id: str) -> Recorded | None:
+    row = await conn.fetchrow(
+        "SELECT state, extract(epoch FROM now() - updated_at)::float8 AS quiet, remaining, "
+        "completed, failed, warning FROM move_job WHERE id = $1::uuid", job_id)
+    return Recorded(**dict(row)) if row is not None else None
 
 
 async def start(conn: asyncpg.Connection, job: MoveRequested, state: str, total: int,

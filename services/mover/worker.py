@@ -93,17 +93,37 @@ class MoverWorker:
         log.info("job=%s %s: %s", job.job_id[:8], state, error)
         await self.publish(MoveProgress(job.job_id, state, failed=total, error=error))
 
+    async def _interrupted(self, job: MoveRequested, before: jobs.Recorded) -> None:
+        """A C-MOVE job whose requester stopped waiting while it was interrupted: recorded
+        failed with the counts last written, the rest not sent."""
+        error = (f"interrupted: its mover stopped during the job and it was not resumed "
+                 f"within {self.settings.move_idle_timeout:g}s, when the requester gives up")
+        async with self.pool.acquire() as conn:
+            await jobs.finish(conn, job.job_id, "failed", before.remaining, before.completed,
+                              before.failed, before.warning, [], error)
+        log.warning("job=%s failed: %s", job.job_id[:8], error)
+        await self.publish(MoveProgress(job.job_id, "failed", before.remaining,
+                                        before.completed, before.failed, before.warning,
+                                        [], error))
+
     async def run_job(self, job: MoveRequested) -> None:
         short = job.job_id[:8]
         async with self.pool.acquire() as conn:
-            state = await jobs.state_of(conn, job.job_id)
-            if state in jobs.TERMINAL:
-                log.info("job=%s already %s (redelivered)", short, state)
+            before = await jobs.recorded(conn, job.job_id)
+            if before is not None and before.state in jobs.TERMINAL:
+                log.info("job=%s already %s (redelivered)", short, before.state)
                 return
             if job.job_id in self.cancelled_early:
                 await self._end(job, "canceled", "canceled before it started")
                 return
-            if job.start_by and time.time() > job.start_by:
+            if before is not None and before.state == "running":
+                # a mover took it and stopped before the end (killed, restarted)
+                if job.origin == "c-move" and before.quiet > self.settings.move_idle_timeout:
+                    await self._interrupted(job, before)
+                    return
+                log.info("job=%s resumed: interrupted %.1fs ago with %d completed; sending "
+                         "it again", short, before.quiet, before.completed)
+            elif job.start_by and time.time() > job.start_by:
                 await self._end(job, "expired", "taken after its requester gave up")
                 return
             node = await nodes.by_name(conn, job.destination)

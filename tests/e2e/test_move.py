@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -446,19 +446,31 @@ def test_orthanc_as_the_client_retrieves_from_minipacs(world: World) -> None:
 @dataclass
 class SlowDestination:
     """A pynetdicom Storage SCP as a C-MOVE destination whose C-STORE handler holds each
-    instance until ``release`` is set (or 60 s pass): the move is certainly still running
-    when the test cancels it. Records the dataset bytes it received."""
+    instance from the ``hold_from``-th on until ``release`` is set (or 60 s pass): the move is
+    certainly still running when the test cancels it or kills the mover. Records the SOP
+    Instance UIDs it received; ``held`` counts the C-STOREs it is holding now."""
 
     port: int
     release: threading.Event
     received: list[str]
+    hold_from: int = 1
     server: Any = None
+    held: int = 0
+    _count: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> SlowDestination:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         def on_store(event: Any) -> int:
-            self.release.wait(60)
+            with self._lock:
+                self._count += 1
+                hold = self._count >= self.hold_from
+                self.held += hold
+            if hold:
+                self.release.wait(60)
+                with self._lock:
+                    self.held -= 1
             self.received.append(str(event.request.AffectedSOPInstanceUID))
             return 0x0000
 
@@ -521,6 +533,97 @@ def test_c_cancel_stops_the_move(world: World) -> None:
     assert row["completed"] == len(dest.received) < len(world.ct)
     assert row["remaining"] == len(world.ct) - row["completed"] - row["failed"]
     assert final.NumberOfCompletedSuboperations == row["completed"]
+
+
+def slow_node(w: World, hold_from: int) -> SlowDestination:
+    from scripts.native import free_port
+
+    dest = SlowDestination(free_port(), threading.Event(), [], hold_from).start()
+    pg(dsn(w.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
+       "('slow', 'SLOWDEST', '127.0.0.1', $1) ON CONFLICT (name) DO UPDATE SET port = $1",
+       dest.port)
+    return dest
+
+
+def movescu_in_background(port: int, keys: dict[str, str], dest: str) -> subprocess.Popen[str]:
+    cmd = [dcmtk("movescu"), "-v", "-d", "-S", "-aet", "MOVESCU", "-aec", "MINIPACS",
+           "-aem", dest]
+    for k, v in keys.items():
+        cmd += ["-k", f"{k}={v}"]
+    return subprocess.Popen([*cmd, "127.0.0.1", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+
+
+def kill_the_mover_mid_job(w: World, dest: SlowDestination) -> None:
+    """Once the destination holds a C-STORE (the job is certainly running), SIGKILL the
+    mover."""
+    wait_until(lambda: dest.held > 0, 60, every=0.05, what="a C-STORE held at the destination")
+    w.stack.kill("mover")
+
+
+def test_a_mover_killed_mid_job_resumes_it_and_the_c_move_completes(world: World) -> None:
+    """RELIABILITY: a component crashes and restarts. The mover is killed while it sends a
+    series; the job goes back to the queue, the restarted mover takes it again (its requester
+    is still waiting) and sends the series again; movescu gets Success for every instance."""
+    series = world.ct
+    dest = slow_node(world, hold_from=5)
+    log_before = len(world.stack.log_text("gateway"))
+    try:
+        proc = movescu_in_background(world.port, {
+            "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
+            "SeriesInstanceUID": series[0].series_uid}, "SLOWDEST")
+        kill_the_mover_mid_job(world, dest)
+        world.stack.start_service("mover")
+        dest.release.set()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        dest.stop()
+    result = parse_move_output(proc.returncode, output)
+    assert final_has(result, "0000"), output[-3000:]
+    assert re.search(rf"Completed Suboperations\s*:\s*{len(series)}\b", result.final)
+    assert {m.sop_uid for m in series} <= set(dest.received)
+    row = job_rows(world)[-1]
+    assert (row["state"], row["completed"], row["failed"]) == ("done", len(series), 0)
+    assert "resumed" in world.stack.log_text("mover")
+    assert "no progress from the mover" not in world.stack.log_text("gateway")[log_before:]
+
+
+def test_a_mover_killed_after_its_requester_gave_up_records_the_job_failed(
+        world: World) -> None:
+    """The mover is killed mid-job and stays down past the gateway's idle timeout: movescu
+    gets a final failure with the counts it last heard (not Success, not a hang). The mover,
+    restarted, does not send the rest to a requester that is gone: it records the job failed,
+    with the counts it had recorded."""
+    series = world.ct
+    dest = slow_node(world, hold_from=5)
+    try:
+        proc = movescu_in_background(world.port, {
+            "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
+            "SeriesInstanceUID": series[0].series_uid}, "SLOWDEST")
+        wait_until(lambda: dest.held > 0, 60, every=0.05, what="a C-STORE held")
+        # the mover writes its counts to the job row after it publishes them (keep-alive:
+        # within 5 s): then the gateway has heard of the four answered
+        wait_until(lambda: job_rows(world)[-1]["completed"] == 4, 30, every=0.05,
+                   what="the four answered C-STOREs recorded")
+        world.stack.kill("mover")
+        output, _ = proc.communicate(timeout=120)  # the gateway's idle timeout: 20 s here
+        result = parse_move_output(proc.returncode, output)
+        assert final_has(result, "B000"), output[-3000:]
+        assert re.search(r"Completed Suboperations\s*:\s*4\b", result.final), result.final
+        assert re.search(rf"Failed Suboperations\s*:\s*{len(series) - 4}\b", result.final)
+        job_id = str(job_rows(world)[-1]["id"])
+        world.stack.start_service("mover")
+        row = wait_until(lambda: next((r for r in job_rows(world) if str(r["id"]) == job_id
+                                       and r["state"] != "running"), None), 60,
+                         what="the interrupted job recorded")
+        dest.release.set()
+    finally:
+        dest.stop()
+    assert row is not None
+    assert row["state"] == "failed" and "interrupted" in row["error"], row
+    assert (row["completed"], row["failed"], row["remaining"]) == (4, 0, len(series) - 4)
+    # the four answered, and those held when the mover died (one per association): no more
+    assert len(set(dest.received)) <= 4 + 4
 
 
 def s3_client(stack: Stack) -> Any:
