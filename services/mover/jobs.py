@@ -47,7 +47,7 @@ class Recorded:
     """A job's row as the mover last wrote it."""
 
     state: str
-    quiet: float  # seconds since the row was last written (progress is written every second)
+    quiet: float  # seconds since the row was last written (every 1 to 5 s while it runs)
     remaining: int
     completed: int
     failed: int
