@@ -14,7 +14,6 @@ import hashlib
 import json
 import random
 import shutil
-import socket
 import struct
 import subprocess
 import threading
@@ -28,7 +27,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from scripts.native import Stack, free_port
+from scripts.native import Stack, free_port, port_open
 from tests.conftest import TEST_NODES, dsn, make_stack, s3_client, teardown
 from tests.dicomgen import CT_IMAGE, uid
 from tests.e2e.test_ingest import indexed
@@ -318,12 +317,6 @@ def storescp(port: int, aet: str, out: Path) -> Iterator[subprocess.Popen[bytes]
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-        return True
-    return False
 
 
 def test_one_gib_instance_moves_to_a_node_with_bounded_memory(ingested: Ingested) -> None:

@@ -113,15 +113,19 @@ class MoveResult:
     final: str
 
 
-def movescu(port: int, keys: dict[str, str], model: str = "-S", dest: str = "ARCHIVE",
-            extra: Sequence[str] = (), timeout: float = 120) -> MoveResult:
+def movescu_command(port: int, keys: dict[str, str], model: str = "-S",
+                    dest: str = "ARCHIVE", extra: Sequence[str] = ()) -> list[str]:
     cmd = [dcmtk("movescu"), "-v", "-d", model, "-aet", "MOVESCU", "-aec", "MINIPACS",
            "-aem", dest, *extra]
     for k, v in keys.items():
         cmd += ["-k", f"{k}={v}"]
-    cmd += ["127.0.0.1", str(port)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(),
-                          timeout=timeout)
+    return [*cmd, "127.0.0.1", str(port)]
+
+
+def movescu(port: int, keys: dict[str, str], model: str = "-S", dest: str = "ARCHIVE",
+            extra: Sequence[str] = (), timeout: float = 120) -> MoveResult:
+    proc = subprocess.run(movescu_command(port, keys, model, dest, extra), capture_output=True,
+                          text=True, env=dcmtk_env(), timeout=timeout)
     return parse_move_output(proc.returncode, proc.stdout + proc.stderr)
 
 
@@ -486,6 +490,16 @@ class SlowDestination:
             self.server.shutdown()
 
 
+def slow_node(w: World, hold_from: int) -> SlowDestination:
+    from scripts.native import free_port
+
+    dest = SlowDestination(free_port(), threading.Event(), [], hold_from).start()
+    pg(dsn(w.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
+       "('slow', 'SLOWDEST', '127.0.0.1', $1) ON CONFLICT (name) DO UPDATE SET port = $1",
+       dest.port)
+    return dest
+
+
 def test_c_cancel_stops_the_move(world: World) -> None:
     """pynetdicom as the SCU (DCMTK's movescu cannot cancel): C-CANCEL after the first pending
     response, while the destination holds the first instances; the final response is 0xFE00
@@ -495,12 +509,7 @@ def test_c_cancel_stops_the_move(world: World) -> None:
         StudyRootQueryRetrieveInformationModelMove,
     )
 
-    from scripts.native import free_port
-
-    dest = SlowDestination(free_port(), threading.Event(), []).start()
-    pg(dsn(world.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
-       "('slow', 'SLOWDEST', '127.0.0.1', $1) ON CONFLICT (name) DO UPDATE SET port = $1",
-       dest.port)
+    dest = slow_node(world, hold_from=1)
     ae = AE(ae_title="MOVESCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", world.port, ae_title="MINIPACS")
@@ -535,22 +544,8 @@ def test_c_cancel_stops_the_move(world: World) -> None:
     assert final.NumberOfCompletedSuboperations == row["completed"]
 
 
-def slow_node(w: World, hold_from: int) -> SlowDestination:
-    from scripts.native import free_port
-
-    dest = SlowDestination(free_port(), threading.Event(), [], hold_from).start()
-    pg(dsn(w.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
-       "('slow', 'SLOWDEST', '127.0.0.1', $1) ON CONFLICT (name) DO UPDATE SET port = $1",
-       dest.port)
-    return dest
-
-
 def movescu_in_background(port: int, keys: dict[str, str], dest: str) -> subprocess.Popen[str]:
-    cmd = [dcmtk("movescu"), "-v", "-d", "-S", "-aet", "MOVESCU", "-aec", "MINIPACS",
-           "-aem", dest]
-    for k, v in keys.items():
-        cmd += ["-k", f"{k}={v}"]
-    return subprocess.Popen([*cmd, "127.0.0.1", str(port)], stdout=subprocess.PIPE,
+    return subprocess.Popen(movescu_command(port, keys, dest=dest), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
 
 
