@@ -5,7 +5,9 @@ query module, send it with ``send.Sender`` in worker threads, publish ``move.pro
 runs (at most one per ``PROGRESS_INTERVAL``, carrying the counts of that moment; at least every
 ``keepalive_every`` seconds),
 record the outcome, then ack. A job taken after its ``start_by`` is recorded as expired and not
-run; a cancel (``move.cancel``) stops it between two instances.
+run; a cancel (``move.cancel``) stops it between two instances. A job whose mover stopped during
+it (killed, restarted) is resumed, except on the queue's last delivery: a job that stopped its
+mover on every earlier one is recorded failed there and dead-lettered, not tried again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -69,14 +72,17 @@ class MoverWorker:
             await message.reject(requeue=False)
             return
         try:
-            await self.run_job(job)
+            parked = await self.run_job(job, deliveries(message.headers))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.error("job=%s could not run (%s: %s); returning it to the queue",
                       job.job_id[:8], type(exc).__name__, exc)
             await asyncio.sleep(1.0)
             await message.nack(requeue=True)
             return
-        await message.ack()
+        if parked:
+            await message.reject(requeue=False)  # to mover.jobs.dead, where an admin sees it
+        else:
+            await message.ack()
 
     async def publish(self, progress: MoveProgress) -> None:
         body = aio_pika.Message(progress.to_bytes(), content_type="application/json")
@@ -93,11 +99,9 @@ class MoverWorker:
         log.info("job=%s %s: %s", job.job_id[:8], state, error)
         await self.publish(MoveProgress(job.job_id, state, failed=total, error=error))
 
-    async def _interrupted(self, job: MoveRequested, before: jobs.Recorded) -> None:
-        """A C-MOVE job whose requester stopped waiting while it was interrupted: recorded
-        failed with the counts last written, the rest not sent."""
-        error = (f"interrupted: its mover stopped during the job and it was not resumed "
-                 f"within {self.settings.move_idle_timeout:g}s, when the requester gives up")
+    async def _interrupted(self, job: MoveRequested, before: jobs.Recorded, error: str) -> None:
+        """A job interrupted and not resumed: recorded failed with the counts last written,
+        the rest not sent."""
         async with self.pool.acquire() as conn:
             await jobs.finish(conn, job.job_id, "failed", before.remaining, before.completed,
                               before.failed, before.warning, [], error)
@@ -106,36 +110,46 @@ class MoverWorker:
                                         before.completed, before.failed, before.warning,
                                         [], error))
 
-    async def run_job(self, job: MoveRequested) -> None:
+    async def run_job(self, job: MoveRequested, delivery: int = 1) -> bool:
+        """Run (or resume, or end) one job. True when the message is to be dead-lettered."""
         short = job.job_id[:8]
         async with self.pool.acquire() as conn:
             before = await jobs.recorded(conn, job.job_id)
             if before is not None and before.state in jobs.TERMINAL:
                 log.info("job=%s already %s (redelivered)", short, before.state)
-                return
+                return False
             if job.job_id in self.cancelled_early:
                 await self._end(job, "canceled", "canceled before it started")
-                return
+                return False
             if before is not None and before.state == "running":
                 # a mover took it and stopped before the end (killed, restarted)
+                if delivery > topology.MOVER.delivery_limit:  # the queue's last delivery
+                    await self._interrupted(job, before, (
+                        f"interrupted {delivery - 1} times: its mover stopped during each "
+                        f"attempt; not tried again, dead-lettered to "
+                        f"{topology.MOVER.dead_letter_queue}"))
+                    return True
                 if job.origin == "c-move" and before.quiet > self.settings.move_idle_timeout:
-                    await self._interrupted(job, before)
-                    return
+                    await self._interrupted(job, before, (
+                        f"interrupted: its mover stopped during the job and it was not resumed "
+                        f"within {self.settings.move_idle_timeout:g}s, when the requester "
+                        f"gives up"))
+                    return False
                 log.info("job=%s resumed: interrupted %.1fs ago with %d completed; sending "
                          "it again", short, before.quiet, before.completed)
             elif job.start_by and time.time() > job.start_by:
                 await self._end(job, "expired", "taken after its requester gave up")
-                return
+                return False
             node = await nodes.by_name(conn, job.destination)
             if node is None:
                 await self._end(job, "failed", f"unknown destination {job.destination!r}")
-                return
+                return False
             try:
                 identifier = Dataset.from_json(job.identifier)
                 refs = await find_instances(conn, job.level, identifier)
             except (ValueError, KeyError, TypeError) as exc:
                 await self._end(job, "failed", f"identifier refused: {exc}")
-                return
+                return False
             await jobs.start(conn, job, "running", len(refs), node.aet)
         log.info("job=%s %s from %s: %d instances to %s@%s:%d", short, job.origin,
                  job.requested_by_aet or "-", len(refs), node.aet, node.host, node.port)
@@ -179,6 +193,7 @@ class MoverWorker:
                  f": {error}" if error else "")
         await self.publish(MoveProgress(job.job_id, state, remaining, completed, failed,
                                         warning, failed_uids, error))
+        return False
 
     async def _report(self, job_id: str, tally: Tally, changed: asyncio.Event,
                       sending: asyncio.Task[str]) -> None:
@@ -206,6 +221,19 @@ class MoverWorker:
             # a pending response; the counts they carry are exact, the final message too
             await asyncio.wait({sending},
                                timeout=max(self.settings.progress_every, PROGRESS_INTERVAL))
+
+
+def deliveries(headers: Mapping[str, object] | None) -> int:
+    """How many times the queue has delivered this message, this one included.
+
+    A quorum queue counts the earlier deliveries and dead-letters the message once that count
+    would pass its delivery limit. RabbitMQ 3.x counts every return in ``x-delivery-count``;
+    4.3 counts only failed ones there (a consumer's connection lost among them) and every
+    return in ``x-acquired-count``. The larger of the two never comes short of the broker's
+    count, so the last delivery is never missed; at worst it is seen early.
+    """
+    counts = [(headers or {}).get(name, 0) for name in ("x-delivery-count", "x-acquired-count")]
+    return max((c for c in counts if isinstance(c, int)), default=0) + 1
 
 
 async def _nothing() -> str:

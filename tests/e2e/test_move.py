@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from scripts.native import Stack
 from shared.messages import MoveRequested
 from tests.conftest import TEST_NODES, dsn, hot_copy, make_stack, teardown
 from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
-from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
+from tests.helpers import dcmtk, dcmtk_env, pg, queue_counts, storescu, wait_until
 from tests.orthanc import Orthanc, start_orthanc
 
 pytestmark = pytest.mark.e2e
@@ -463,6 +463,9 @@ class SlowDestination:
     _count: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def holds_more_than(self, count: int) -> Callable[[], bool]:
+        return lambda: self.held > count
+
     def start(self) -> SlowDestination:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -619,6 +622,42 @@ def test_a_mover_killed_after_its_requester_gave_up_records_the_job_failed(
     assert (row["completed"], row["failed"], row["remaining"]) == (4, 0, len(series) - 4)
     # the four answered, and those held when the mover died (one per association): no more
     assert len(set(dest.received)) <= 4 + 4
+
+
+def test_a_job_that_stops_its_mover_every_time_is_recorded_failed_and_parked(
+        world: World) -> None:
+    """RELIABILITY: a poison job. The mover is killed during each of the job's three attempts
+    (the queue's delivery limit); the fourth and last delivery does not run it again: the job
+    row ends failed with the reason, the message is in ``mover.jobs.dead`` where an admin sees
+    it, and movescu gets a final failure instead of waiting for a job nobody runs."""
+    from shared import topology
+
+    series = world.ct
+    dest = slow_node(world, hold_from=5)
+    dead = f"{topology.MOVER.name}.dead"
+    dead_before = queue_counts(world.stack.config.vhost).get(dead, 0)
+    try:
+        proc = movescu_in_background(world.port, {
+            "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
+            "SeriesInstanceUID": series[0].series_uid}, "SLOWDEST")
+        for _ in range(topology.MOVER.delivery_limit):
+            # each attempt opens new associations, whose C-STOREs the destination holds too
+            wait_until(dest.holds_more_than(dest.held), 60, every=0.05,
+                       what="a C-STORE of this attempt held")
+            world.stack.kill("mover")
+            world.stack.start_service("mover")
+        output, _ = proc.communicate(timeout=120)
+        row = job_rows(world)[-1]
+    finally:
+        dest.release.set()
+        dest.stop()
+    result = parse_move_output(proc.returncode, output)
+    assert final_has(result, "A702") and "interrupted" in result.final, output[-3000:]
+    assert row["state"] == "failed", row
+    assert f"interrupted {topology.MOVER.delivery_limit} times" in row["error"], row
+    wait_until(lambda: queue_counts(world.stack.config.vhost).get(dead, 0) == dead_before + 1,
+               30, what="the job's message dead-lettered")
+    assert "not tried again" in world.stack.log_text("mover")
 
 
 def s3_client(stack: Stack) -> Any:

@@ -21,6 +21,7 @@ from services.gateway.retrieve import (
     read_identifier,
 )
 from services.mover.send import MAX_CONTEXTS, plan_contexts
+from services.mover.worker import deliveries
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
 from shared.query import PATIENT_ROOT, STUDY_ROOT, QueryError
 from shared.suboperations import Tally, classify
@@ -419,3 +420,15 @@ def test_prefetcher_fetches_one_large_object_ahead_not_depth() -> None:
             taken += 1
             assert len(started) <= taken + 1  # one ahead of what was handed out
     assert taken == 5
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    (None, 1),  # a first delivery carries no count
+    ({"x-delivery-count": 0}, 1),  # RabbitMQ 3.x, first delivery
+    ({"x-delivery-count": 3}, 4),  # RabbitMQ 3.x: every return counted
+    ({"x-delivery-count": 1, "x-acquired-count": 3}, 4),  # 4.3: acquisitions counted apart
+    ({"x-delivery-count": "3"}, 1),  # not a count: ignored, never an error
+])
+def test_deliveries_counts_this_one_and_never_fewer_than_the_broker(
+        headers: dict[str, object] | None, expected: int) -> None:
+    assert deliveries(headers) == expected
