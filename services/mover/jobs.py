@@ -26,7 +26,7 @@ WHERE move_job.state NOT IN ('done', 'failed', 'canceled', 'expired')"""
 
 PROGRESS = """
 UPDATE move_job SET remaining = $2, completed = $3, failed = $4, warning = $5,
-    updated_at = now()
+    failed_uids = $6, updated_at = now()
 WHERE id = $1::uuid AND state = 'running'"""
 
 FINISH = """
@@ -52,12 +52,13 @@ class Recorded:
     completed: int
     failed: int
     warning: int
+    failed_uids: list[str]
 
 
 async def recorded(conn: asyncpg.Connection, job_id: str) -> Recorded | None:
     row = await conn.fetchrow(
         "SELECT state, extract(epoch FROM now() - updated_at)::float8 AS quiet, remaining, "
-        "completed, failed, warning FROM move_job WHERE id = $1::uuid", job_id)
+        "completed, failed, warning, failed_uids FROM move_job WHERE id = $1::uuid", job_id)
     return Recorded(**dict(row)) if row is not None else None
 
 
@@ -71,8 +72,8 @@ async def start(conn: asyncpg.Connection, job: MoveRequested, state: str, total:
 
 
 async def progress(conn: asyncpg.Connection, job_id: str, remaining: int, completed: int,
-                   failed: int, warning: int) -> None:
-    await conn.execute(PROGRESS, job_id, remaining, completed, failed, warning)
+                   failed: int, warning: int, failed_uids: list[str]) -> None:
+    await conn.execute(PROGRESS, job_id, remaining, completed, failed, warning, failed_uids)
 
 
 async def finish(conn: asyncpg.Connection, job_id: str, state: str, remaining: int,

@@ -104,11 +104,11 @@ class MoverWorker:
         the rest not sent."""
         async with self.pool.acquire() as conn:
             await jobs.finish(conn, job.job_id, "failed", before.remaining, before.completed,
-                              before.failed, before.warning, [], error)
+                              before.failed, before.warning, before.failed_uids, error)
         log.warning("job=%s failed: %s", job.job_id[:8], error)
         await self.publish(MoveProgress(job.job_id, "failed", before.remaining,
                                         before.completed, before.failed, before.warning,
-                                        [], error))
+                                        before.failed_uids, error))
 
     async def run_job(self, job: MoveRequested, delivery: int = 1) -> bool:
         """Run (or resume, or end) one job. True when the message is to be dead-lettered."""
@@ -208,7 +208,7 @@ class MoverWorker:
             changed.clear()
             if sending.done():
                 return
-            remaining, completed, failed, warning, _ = tally.snapshot()
+            remaining, completed, failed, warning, failed_uids = tally.snapshot()
             counts = (remaining, completed, failed, warning)
             if counts != last:
                 last = counts
@@ -216,7 +216,7 @@ class MoverWorker:
             if time.monotonic() - last_db > 1.0:
                 last_db = time.monotonic()
                 async with self.pool.acquire() as conn:
-                    await jobs.progress(conn, job_id, *counts)
+                    await jobs.progress(conn, job_id, *counts, failed_uids)
             # at most one progress message per interval: each one is a broker round trip and
             # a pending response; the counts they carry are exact, the final message too
             await asyncio.wait({sending},

@@ -452,12 +452,16 @@ class SlowDestination:
     """A pynetdicom Storage SCP as a C-MOVE destination whose C-STORE handler holds each
     instance from the ``hold_from``-th on until ``release`` is set (or 60 s pass): the move is
     certainly still running when the test cancels it or kills the mover. Records the SOP
-    Instance UIDs it received; ``held`` counts the C-STOREs it is holding now."""
+    Instance UIDs it received; ``held`` counts the C-STOREs it is holding now. The
+    ``refuse``-th C-STORE, if set, is answered 0xA700 (out of resources) and its UID kept in
+    ``refused``."""
 
     port: int
     release: threading.Event
     received: list[str]
     hold_from: int = 1
+    refuse: int = 0
+    refused: list[str] = field(default_factory=list)
     server: Any = None
     held: int = 0
     _count: int = 0
@@ -472,6 +476,9 @@ class SlowDestination:
         def on_store(event: Any) -> int:
             with self._lock:
                 self._count += 1
+                if self._count == self.refuse:
+                    self.refused.append(str(event.request.AffectedSOPInstanceUID))
+                    return 0xA700
                 hold = self._count >= self.hold_from
                 self.held += hold
             if hold:
@@ -493,10 +500,10 @@ class SlowDestination:
             self.server.shutdown()
 
 
-def slow_node(w: World, hold_from: int) -> SlowDestination:
+def slow_node(w: World, hold_from: int, refuse: int = 0) -> SlowDestination:
     from scripts.native import free_port
 
-    dest = SlowDestination(free_port(), threading.Event(), [], hold_from).start()
+    dest = SlowDestination(free_port(), threading.Event(), [], hold_from, refuse).start()
     pg(dsn(w.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
        "('slow', 'SLOWDEST', '127.0.0.1', $1) ON CONFLICT (name) DO UPDATE SET port = $1",
        dest.port)
@@ -591,9 +598,9 @@ def test_a_mover_killed_after_its_requester_gave_up_records_the_job_failed(
     """The mover is killed mid-job and stays down past the gateway's idle timeout: movescu
     gets a final failure with the counts it last heard (not Success, not a hang). The mover,
     restarted, does not send the rest to a requester that is gone: it records the job failed,
-    with the counts it had recorded."""
+    with the counts it had recorded and the UID the destination had refused."""
     series = world.ct
-    dest = slow_node(world, hold_from=5)
+    dest = slow_node(world, hold_from=5, refuse=2)
     try:
         proc = movescu_in_background(world.port, {
             "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
@@ -601,14 +608,15 @@ def test_a_mover_killed_after_its_requester_gave_up_records_the_job_failed(
         wait_until(lambda: dest.held > 0, 60, every=0.05, what="a C-STORE held")
         # the mover writes its counts to the job row after it publishes them (keep-alive:
         # within 5 s): then the gateway has heard of the four answered
-        wait_until(lambda: job_rows(world)[-1]["completed"] == 4, 30, every=0.05,
+        wait_until(lambda: (job_rows(world)[-1]["completed"],
+                            job_rows(world)[-1]["failed"]) == (3, 1), 30, every=0.05,
                    what="the four answered C-STOREs recorded")
         world.stack.kill("mover")
         output, _ = proc.communicate(timeout=120)  # the gateway's idle timeout: 20 s here
         result = parse_move_output(proc.returncode, output)
         assert final_has(result, "B000"), output[-3000:]
-        assert re.search(r"Completed Suboperations\s*:\s*4\b", result.final), result.final
-        assert re.search(rf"Failed Suboperations\s*:\s*{len(series) - 4}\b", result.final)
+        assert re.search(r"Completed Suboperations\s*:\s*3\b", result.final), result.final
+        assert re.search(rf"Failed Suboperations\s*:\s*{len(series) - 3}\b", result.final)
         job_id = str(job_rows(world)[-1]["id"])
         world.stack.start_service("mover")
         row = wait_until(lambda: next((r for r in job_rows(world) if str(r["id"]) == job_id
@@ -619,9 +627,10 @@ def test_a_mover_killed_after_its_requester_gave_up_records_the_job_failed(
         dest.stop()
     assert row is not None
     assert row["state"] == "failed" and "interrupted" in row["error"], row
-    assert (row["completed"], row["failed"], row["remaining"]) == (4, 0, len(series) - 4)
+    assert (row["completed"], row["failed"], row["remaining"]) == (3, 1, len(series) - 4)
+    assert row["failed_uids"] == dest.refused and len(dest.refused) == 1, row
     # the four answered, and those held when the mover died (one per association): no more
-    assert len(set(dest.received)) <= 4 + 4
+    assert len(set(dest.received)) <= 3 + 4
 
 
 def test_a_job_that_stops_its_mover_every_time_is_recorded_failed_and_parked(
