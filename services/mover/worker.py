@@ -30,8 +30,8 @@ from services.mover import jobs
 from services.mover.send import Destination, Sender
 from shared import nodes, topology
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
-from shared.query import find_instances
-from shared.settings import MoverSettings
+from shared.query import InstanceRef, find_instances
+from shared.settings import MoverSettings, Node
 from shared.suboperations import Tally
 
 log = logging.getLogger("minipacs.mover")
@@ -46,6 +46,7 @@ class MoverWorker:
     s3: Minio
     exchange: AbstractExchange  # on a channel with publisher confirms, for progress
     running: dict[str, threading.Event] = field(default_factory=dict)
+    finished: dict[str, asyncio.Event] = field(default_factory=dict)
     cancelled_early: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     # -- cancel requests (every mover gets them) --------------------------------------------
@@ -113,6 +114,14 @@ class MoverWorker:
     async def run_job(self, job: MoveRequested, delivery: int = 1) -> bool:
         """Run (or resume, or end) one job. True when the message is to be dead-lettered."""
         short = job.job_id[:8]
+        if job.job_id in self.finished:
+            # redelivered while it runs here: the channel it came on closed (connection lost,
+            # consumer timeout). That delivery can no longer be acked; this one is, once the
+            # run ends, instead of a second run beside the first.
+            log.info("job=%s redelivered while it runs here (its channel closed): taken up "
+                     "when the run ends", short)
+            await self.finished[job.job_id].wait()
+            return await self.run_job(job, delivery)  # finished, as a rule: acked
         async with self.pool.acquire() as conn:
             before = await jobs.recorded(conn, job.job_id)
             if before is not None and before.state in jobs.TERMINAL:
@@ -155,6 +164,19 @@ class MoverWorker:
                  job.requested_by_aet or "-", len(refs), node.aet, node.host, node.port)
         cancelled = threading.Event()
         self.running[job.job_id] = cancelled
+        done = self.finished[job.job_id] = asyncio.Event()
+        try:
+            await self._send(job, node, refs, cancelled)
+        finally:
+            self.running.pop(job.job_id, None)
+            del self.finished[job.job_id]
+            done.set()
+        return False
+
+    async def _send(self, job: MoveRequested, node: Node, refs: list[InstanceRef],
+                    cancelled: threading.Event) -> None:
+        """Send the job's instances, publishing progress, and record the outcome."""
+        short = job.job_id[:8]
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
 
@@ -175,7 +197,6 @@ class MoverWorker:
             error = await sending
         finally:
             await reporter
-            self.running.pop(job.job_id, None)
         remaining, completed, failed, warning, failed_uids = tally.snapshot()
         if cancelled.is_set() and remaining:
             state = "canceled"
@@ -193,7 +214,6 @@ class MoverWorker:
                  f": {error}" if error else "")
         await self.publish(MoveProgress(job.job_id, state, remaining, completed, failed,
                                         warning, failed_uids, error))
-        return False
 
     async def _report(self, job_id: str, tally: Tally, changed: asyncio.Event,
                       sending: asyncio.Task[str]) -> None:

@@ -669,6 +669,51 @@ def test_a_job_that_stops_its_mover_every_time_is_recorded_failed_and_parked(
     assert "not tried again" in world.stack.log_text("mover")
 
 
+def close_broker_connections(vhost: str, name: str) -> int:
+    """Close (``rabbitmqctl close_connection``) the connections of ``vhost`` whose client
+    named itself ``name``: a lost connection, as a network cut or a broker-side consumer
+    timeout leaves it. Returns how many were closed."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "pid",
+                          "vhost", "client_properties"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    pids = [line.split()[0] for line in out.splitlines()
+            if line.strip() and line.split()[1] == vhost and f'"{name}"' in line]
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "closed by a test"],
+                       check=True, timeout=60, capture_output=True)
+    return len(pids)
+
+
+def test_a_job_redelivered_while_it_runs_is_not_run_twice(world: World) -> None:
+    """RELIABILITY: the mover's broker connection is lost mid-job (a network cut; RabbitMQ's
+    consumer timeout, 30 min by default, does the same to a long job). The job's message comes
+    back to the same mover while its first run goes on: it is taken up when that run ends, not
+    run a second time beside it; each instance reaches the destination once."""
+    series = world.ct
+    dest = slow_node(world, hold_from=5)
+    log_before = len(world.stack.log_text("mover"))
+    try:
+        proc = movescu_in_background(world.port, {
+            "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
+            "SeriesInstanceUID": series[0].series_uid}, "SLOWDEST")
+        wait_until(lambda: dest.held > 0, 60, every=0.05, what="a C-STORE held")
+        assert close_broker_connections(world.stack.config.vhost, "minipacs-mover") == 1
+        wait_until(lambda: re.search(r"redelivered while it runs here|resumed",
+                                     world.stack.log_text("mover")[log_before:]), 60,
+                   what="the job redelivered to the mover running it")
+        dest.release.set()
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        dest.stop()
+    result = parse_move_output(proc.returncode, output)
+    assert final_has(result, "0000"), output[-3000:]
+    assert re.search(rf"Completed Suboperations\s*:\s*{len(series)}\b", result.final)
+    assert sorted(dest.received) == sorted(m.sop_uid for m in series)  # each one once
+    row = job_rows(world)[-1]
+    assert (row["state"], row["completed"]) == ("done", len(series))
+    assert "resumed" not in world.stack.log_text("mover")[log_before:]
+
+
 def s3_client(stack: Stack) -> Any:
     from minio import Minio
 
