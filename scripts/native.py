@@ -107,7 +107,21 @@ def ensure_postgres() -> None:
     wait_for("PostgreSQL on 127.0.0.1:5432", lambda: port_open(5432), 60)
 
 
+BROKER_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"  # compose mounts it
+_broker_tuned = False
+
+
+def broker_conf_value(key: str) -> str:
+    """A setting of ``deploy/rabbitmq/rabbitmq.conf``: one source for compose and native."""
+    for line in BROKER_CONF.read_text(encoding="utf-8").splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not name.lstrip().startswith("#") and name.strip() == key:
+            return value.strip()
+    raise KeyError(f"{key} is not set in {BROKER_CONF}")
+
+
 def ensure_rabbitmq() -> None:
+    global _broker_tuned
     if not port_open(5672):
         subprocess.run(["rabbitmq-server", "-detached"], check=False)
         wait_for("RabbitMQ on 127.0.0.1:5672", lambda: port_open(5672), 120, 0.5)
@@ -115,6 +129,14 @@ def ensure_rabbitmq() -> None:
         subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_management"], check=False,
                        capture_output=True)
         wait_for("RabbitMQ management on :15672", lambda: port_open(15672), 60, 0.5)
+    if not _broker_tuned:
+        # The one broker setting the services rely on that a Debian broker lacks: set on the
+        # running node (channels opened from now on), its config files left as they are.
+        timeout = int(broker_conf_value("consumer_timeout"))
+        subprocess.run(["rabbitmqctl", "-q", "eval",
+                        f"application:set_env(rabbit, consumer_timeout, {timeout})."],
+                       check=True, capture_output=True, timeout=60)
+        _broker_tuned = True
 
 
 def _ident(name: str) -> str:
