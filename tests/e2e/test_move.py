@@ -566,6 +566,22 @@ def kill_the_mover_mid_job(w: World, dest: SlowDestination) -> None:
     w.stack.kill("mover")
 
 
+def move_ct_series_to_slow(w: World) -> subprocess.Popen[str]:
+    """movescu, in the background, asking for the module's CT series to go to SLOWDEST."""
+    return movescu_in_background(w.port, {
+        "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": w.ct[0].study_uid,
+        "SeriesInstanceUID": w.ct[0].series_uid}, "SLOWDEST")
+
+
+def assert_series_moved(w: World, returncode: int, output: str) -> None:
+    """movescu got Success for every instance of the CT series; its job row says done."""
+    result = parse_move_output(returncode, output)
+    assert final_has(result, "0000"), output[-3000:]
+    assert re.search(rf"Completed Suboperations\s*:\s*{len(w.ct)}\b", result.final)
+    row = job_rows(w)[-1]
+    assert (row["state"], row["completed"], row["failed"]) == ("done", len(w.ct), 0), row
+
+
 def test_a_mover_killed_mid_job_resumes_it_and_the_c_move_completes(world: World) -> None:
     """RELIABILITY: a component crashes and restarts. The mover is killed while it sends a
     series; the job goes back to the queue, the restarted mover takes it again (its requester
@@ -574,21 +590,15 @@ def test_a_mover_killed_mid_job_resumes_it_and_the_c_move_completes(world: World
     dest = slow_node(world, hold_from=5)
     log_before = len(world.stack.log_text("gateway"))
     try:
-        proc = movescu_in_background(world.port, {
-            "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
-            "SeriesInstanceUID": series[0].series_uid}, "SLOWDEST")
+        proc = move_ct_series_to_slow(world)
         kill_the_mover_mid_job(world, dest)
         world.stack.start_service("mover")
         dest.release.set()
         output, _ = proc.communicate(timeout=120)
     finally:
         dest.stop()
-    result = parse_move_output(proc.returncode, output)
-    assert final_has(result, "0000"), output[-3000:]
-    assert re.search(rf"Completed Suboperations\s*:\s*{len(series)}\b", result.final)
+    assert_series_moved(world, proc.returncode, output)
     assert {m.sop_uid for m in series} <= set(dest.received)
-    row = job_rows(world)[-1]
-    assert (row["state"], row["completed"], row["failed"]) == ("done", len(series), 0)
     assert "resumed" in world.stack.log_text("mover")
     assert "no progress from the mover" not in world.stack.log_text("gateway")[log_before:]
 
@@ -602,9 +612,7 @@ def test_a_mover_killed_after_its_requester_gave_up_records_the_job_failed(
     series = world.ct
     dest = slow_node(world, hold_from=5, refuse=2)
     try:
-        proc = movescu_in_background(world.port, {
-            "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
-            "SeriesInstanceUID": series[0].series_uid}, "SLOWDEST")
+        proc = move_ct_series_to_slow(world)
         wait_until(lambda: dest.held > 0, 60, every=0.05, what="a C-STORE held")
         # the mover writes its counts to the job row after it publishes them (keep-alive:
         # within 5 s): then the gateway has heard of the four answered
@@ -641,14 +649,11 @@ def test_a_job_that_stops_its_mover_every_time_is_recorded_failed_and_parked(
     it, and movescu gets a final failure instead of waiting for a job nobody runs."""
     from shared import topology
 
-    series = world.ct
     dest = slow_node(world, hold_from=5)
     dead = f"{topology.MOVER.name}.dead"
     dead_before = queue_counts(world.stack.config.vhost).get(dead, 0)
     try:
-        proc = movescu_in_background(world.port, {
-            "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
-            "SeriesInstanceUID": series[0].series_uid}, "SLOWDEST")
+        proc = move_ct_series_to_slow(world)
         for _ in range(topology.MOVER.delivery_limit):
             # each attempt opens new associations, whose C-STOREs the destination holds too
             wait_until(dest.holds_more_than(dest.held), 60, every=0.05,
@@ -693,9 +698,7 @@ def test_a_job_redelivered_while_it_runs_is_not_run_twice(world: World) -> None:
     dest = slow_node(world, hold_from=5)
     log_before = len(world.stack.log_text("mover"))
     try:
-        proc = movescu_in_background(world.port, {
-            "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": series[0].study_uid,
-            "SeriesInstanceUID": series[0].series_uid}, "SLOWDEST")
+        proc = move_ct_series_to_slow(world)
         wait_until(lambda: dest.held > 0, 60, every=0.05, what="a C-STORE held")
         assert close_broker_connections(world.stack.config.vhost, "minipacs-mover") == 1
         wait_until(lambda: re.search(r"redelivered while it runs here|resumed",
@@ -705,12 +708,8 @@ def test_a_job_redelivered_while_it_runs_is_not_run_twice(world: World) -> None:
         output, _ = proc.communicate(timeout=120)
     finally:
         dest.stop()
-    result = parse_move_output(proc.returncode, output)
-    assert final_has(result, "0000"), output[-3000:]
-    assert re.search(rf"Completed Suboperations\s*:\s*{len(series)}\b", result.final)
+    assert_series_moved(world, proc.returncode, output)
     assert sorted(dest.received) == sorted(m.sop_uid for m in series)  # each one once
-    row = job_rows(world)[-1]
-    assert (row["state"], row["completed"]) == ("done", len(series))
     assert "resumed" not in world.stack.log_text("mover")[log_before:]
 
 
