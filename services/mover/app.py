@@ -21,7 +21,7 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
 
     async def connect_db() -> asyncpg.Pool:
         return await asyncpg.create_pool(settings.database_url, min_size=1,
-                                         max_size=settings.jobs + 2, timeout=5)
+                                         max_size=2 * settings.jobs + 2, timeout=5)
 
     pool = await retry_until("PostgreSQL", connect_db, settings.startup_timeout)
     client = s3.client(settings)

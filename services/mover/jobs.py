@@ -12,6 +12,11 @@ from shared.messages import MoveRequested
 
 TERMINAL = frozenset({"done", "failed", "canceled", "expired"})
 
+# pg_try_advisory_lock(LOCK_CLASS, hashtext(job id)): the session running a job holds it, so a
+# job runs in one place at a time, whichever mover (or task) its message was delivered to; a
+# mover that dies loses its session and the lock with it.
+LOCK_CLASS = 0x6D6F7665  # "move"
+
 START = """
 INSERT INTO move_job (id, origin, requested_by_aet, requested_by_host, level, identifier,
                       destination, destination_aet, state, total, remaining, requested_at,
@@ -60,6 +65,16 @@ async def recorded(conn: asyncpg.Connection, job_id: str) -> Recorded | None:
         "SELECT state, extract(epoch FROM now() - updated_at)::float8 AS quiet, remaining, "
         "completed, failed, warning, failed_uids FROM move_job WHERE id = $1::uuid", job_id)
     return Recorded(**dict(row)) if row is not None else None
+
+
+async def claim(conn: asyncpg.Connection, job_id: str) -> bool:
+    """Take the job's lock for this session; False while another session holds it."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))",
+                                    LOCK_CLASS, job_id))
+
+
+async def unclaim(conn: asyncpg.Connection, job_id: str) -> None:
+    await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, job_id)
 
 
 async def start(conn: asyncpg.Connection, job: MoveRequested, state: str, total: int,

@@ -37,6 +37,7 @@ from shared.suboperations import Tally
 log = logging.getLogger("minipacs.mover")
 
 PROGRESS_INTERVAL = 0.1  # seconds between two progress messages of a running job, at least
+CLAIM_EVERY = 1.0  # seconds between two tries for the lock of a job that runs elsewhere
 
 
 @dataclass
@@ -46,7 +47,6 @@ class MoverWorker:
     s3: Minio
     exchange: AbstractExchange  # on a channel with publisher confirms, for progress
     running: dict[str, threading.Event] = field(default_factory=dict)
-    finished: dict[str, asyncio.Event] = field(default_factory=dict)
     cancelled_early: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     # -- cancel requests (every mover gets them) --------------------------------------------
@@ -113,15 +113,38 @@ class MoverWorker:
 
     async def run_job(self, job: MoveRequested, delivery: int = 1) -> bool:
         """Run (or resume, or end) one job. True when the message is to be dead-lettered."""
+        owner = await self._claim(job.job_id)
+        try:
+            return await self._run_claimed(job, delivery)
+        finally:
+            try:
+                await jobs.unclaim(owner, job.job_id)
+            finally:
+                await self.pool.release(owner)
+
+    async def _claim(self, job_id: str) -> asyncpg.pool.PoolConnectionProxy:
+        """A pool connection holding the job's lock. While another mover, or another task of
+        this one, runs the job (its message came back after the channel that delivered it
+        closed: connection lost, consumer timeout), wait for that run to end, instead of a
+        second run beside it; then the row says what is left to do."""
+        waiting = False
+        while True:
+            conn = await self.pool.acquire()
+            try:
+                if await jobs.claim(conn, job_id):
+                    return conn
+            except BaseException:
+                await self.pool.release(conn)
+                raise
+            await self.pool.release(conn)
+            if not waiting:
+                waiting = True
+                log.info("job=%s redelivered while it runs (its channel closed): taken up "
+                         "when that run ends", job_id[:8])
+            await asyncio.sleep(CLAIM_EVERY)
+
+    async def _run_claimed(self, job: MoveRequested, delivery: int) -> bool:
         short = job.job_id[:8]
-        if job.job_id in self.finished:
-            # redelivered while it runs here: the channel it came on closed (connection lost,
-            # consumer timeout). That delivery can no longer be acked; this one is, once the
-            # run ends, instead of a second run beside the first.
-            log.info("job=%s redelivered while it runs here (its channel closed): taken up "
-                     "when the run ends", short)
-            await self.finished[job.job_id].wait()
-            return await self.run_job(job, delivery)  # finished, as a rule: acked
         async with self.pool.acquire() as conn:
             before = await jobs.recorded(conn, job.job_id)
             if before is not None and before.state in jobs.TERMINAL:
@@ -164,13 +187,10 @@ class MoverWorker:
                  job.requested_by_aet or "-", len(refs), node.aet, node.host, node.port)
         cancelled = threading.Event()
         self.running[job.job_id] = cancelled
-        done = self.finished[job.job_id] = asyncio.Event()
         try:
             await self._send(job, node, refs, cancelled)
         finally:
             self.running.pop(job.job_id, None)
-            del self.finished[job.job_id]
-            done.set()
         return False
 
     async def _send(self, job: MoveRequested, node: Node, refs: list[InstanceRef],

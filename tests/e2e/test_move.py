@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -690,27 +691,37 @@ def close_broker_connections(vhost: str, name: str) -> int:
 
 
 def test_a_job_redelivered_while_it_runs_is_not_run_twice(world: World) -> None:
-    """RELIABILITY: the mover's broker connection is lost mid-job (a network cut; RabbitMQ's
-    consumer timeout, 30 min by default, does the same to a long job). The job's message comes
-    back to the same mover while its first run goes on: it is taken up when that run ends, not
-    run a second time beside it; each instance reaches the destination once."""
+    """RELIABILITY: the movers' broker connections are lost mid-job (a network cut; RabbitMQ's
+    consumer timeout does the same to a long job). Two movers run, as ``--scale mover=2``
+    would. The job's message comes back, to either mover, while its first run goes on: it is
+    taken up when that run ends, not run a second time beside it; each instance reaches the
+    destination once."""
     series = world.ct
     dest = slow_node(world, hold_from=5)
-    log_before = len(world.stack.log_text("mover"))
+    logs = ("mover", "mover-2")
+    before = {name: len(world.stack.log_text(name)) for name in logs}
+
+    def logged(pattern: str) -> bool:
+        return any(re.search(pattern, world.stack.log_text(name)[before[name]:])
+                   for name in logs)
+
+    second = world.stack.start_service("mover", replica=2)
     try:
+        wait_until(lambda: logged(r"mover \S+ consuming"), 60, what="the second mover up")
         proc = move_ct_series_to_slow(world)
         wait_until(lambda: dest.held > 0, 60, every=0.05, what="a C-STORE held")
-        assert close_broker_connections(world.stack.config.vhost, "minipacs-mover") == 1
-        wait_until(lambda: re.search(r"redelivered while it runs here|resumed",
-                                     world.stack.log_text("mover")[log_before:]), 60,
-                   what="the job redelivered to the mover running it")
+        assert close_broker_connections(world.stack.config.vhost, "minipacs-mover") == 2
+        wait_until(lambda: logged(r"redelivered while it runs|resumed"), 60,
+                   what="the job redelivered to a mover")
         dest.release.set()
         output, _ = proc.communicate(timeout=120)
     finally:
+        dest.release.set()
         dest.stop()
+        world.stack.kill(second, signal.SIGTERM)
     assert_series_moved(world, proc.returncode, output)
     assert sorted(dest.received) == sorted(m.sop_uid for m in series)  # each one once
-    assert "resumed" not in world.stack.log_text("mover")[log_before:]
+    assert not logged("resumed")
 
 
 def s3_client(stack: Stack) -> Any:

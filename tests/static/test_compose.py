@@ -279,11 +279,12 @@ def test_gateway_storage_and_mover_share_the_spool(services: dict[str, dict[str,
             == mounts(services["mover"])["spool"])
 
 
-def test_storage_and_indexer_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
-    """``docker compose up --scale storage=N --scale indexer=N`` (README): nothing that only
-    one container can have: no fixed container name, no published port, the heartbeat in the
-    container's own /tmp rather than on a shared volume."""
-    for name in ("storage", "indexer"):
+def test_storage_indexer_and_mover_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
+    """``docker compose up --scale storage=N --scale indexer=N`` (README), ``--scale mover=N``
+    (docs/deployment.md): nothing that only one container can have: no fixed container name,
+    no published port, the heartbeat in the container's own /tmp rather than on a shared
+    volume."""
+    for name in ("storage", "indexer", "mover"):
         svc = services[name]
         assert "container_name" not in svc, name
         assert not published_ports(svc), name
