@@ -55,6 +55,7 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
         await stop.wait()
     finally:
         log.info("mover stopping: no new jobs, finishing %d running", len(tasks))
+        worker.stopping.set()  # jobs waiting for another run's lock go back to the queue
         await broker.cancel_consumer(queue, tag)
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=30)

@@ -40,6 +40,10 @@ PROGRESS_INTERVAL = 0.1  # seconds between two progress messages of a running jo
 CLAIM_EVERY = 1.0  # seconds between two tries for the lock of a job that runs elsewhere
 
 
+class Stopping(Exception):
+    """The mover is stopping while this job waits for its lock: the job goes back to the queue."""
+
+
 @dataclass
 class MoverWorker:
     settings: MoverSettings
@@ -48,6 +52,7 @@ class MoverWorker:
     exchange: AbstractExchange  # on a channel with publisher confirms, for progress
     running: dict[str, threading.Event] = field(default_factory=dict)
     cancelled_early: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set on SIGTERM
 
     # -- cancel requests (every mover gets them) --------------------------------------------
     async def on_cancel(self, message: AbstractIncomingMessage) -> None:
@@ -74,6 +79,10 @@ class MoverWorker:
             return
         try:
             parked = await self.run_job(job, deliveries(message.headers))
+        except Stopping:
+            log.info("job=%s back to the queue: this mover is stopping", job.job_id[:8])
+            await message.nack(requeue=True)
+            return
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.error("job=%s could not run (%s: %s); returning it to the queue",
                       job.job_id[:8], type(exc).__name__, exc)
@@ -126,7 +135,8 @@ class MoverWorker:
         """A pool connection holding the job's lock. While another mover, or another task of
         this one, runs the job (its message came back after the channel that delivered it
         closed: connection lost, consumer timeout), wait for that run to end, instead of a
-        second run beside it; then the row says what is left to do."""
+        second run beside it; then the row says what is left to do. ``Stopping`` when this
+        mover is told to stop meanwhile: the job is not ours to finish."""
         waiting = False
         while True:
             conn = await self.pool.acquire()
@@ -141,7 +151,11 @@ class MoverWorker:
                 waiting = True
                 log.info("job=%s redelivered while it runs (its channel closed): taken up "
                          "when that run ends", job_id[:8])
-            await asyncio.sleep(CLAIM_EVERY)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), CLAIM_EVERY)
+            except TimeoutError:
+                continue
+            raise Stopping(job_id)
 
     async def _run_claimed(self, job: MoveRequested, delivery: int) -> bool:
         short = job.job_id[:8]

@@ -392,23 +392,22 @@ def test_archive_aborting_mid_study_fails_only_the_instance_in_flight(world: Wor
         pg(dsn(world.stack), "DELETE FROM remote_node WHERE name = 'aborter'")
 
 
-def test_send_study_to_node_job_without_c_move(world: World) -> None:
-    """The API / routing-rule path: a move.requested message straight onto the broker."""
+def study_job(study_uid: str, requested_by: str) -> MoveRequested:
+    """A job to send a study to the archive, as an API or a routing rule would put it."""
+    ident = Dataset()
+    ident.StudyInstanceUID = study_uid
+    return MoveRequested(job_id=str(uuid.uuid4()), level="STUDY",
+                         identifier=ident.to_json_dict(), destination="archive", origin="api",
+                         requested_by_aet=requested_by)
+
+
+def publish_job(w: World, job: MoveRequested) -> None:
     import asyncio
 
     from shared import broker
 
-    clear_archive(world.archive)
-    study = world.data[-1].study_uid
-    expected = [m for m in world.data if m.study_uid == study]
-    ident = Dataset()
-    ident.StudyInstanceUID = study
-    job = MoveRequested(job_id=str(uuid.uuid4()), level="STUDY",
-                        identifier=ident.to_json_dict(), destination="archive", origin="api",
-                        requested_by_aet="API")
-
     async def publish() -> None:
-        conn = await broker.connect(world.stack.env["MINIPACS_AMQP_URL"], 10)
+        conn = await broker.connect(w.stack.env["MINIPACS_AMQP_URL"], 10)
         try:
             pub = broker.Publisher(conn, 10)
             await pub.open()
@@ -417,6 +416,16 @@ def test_send_study_to_node_job_without_c_move(world: World) -> None:
             await conn.close()
 
     asyncio.run(publish())
+
+
+def test_send_study_to_node_job_without_c_move(world: World) -> None:
+    """The API / routing-rule path: a move.requested message straight onto the broker."""
+    clear_archive(world.archive)
+    study = world.data[-1].study_uid
+    expected = [m for m in world.data if m.study_uid == study]
+    job = study_job(study, "API")
+
+    publish_job(world, job)
     wait_until(lambda: [r for r in job_rows(world, "API") if r["state"] == "done"], 60,
                what="the API job done")
     assert_archive_holds_exactly(world, expected)
@@ -722,6 +731,59 @@ def test_a_job_redelivered_while_it_runs_is_not_run_twice(world: World) -> None:
     assert_series_moved(world, proc.returncode, output)
     assert sorted(dest.received) == sorted(m.sop_uid for m in series)  # each one once
     assert not logged("resumed")
+
+
+def hold_job_lock(w: World, job_id: str) -> subprocess.Popen[str]:
+    """A psql session holding the job's lock, as a mover running the job holds it; closing
+    its stdin ends the session and frees the lock."""
+    from services.mover.jobs import LOCK_CLASS
+
+    proc = subprocess.Popen(["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
+                             dsn(w.stack)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(f"SELECT pg_advisory_lock({LOCK_CLASS}, hashtext('{job_id}'));\n"
+                     "\\echo locked\n")
+    proc.stdin.flush()
+    while (line := proc.stdout.readline()) and line.strip() != "locked":
+        pass
+    assert line.strip() == "locked", "psql did not take the lock"
+    return proc
+
+
+def test_a_mover_told_to_stop_puts_back_a_job_waiting_for_its_lock(world: World) -> None:
+    """A job waiting for the lock of a run elsewhere when its mover gets SIGTERM (compose
+    stop, a rolling restart) goes back to the queue at once: the mover stops without waiting
+    for it or cancelling anything, and the next mover runs the job once the lock is free."""
+    clear_archive(world.archive)
+    study = world.data[0].study_uid
+    expected = [m for m in world.data if m.study_uid == study]
+    job = study_job(study, "LOCKWAIT")
+    start = len(world.stack.log_text("mover"))
+    holder = hold_job_lock(world, job.job_id)
+    try:
+        publish_job(world, job)
+        wait_until(lambda: "redelivered while it runs" in world.stack.log_text("mover")[start:],
+                   60, what="the mover waiting for the job's lock")
+        world.stack.kill("mover", signal.SIGTERM)
+        stopped = world.stack.log_text("mover")[start:]
+        assert f"job={job.job_id[:8]} back to the queue" in stopped, stopped
+        assert "still running" not in stopped and "Traceback" not in stopped, stopped
+        assert not job_rows(world, "LOCKWAIT")  # never started
+        world.stack.start_service("mover")
+        wait_until(lambda: world.stack.log_text("mover")[start:].count(
+            "redelivered while it runs") > stopped.count("redelivered while it runs"), 60,
+                   what="the restarted mover waiting for the lock in turn")
+    finally:
+        if "mover" not in world.stack.procs:
+            world.stack.start_service("mover")
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(30)
+    wait_until(lambda: [r for r in job_rows(world, "LOCKWAIT") if r["state"] == "done"], 60,
+               what="the job done once the lock was free")
+    assert job_rows(world, "LOCKWAIT")[0]["completed"] == len(expected)
+    assert_archive_holds_exactly(world, expected)
 
 
 def s3_client(stack: Stack) -> Any:
