@@ -108,6 +108,7 @@ def ensure_postgres() -> None:
 
 
 BROKER_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"  # compose mounts it
+BROKER_PLUGINS = ROOT / "deploy" / "rabbitmq" / "enabled_plugins"  # and this one
 _broker_tuned = False
 
 
@@ -120,16 +121,25 @@ def broker_conf_value(key: str) -> str:
     raise KeyError(f"{key} is not set in {BROKER_CONF}")
 
 
+def broker_plugins() -> list[str]:
+    """The plugins ``deploy/rabbitmq/enabled_plugins`` enables (an Erlang list: ``[a,b].``)."""
+    text = BROKER_PLUGINS.read_text(encoding="utf-8").strip()
+    if not (text.startswith("[") and text.endswith("].")):
+        raise ValueError(f"{BROKER_PLUGINS} is not an Erlang list of plugin names")
+    return [name.strip() for name in text[1:-2].split(",") if name.strip()]
+
+
 def ensure_rabbitmq() -> None:
     global _broker_tuned
     if not port_open(5672):
         subprocess.run(["rabbitmq-server", "-detached"], check=False)
         wait_for("RabbitMQ on 127.0.0.1:5672", lambda: port_open(5672), 120, 0.5)
-    if not port_open(15672):
-        subprocess.run(["rabbitmq-plugins", "enable", "rabbitmq_management"], check=False,
-                       capture_output=True)
-        wait_for("RabbitMQ management on :15672", lambda: port_open(15672), 60, 0.5)
     if not _broker_tuned:
+        # compose's plugins: the dashboard, and the shovel behind its "Move messages" (dead
+        # letters back to their work queue); already enabled ones are left as they are
+        subprocess.run(["rabbitmq-plugins", "enable", *broker_plugins()], check=False,
+                       capture_output=True, timeout=120)
+        wait_for("RabbitMQ management on :15672", lambda: port_open(15672), 60, 0.5)
         # The one broker setting the services rely on that a Debian broker lacks: set on the
         # running node (channels opened from now on), its config files left as they are.
         timeout = int(broker_conf_value("consumer_timeout"))

@@ -107,15 +107,40 @@ def publish(stack: Stack, messages: list[InstanceReceived]) -> None:
     asyncio.run(run())
 
 
+def management(stack: Stack, kind: str, name: str = "", body: Any = None) -> Any:
+    """``/api/<kind>/<the stack's vhost>[/<name>]`` of the management HTTP API, what the RabbitMQ
+    dashboard reads (GET) and writes (PUT ``body``)."""
+    vhost = urllib.parse.quote(stack.config.vhost, safe="")
+    path = f"/api/{kind}/{vhost}" + (f"/{urllib.parse.quote(name, safe='')}" if name else "")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:15672{path}", method="GET" if body is None else "PUT",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode(),
+                 "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
 def management_queue(stack: Stack, queue: str) -> dict[str, Any]:
     """The queue as the RabbitMQ dashboard shows it (management HTTP API)."""
-    vhost = urllib.parse.quote(stack.config.vhost, safe="")
-    request = urllib.request.Request(
-        f"http://127.0.0.1:15672/api/queues/{vhost}/{urllib.parse.quote(queue, safe='')}",
-        headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        data: dict[str, Any] = json.load(response)
+    data: dict[str, Any] = management(stack, "queues", queue)
     return data
+
+
+def move_messages(stack: Stack, source: str, destination: str) -> None:
+    """What *Move messages* on a queue's page of the dashboard does (the shovel management
+    plugin, enabled by ``deploy/rabbitmq/enabled_plugins``): a shovel that moves the messages
+    in ``source`` at that moment to ``destination``, then deletes itself."""
+    vhost = urllib.parse.quote(stack.config.vhost, safe="")
+    name = f"Move from {source}"
+    management(stack, "parameters/shovel", name, {
+        "component": "shovel", "vhost": stack.config.vhost, "name": name, "value": {
+            "src-uri": f"amqp:///{vhost}", "src-queue": source, "src-protocol": "amqp091",
+            "src-prefetch-count": 1000, "src-delete-after": "queue-length",
+            "dest-uri": f"amqp:///{vhost}", "dest-queue": destination,
+            "dest-protocol": "amqp091", "dest-add-forward-headers": False,
+            "ack-mode": "on-confirm"}})
 
 
 def depth(stack: Stack, queue: str) -> int:
@@ -213,6 +238,30 @@ def test_poison_messages_are_dead_lettered_and_the_queue_keeps_draining(
     assert object_key(mismatch.sha256) not in stored
     assert list(stored) == [pg(dsn(stack), "SELECT object_key FROM instance WHERE "
                                "sop_instance_uid = $1", good.sop_uid)[0]["object_key"]]
+
+
+def test_a_dead_letter_moved_back_from_the_dashboard_is_stored_once_its_cause_is_fixed(
+        sweep_stack: Stack, tmp_path: Path) -> None:
+    """An admin's way out of a dead-letter queue: a message was parked because the spool file
+    behind it was missing (say the spool volume was not mounted); with the file back, *Move
+    messages* on the dashboard's page of ``storage.instances.dead`` puts it back on the work
+    queue, and the instance is stored and indexed like any other."""
+    stack = sweep_stack
+    lost = instance(tmp_path, "dlq-replay")
+    data = lost.path.read_bytes()
+    name = f"{uuid.uuid4().hex}.dcm"
+    publish(stack, [received(lost, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                             spool_name=name)])
+    dlq = topology.STORAGE.dead_letter_queue
+    wait_until(lambda: depth(stack, dlq) == 1, 60, every=0.5, what="the message parked")
+    assert indexed(stack, [lost.sop_uid]) == set()
+    (Path(stack.config.base_dir) / "spool" / "ready" / name).write_bytes(data)  # the fix
+    move_messages(stack, dlq, topology.STORAGE.name)
+    wait_until(lambda: indexed(stack, [lost.sop_uid]) == {lost.sop_uid}, 60,
+               what="the moved-back instance indexed")
+    assert_stored_byte_identical(stack, [lost])
+    wait_until(lambda: depth(stack, dlq) == 0 and not management(stack, "parameters/shovel"),
+               30, every=0.5, what="the dead-letter queue empty and the shovel gone")
 
 
 def test_a_redelivery_of_an_instance_already_stored_is_acked_not_dead_lettered(

@@ -6,13 +6,15 @@ the queue's limit. minipacs consumers hold messages for the length of their work
 a storage or index retry while S3 or PostgreSQL is down. ``deploy/rabbitmq/rabbitmq.conf``
 raises the timeout for compose; ``make run`` and ``make test`` give the Debian broker the same
 value. Checked on the real broker here (waiting out the timeout itself would take a day).
+The plugins compose enables (the dashboard; the shovel behind its *Move messages*, the way
+dead letters go back to their work queue) are enabled on the Debian broker too.
 """
 
 from __future__ import annotations
 
 import subprocess
 
-from scripts.native import broker_conf_value, ensure_rabbitmq
+from scripts.native import broker_conf_value, broker_plugins, ensure_rabbitmq
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -27,3 +29,11 @@ def test_the_running_broker_has_the_configured_consumer_timeout() -> None:
                           "application:get_env(rabbit, consumer_timeout)."],
                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     assert out == f"{{ok,{broker_conf_value('consumer_timeout')}}}", out
+
+
+def test_the_running_broker_has_the_compose_plugins() -> None:
+    assert {"rabbitmq_management", "rabbitmq_shovel_management"} <= set(broker_plugins())
+    ensure_rabbitmq()
+    out = subprocess.run(["rabbitmq-plugins", "list", "--enabled", "--minimal"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert set(broker_plugins()) <= set(out.split()), out
