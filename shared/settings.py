@@ -221,6 +221,9 @@ class StorageSettings(Common):
 class IndexerSettings(Common):
     batch_size: int = 200
     batch_wait: float = 0.02
+    # a SOP Instance UID received again with other bytes: false keeps the first copy, true the
+    # one received last (Orthanc's "OverwriteInstances"); the other is recorded either way
+    overwrite_instances: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,18 @@
 """Writing one batch of stored instances into the index, in one transaction (idempotent).
 
-Keep-first: an instance row is never overwritten. A second copy of a SOP Instance UID with
-different bytes is recorded in ``ingest_conflict`` (and logged) instead.
+A second copy of a SOP Instance UID with different bytes is a conflict, logged and recorded in
+``ingest_conflict``. What the index keeps is the policy's choice:
+
+- keep-first (the default, Orthanc's ``"OverwriteInstances": false``): the instance row is never
+  overwritten; the later copy is the one recorded.
+- overwrite (``MINIPACS_OVERWRITE_INSTANCES=true``, Orthanc's ``true``): the copy the gateway
+  received last wins, whatever order the copies are indexed in (``received_at``, then the
+  SHA-256 to break a tie); the copy it replaces is the one recorded. The instance moves to the
+  series and study its new copy names, the study to the new copy's patient, and a series,
+  study or patient left without instances is removed, as Orthanc deletes an overwritten
+  instance with its empty parents. Parents keep the attributes they were created with.
+
+Either way the superseded copy's object stays in S3 under its own key, for inspection.
 """
 
 from __future__ import annotations
@@ -9,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -25,14 +36,14 @@ INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_bir
                      patient_sex)
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET patient_id = EXCLUDED.patient_id
-RETURNING id"""
+RETURNING id, (xmax = 0) AS inserted"""
 
 UPSERT_STUDY = """
 INSERT INTO study (patient_fk, study_instance_uid, study_date, study_time, accession_number,
                    study_id, referring_physician_name, study_description, specific_character_set)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (study_instance_uid) DO UPDATE SET study_instance_uid = EXCLUDED.study_instance_uid
-RETURNING id"""
+RETURNING id, (xmax = 0) AS inserted"""
 
 UPSERT_SERIES = """
 INSERT INTO series (study_fk, series_instance_uid, modality, series_number, series_description,
@@ -57,9 +68,45 @@ KEPT_SHA256 = "SELECT sop_instance_uid, sha256 FROM instance WHERE sop_instance_
 
 INSERT_CONFLICT = """
 INSERT INTO ingest_conflict (sop_instance_uid, kept_sha256, rejected_sha256, rejected_key,
-                             calling_aet, received_at)
-VALUES ($1, $2, $3, $4, $5, $6)
+                             calling_aet, received_at, policy)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (sop_instance_uid, rejected_sha256) DO NOTHING"""
+
+# Overwrite: the row takes the new copy if the gateway received it later than the indexed one;
+# returns what it held (nothing when the indexed copy is the newer, or the same bytes).
+REPLACE_INSTANCE = """
+WITH old AS (
+    SELECT id, series_fk, sha256, object_key, calling_aet, received_at FROM instance
+    WHERE sop_instance_uid = $2 FOR UPDATE)
+UPDATE instance i SET series_fk = $1, sop_class_uid = $3, instance_number = $4,
+    transfer_syntax = $5, object_key = $6, size = $7, sha256 = $8, calling_aet = $9,
+    received_at = $10, header = $11::jsonb, indexed_at = now()
+FROM old
+WHERE i.id = old.id AND old.sha256 <> $8 AND $10::timestamptz IS NOT NULL
+  AND (old.received_at IS NULL OR (old.received_at, old.sha256) < ($10::timestamptz, $8))
+RETURNING old.series_fk, old.sha256, old.object_key, old.calling_aet, old.received_at,
+          (SELECT study_fk FROM series WHERE id = old.series_fk) AS study_fk"""
+
+# Overwrite: the study follows the patient its newest copy names; returns the one it had.
+MOVE_STUDY = """
+WITH old AS (SELECT id, patient_fk FROM study WHERE id = $1 FOR UPDATE)
+UPDATE study s SET patient_fk = $2 FROM old WHERE s.id = old.id AND old.patient_fk <> $2
+RETURNING old.patient_fk"""
+
+# Parents left without children: a conflicting copy that named a new series, study or patient
+# (which the upserts created before its instance row was refused), or what an overwrite left.
+DELETE_EMPTY_SERIES = """
+DELETE FROM series WHERE id = ANY($1::bigint[]) AND num_instances = 0 RETURNING study_fk"""
+DELETE_EMPTY_STUDIES = """
+DELETE FROM study st WHERE st.id = ANY($1::bigint[]) AND st.num_instances = 0
+  AND NOT EXISTS (SELECT 1 FROM series se WHERE se.study_fk = st.id)
+RETURNING patient_fk"""
+DELETE_EMPTY_PATIENTS = """
+DELETE FROM patient p WHERE p.id = ANY($1::bigint[])
+  AND NOT EXISTS (SELECT 1 FROM study st WHERE st.patient_fk = p.id)"""
+
+KEEP_FIRST = "keep-first"
+OVERWRITE = "overwrite"
 
 
 @dataclass
@@ -67,6 +114,27 @@ class BatchResult:
     inserted: int = 0
     duplicates: int = 0
     conflicts: int = 0
+    replaced: int = 0  # conflicts where the new copy replaced the indexed one (overwrite)
+
+
+@dataclass
+class _Touched:
+    """Counts to apply and parents to check for emptiness at the end of a batch."""
+    in_series: Counter[int] = field(default_factory=Counter)
+    in_study: Counter[int] = field(default_factory=Counter)
+    series_in_study: Counter[int] = field(default_factory=Counter)
+    series: set[int] = field(default_factory=set)  # created here, or left by an instance
+    studies: set[int] = field(default_factory=set)
+    patients: set[int] = field(default_factory=set)
+    study_patient: dict[int, int] = field(default_factory=dict)  # of the studies created here
+
+    def maybe_empty(self) -> tuple[list[int], list[int], list[int]]:
+        """Series, studies and patients that may have been left without children: those
+        created here or left by a moved instance that gained no instance in this batch."""
+        filled = {p for s, p in self.study_patient.items() if self.in_study[s] > 0}
+        return (sorted(s for s in self.series if self.in_series[s] <= 0),
+                sorted(s for s in self.studies if self.in_study[s] <= 0),
+                sorted(self.patients - filled))
 
 
 def _patient_key(patient: dict[str, Any]) -> tuple[str, str]:
@@ -81,19 +149,19 @@ def _time(value: str) -> datetime | None:
         return None
 
 
-async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored]) -> BatchResult:
+async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored],
+                      overwrite: bool = False) -> BatchResult:
     """Index ``batch`` in one transaction. Concurrent indexers lock rows in the same order,
     so neither waits for the other in a cycle: all patients first, by key, then studies,
-    series and instances by UID."""
+    series and instances by UID. ``overwrite``: conflicts are settled by the overwrite
+    policy (see the module's docstring), else keep-first."""
     result = BatchResult()
     if not batch:
         return result
     patients: dict[tuple[str, str], int] = {}
     studies: dict[str, int] = {}
     series_ids: dict[str, tuple[int, int]] = {}
-    new_in_series: Counter[int] = Counter()
-    new_in_study: Counter[int] = Counter()
-    new_series_in_study: Counter[int] = Counter()
+    touched = _Touched()
     ordered = sorted(batch, key=lambda m: (m.study_instance_uid, m.series_instance_uid,
                                            m.sop_instance_uid))
     rows: list[tuple[object, ...]] = []
@@ -105,18 +173,24 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored]) -> 
     async with conn.transaction():
         for pkey in sorted(first_seen):
             p = first_seen[pkey]
-            patients[pkey] = await conn.fetchval(
-                UPSERT_PATIENT, *pkey, p["patient_name"], p["patient_birth_date"],
-                p["patient_sex"])
+            row = await conn.fetchrow(UPSERT_PATIENT, *pkey, p["patient_name"],
+                                      p["patient_birth_date"], p["patient_sex"])
+            patients[pkey] = row["id"]
+            if row["inserted"]:
+                touched.patients.add(row["id"])
         for msg, rec in records:
             pkey = _patient_key(rec.patient)
             st = rec.study
             if msg.study_instance_uid not in studies:
-                studies[msg.study_instance_uid] = await conn.fetchval(
+                row = await conn.fetchrow(
                     UPSERT_STUDY, patients[pkey], msg.study_instance_uid, st["study_date"],
                     st["study_time"], st["accession_number"], st["study_id"],
                     st["referring_physician_name"], st["study_description"],
                     st["specific_character_set"])
+                studies[msg.study_instance_uid] = row["id"]
+                if row["inserted"]:
+                    touched.studies.add(row["id"])
+                    touched.study_patient[row["id"]] = patients[pkey]
             se = rec.series
             if msg.series_instance_uid not in series_ids:
                 row = await conn.fetchrow(
@@ -125,48 +199,107 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored]) -> 
                     se["series_date"], se["series_time"], se["body_part_examined"])
                 series_ids[msg.series_instance_uid] = (row["id"], row["study_fk"])
                 if row["inserted"]:
-                    new_series_in_study[row["study_fk"]] += 1
+                    touched.series_in_study[row["study_fk"]] += 1
+                    touched.series.add(row["id"])
             fks[msg.sop_instance_uid] = series_ids[msg.series_instance_uid]
-            rows.append((fks[msg.sop_instance_uid][0], msg.sop_instance_uid, msg.sop_class_uid,
-                         rec.instance["instance_number"], msg.transfer_syntax, msg.object_key,
-                         msg.size, msg.sha256, msg.calling_aet, _time(msg.received_at),
-                         json.dumps(msg.header, ensure_ascii=False)))
+            rows.append(_instance_row(series_ids[msg.series_instance_uid][0], msg,
+                                      rec.instance["instance_number"]))
         inserted = {r["sop_instance_uid"] for r in await conn.fetch(
             INSERT_INSTANCES, *(list(column) for column in zip(*rows, strict=True)))}
         for uid in inserted:
             series_fk, study_fk = fks[uid]
-            new_in_series[series_fk] += 1
-            new_in_study[study_fk] += 1
+            touched.in_series[series_fk] += 1
+            touched.in_study[study_fk] += 1
         result.inserted = len(inserted)
         skipped = []  # already indexed, or a repeat within the batch (its first copy is in)
         unclaimed = set(inserted)
-        for msg in ordered:
+        for msg, rec in records:
             if msg.sop_instance_uid in unclaimed:
                 unclaimed.discard(msg.sop_instance_uid)
             else:
-                skipped.append(msg)
+                skipped.append((msg, rec))
         if skipped:
-            kept = dict(await conn.fetch(KEPT_SHA256, [m.sop_instance_uid for m in skipped]))
-            for msg in skipped:
+            kept = dict(await conn.fetch(KEPT_SHA256, [m.sop_instance_uid for m, _ in skipped]))
+            for msg, rec in skipped:
                 if kept.get(msg.sop_instance_uid) == msg.sha256:
                     result.duplicates += 1
                     continue
                 result.conflicts += 1
+                if overwrite:
+                    new = await _overwrite(conn, msg, rec, series_ids, patients, touched)
+                    if new:
+                        result.replaced += 1
+                        kept[msg.sop_instance_uid] = msg.sha256
+                        continue
                 log.warning("conflict: an instance from %s reuses a stored SOP Instance UID "
-                            "with different bytes; kept obj=%s, recorded obj=%s",
+                            "with different bytes; kept obj=%s, recorded obj=%s (%s)",
                             msg.calling_aet, str(kept.get(msg.sop_instance_uid))[:12],
-                            msg.sha256[:12])
+                            msg.sha256[:12], OVERWRITE if overwrite else KEEP_FIRST)
                 await conn.execute(INSERT_CONFLICT, msg.sop_instance_uid,
                                    kept.get(msg.sop_instance_uid), msg.sha256, msg.object_key,
-                                   msg.calling_aet, _time(msg.received_at))
-        if new_in_series:
-            await conn.executemany(
-                "UPDATE series SET num_instances = num_instances + $2 WHERE id = $1",
-                list(new_in_series.items()))
-        study_ids = set(new_in_study) | set(new_series_in_study)
-        if study_ids:
-            await conn.executemany(
-                "UPDATE study SET num_instances = num_instances + $2, "
-                "num_series = num_series + $3 WHERE id = $1",
-                [(s, new_in_study[s], new_series_in_study[s]) for s in sorted(study_ids)])
+                                   msg.calling_aet, _time(msg.received_at),
+                                   OVERWRITE if overwrite else KEEP_FIRST)
+        await _apply_counts(conn, touched)
     return result
+
+
+def _instance_row(series_fk: int, msg: InstanceStored, number: int | None) -> tuple[object, ...]:
+    """The columns of ``INSERT_INSTANCES`` (and ``REPLACE_INSTANCE``) for one instance."""
+    return (series_fk, msg.sop_instance_uid, msg.sop_class_uid, number, msg.transfer_syntax,
+            msg.object_key, msg.size, msg.sha256, msg.calling_aet, _time(msg.received_at),
+            json.dumps(msg.header, ensure_ascii=False))
+
+
+async def _overwrite(conn: asyncpg.Connection, msg: InstanceStored, rec: Any,
+                     series_ids: dict[str, tuple[int, int]],
+                     patients: dict[tuple[str, str], int], touched: _Touched) -> bool:
+    """Replace the indexed copy of ``msg``'s instance if ``msg`` was received later: move the
+    instance (and its study) where the new copy says, record the replaced copy. False when
+    the indexed copy is the newer one (copies indexed out of order, a late redelivery)."""
+    series_fk, study_fk = series_ids[msg.series_instance_uid]
+    old = await conn.fetchrow(REPLACE_INSTANCE,
+                              *_instance_row(series_fk, msg, rec.instance["instance_number"]))
+    if old is None:
+        return False
+    if old["series_fk"] != series_fk:
+        touched.in_series[series_fk] += 1
+        touched.in_study[study_fk] += 1
+        touched.in_series[old["series_fk"]] -= 1
+        touched.in_study[old["study_fk"]] -= 1
+        touched.series.add(old["series_fk"])
+        touched.studies.add(old["study_fk"])
+    moved_from = await conn.fetchval(MOVE_STUDY, study_fk, patients[_patient_key(rec.patient)])
+    if moved_from is not None:
+        touched.patients.add(moved_from)
+    log.warning("conflict: an instance from %s reuses a stored SOP Instance UID with different "
+                "bytes; it replaces obj=%s (%s), recorded", msg.calling_aet, old["sha256"][:12],
+                OVERWRITE)
+    await conn.execute(INSERT_CONFLICT, msg.sop_instance_uid, msg.sha256, old["sha256"],
+                       old["object_key"], old["calling_aet"], old["received_at"], OVERWRITE)
+    return True
+
+
+async def _apply_counts(conn: asyncpg.Connection, t: _Touched) -> None:
+    """The derived counts, then parents left empty removed (series, studies, patients)."""
+    if t.in_series:
+        await conn.executemany(
+            "UPDATE series SET num_instances = num_instances + $2 WHERE id = $1",
+            sorted(t.in_series.items()))
+    study_ids = set(t.in_study) | set(t.series_in_study)
+    if study_ids:
+        await conn.executemany(
+            "UPDATE study SET num_instances = num_instances + $2, "
+            "num_series = num_series + $3 WHERE id = $1",
+            [(s, t.in_study[s], t.series_in_study[s]) for s in sorted(study_ids)])
+    series, studies, patients = t.maybe_empty()
+    emptied: Counter[int] = Counter()
+    if series:
+        emptied.update(r["study_fk"] for r in await conn.fetch(DELETE_EMPTY_SERIES, series))
+    if emptied:
+        await conn.executemany("UPDATE study SET num_series = num_series - $2 WHERE id = $1",
+                               sorted(emptied.items()))
+    if studies or emptied:
+        gone = await conn.fetch(DELETE_EMPTY_STUDIES, sorted(set(studies) | set(emptied)))
+        patients = sorted(set(patients) | {r["patient_fk"] for r in gone})
+    if patients:
+        await conn.execute(DELETE_EMPTY_PATIENTS, patients)

@@ -98,7 +98,8 @@ class IndexerWorker:
             started = time.perf_counter()
             try:
                 async with self.pool.acquire() as conn:
-                    result = await write_batch(conn, [e for _, events in batch for e in events])
+                    result = await write_batch(conn, [e for _, events in batch for e in events],
+                                               self.settings.overwrite_instances)
             except _TRANSIENT_ERRORS as exc:
                 if self.stop.is_set():
                     for message, _ in batch:
@@ -126,9 +127,11 @@ class IndexerWorker:
                 log.warning("%d of %d indexed messages could not be acked (broker connection "
                             "lost); their redelivery will be counted as duplicates", unacked,
                             len(batch))
-            log.info("indexed batch of %d: %d new, %d duplicate, %d conflict (%.1f ms)",
+            log.info("indexed batch of %d: %d new, %d duplicate, %d conflict%s (%.1f ms)",
                      result.inserted + result.duplicates + result.conflicts, result.inserted,
-                     result.duplicates, result.conflicts, (time.perf_counter() - started) * 1000)
+                     result.duplicates, result.conflicts,
+                     f" ({result.replaced} replaced)" if result.replaced else "",
+                     (time.perf_counter() - started) * 1000)
             return
 
     async def refused(self, held: Held, exc: Exception) -> None:
@@ -141,7 +144,7 @@ class IndexerWorker:
         for event in events if len(events) > 1 else []:
             try:
                 async with self.pool.acquire() as conn:
-                    await write_batch(conn, [event])
+                    await write_batch(conn, [event], self.settings.overwrite_instances)
             except _TRANSIENT_ERRORS:  # PostgreSQL went away meanwhile: try it all later
                 await settle(message, "requeue")
                 return

@@ -8,15 +8,16 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from scripts.native import Stack
-from tests.conftest import dsn, s3_client
-from tests.dicomgen import Made, ct_series, dataset_bytes, make_instance, small_set, uid
+from tests.conftest import dsn, make_stack, s3_client, teardown
+from tests.dicomgen import CT_IMAGE, Made, ct_series, dataset_bytes, make_instance, small_set, uid
+from tests.e2e.test_find import findscu
 from tests.helpers import dcmtk, dcmtk_env, pg, s3_read, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -129,6 +130,64 @@ def test_same_uid_different_bytes_keeps_the_first_and_records_the_conflict(
     assert conflicts[0]["rejected_sha256"] != kept[0]["sha256"]
     assert_stored_byte_identical(stack, [Made(first, "CONFLICT", study, series, sop)])
     assert "reuses a stored SOP Instance UID" in stack.log_text("indexer")
+
+
+@pytest.fixture()
+def overwrite_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of the test's own, its indexer with Orthanc's OverwriteInstances behaviour."""
+    s = make_stack(tmp_path, "overwrite", MINIPACS_OVERWRITE_INSTANCES="true")
+    s.start()
+    yield s
+    teardown(s)
+
+
+def test_with_overwrite_a_study_sent_again_corrected_replaces_the_first_copy(
+        overwrite_stack: Stack, tmp_path: Path) -> None:
+    """``MINIPACS_OVERWRITE_INSTANCES=true``: a series sent under a wrong PatientID, then sent
+    again corrected with the same UIDs, as a modality resends after a correction. C-FIND finds
+    it under the right patient only, S3 serves the corrected bytes, and each first copy is
+    recorded as replaced, its object kept."""
+    stack = overwrite_stack
+    port = stack.config.gateway_port
+    study, series = uid("overwrite", "st"), uid("overwrite", "se")
+
+    def send(patient_id: str) -> list[Made]:
+        made = [Made(make_instance(tmp_path / patient_id / f"{i}.dcm", sop_class=CT_IMAGE,
+                                   sop_uid=uid("overwrite", "sop", i), study_uid=study,
+                                   series_uid=series, patient_id=patient_id,
+                                   patient_name="Over^Write", rows=16, cols=16, modality="CT",
+                                   instance_number=i + 1),
+                     patient_id, study, series, uid("overwrite", "sop", i)) for i in range(4)]
+        sent = storescu(port, [m.path for m in made])
+        assert sent.successes == len(made), sent.output[-2000:]
+        return made
+
+    wrong = send("OW-WRONG")
+    wait_until(lambda: indexed(stack, [study]) == len(wrong), 60, what="the first copies indexed")
+    right = send("OW-RIGHT")
+    def recorded() -> list[Any]:
+        return pg(dsn(stack), "SELECT sop_instance_uid, kept_sha256, rejected_key FROM "
+                  "ingest_conflict WHERE policy = 'overwrite'")
+
+    wait_until(lambda: len(recorded()) == len(right), 60,
+               what="every first copy recorded as replaced")
+    replaced = recorded()
+    assert_stored_byte_identical(stack, right)  # the index points at the corrected copies
+    kept = {r["sop_instance_uid"]: r["sha256"] for r in pg(
+        dsn(stack), "SELECT sop_instance_uid, sha256 FROM instance")}
+    client = s3_client(stack)
+    for row, first in zip(sorted(replaced, key=lambda r: r["sop_instance_uid"]),
+                          sorted(wrong, key=lambda m: m.sop_uid), strict=True):
+        assert row["kept_sha256"] == kept[first.sop_uid]
+        old = Path(stack.config.base_dir) / "replaced.dcm"
+        old.write_bytes(s3_read(client, "minipacs", row["rejected_key"]))
+        assert dataset_bytes(old) == dataset_bytes(first.path)  # the first copy, kept in S3
+    found = findscu(port, ["QueryRetrieveLevel=PATIENT", "PatientID=OW-*",
+                           "NumberOfPatientRelatedInstances"], model="-P")
+    assert found.final == "Success", found.output
+    assert [(str(x.PatientID), int(x.NumberOfPatientRelatedInstances))
+            for x in found.responses] == [("OW-RIGHT", len(right))]
+    assert stack.log_text("indexer").count("it replaces obj=") == len(right)
 
 
 def raw_s3(stack: Stack, secret: str = "minipacs-secret") -> Any:

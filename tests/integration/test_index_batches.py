@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -21,7 +22,8 @@ async def conn() -> AsyncIterator[asyncpg.Connection]:
 
 
 def stored(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", sha: str = "a",
-           number: int = 1, patient: str = "P1") -> InstanceStored:
+           number: int = 1, patient: str = "P1",
+           received: str = "2026-11-26T10:00:00+00:00") -> InstanceStored:
     sha256 = (sha * 64)[:64]
     header = {"00100020": {"vr": "LO", "Value": [patient]},
               "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jörg"}]},
@@ -34,7 +36,7 @@ def stored(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", sha: str = "
                           study_instance_uid=study, series_instance_uid=series,
                           transfer_syntax="1.2.840.10008.1.2.1", size=100, sha256=sha256,
                           object_key=f"instances/{sha256[:2]}/{sha256}.dcm",
-                          calling_aet="CT1", received_at="2026-11-26T10:00:00+00:00",
+                          calling_aet="CT1", received_at=received,
                           header=header)
 
 
@@ -65,6 +67,106 @@ async def test_one_batch_of_new_repeated_and_conflicting_instances(
     study = await conn.fetchrow("SELECT num_series, num_instances FROM study")
     assert (study["num_series"], study["num_instances"]) == (2, 4)
     assert await conn.fetchval("SELECT count(*) FROM patient") == 1
+
+
+async def hierarchy(conn: asyncpg.Connection) -> dict[str, Any]:
+    """What C-FIND would see: each instance's bytes and place, and the parents' counts."""
+    return {
+        "instances": {r[0]: tuple(r[1:]) for r in await conn.fetch(
+            "SELECT i.sop_instance_uid, left(i.sha256, 1), se.series_instance_uid, "
+            "st.study_instance_uid, p.patient_id FROM instance i "
+            "JOIN series se ON se.id = i.series_fk JOIN study st ON st.id = se.study_fk "
+            "JOIN patient p ON p.id = st.patient_fk")},
+        "series": {r[0]: r[1] for r in await conn.fetch(
+            "SELECT series_instance_uid, num_instances FROM series")},
+        "studies": {r[0]: (r[1], r[2]) for r in await conn.fetch(
+            "SELECT study_instance_uid, num_series, num_instances FROM study")},
+        "patients": {r[0] for r in await conn.fetch("SELECT patient_id FROM patient")},
+    }
+
+
+async def conflicts(conn: asyncpg.Connection) -> list[tuple[str, str, str, str]]:
+    return [tuple(r) for r in await conn.fetch(
+        "SELECT sop_instance_uid, left(kept_sha256, 1), left(rejected_sha256, 1), policy "
+        "FROM ingest_conflict ORDER BY id")]
+
+
+T0, T1, T2 = (f"2026-11-26T10:0{m}:00+00:00" for m in (0, 1, 2))
+
+
+async def test_keep_first_a_conflicting_copy_naming_other_parents_leaves_none_behind(
+        conn: asyncpg.Connection) -> None:
+    """The refused copy names another patient, study and series: the upserts create them
+    before its instance row is refused; none may stay behind empty (C-FIND would show a
+    patient or study without instances)."""
+    await write_batch(conn, [stored("1.9.1")])
+    result = await write_batch(conn, [stored("1.9.1", sha="b", patient="P2", study="9.9",
+                                             series="9.9.1", received=T1)])
+    assert (result.inserted, result.conflicts, result.replaced) == (0, 1, 0)
+    assert await hierarchy(conn) == {
+        "instances": {"1.9.1": ("a", "1.2.3.1", "1.2.3", "P1")},
+        "series": {"1.2.3.1": 1}, "studies": {"1.2.3": (1, 1)}, "patients": {"P1"}}
+    assert await conflicts(conn) == [("1.9.1", "a", "b", "keep-first")]
+
+
+async def test_overwrite_keeps_the_copy_received_last_and_moves_it_where_it_says(
+        conn: asyncpg.Connection) -> None:
+    await write_batch(conn, [stored("1.9.1", received=T0), stored("1.9.2", number=2,
+                                                                  received=T0)], True)
+    # a corrected copy of 1.9.1, for another patient, study and series
+    moved = await write_batch(conn, [stored("1.9.1", sha="b", patient="P2", study="9.9",
+                                            series="9.9.1", received=T1)], True)
+    assert (moved.inserted, moved.conflicts, moved.replaced) == (0, 1, 1)
+    assert await hierarchy(conn) == {
+        "instances": {"1.9.1": ("b", "9.9.1", "9.9", "P2"),
+                      "1.9.2": ("a", "1.2.3.1", "1.2.3", "P1")},
+        "series": {"1.2.3.1": 1, "9.9.1": 1}, "studies": {"1.2.3": (1, 1), "9.9": (1, 1)},
+        "patients": {"P1", "P2"}}
+    assert await conflicts(conn) == [("1.9.1", "b", "a", "overwrite")]
+    row = await conn.fetchrow("SELECT object_key, header FROM instance "
+                              "WHERE sop_instance_uid = '1.9.1'")
+    assert row["object_key"] == stored("1.9.1", sha="b").object_key and "9.9.1" in row["header"]
+
+    # the replaced copy redelivered, and an older one indexed late: neither comes back
+    late = await write_batch(conn, [stored("1.9.1", received=T0),
+                                    stored("1.9.1", sha="c", received=T0)], True)
+    assert (late.conflicts, late.replaced) == (2, 0)
+    assert (await hierarchy(conn))["instances"]["1.9.1"] == ("b", "9.9.1", "9.9", "P2")
+    assert await conflicts(conn) == [("1.9.1", "b", "a", "overwrite"),
+                                     ("1.9.1", "b", "c", "overwrite")]
+
+    # the other instance follows: its old series, study and patient are left empty, and go
+    await write_batch(conn, [stored("1.9.2", sha="d", number=2, patient="P2", study="9.9",
+                                    series="9.9.1", received=T2)], True)
+    assert await hierarchy(conn) == {
+        "instances": {"1.9.1": ("b", "9.9.1", "9.9", "P2"),
+                      "1.9.2": ("d", "9.9.1", "9.9", "P2")},
+        "series": {"9.9.1": 2}, "studies": {"9.9": (1, 2)}, "patients": {"P2"}}
+
+
+async def test_overwrite_does_not_depend_on_the_order_copies_are_indexed_in(
+        conn: asyncpg.Connection) -> None:
+    older, newer = stored("1.9.1", received=T0), stored("1.9.1", sha="b", received=T1)
+    for batches in ([[older, newer]], [[newer, older]], [[newer], [older]], [[older], [newer]]):
+        await conn.execute("TRUNCATE instance, series, study, patient, ingest_conflict")
+        for batch in batches:
+            await write_batch(conn, batch, True)
+        assert (await hierarchy(conn))["instances"] == {"1.9.1": ("b", "1.2.3.1", "1.2.3", "P1")}
+        assert await conflicts(conn) == [("1.9.1", "b", "a", "overwrite")], batches
+
+
+async def test_overwrite_moves_the_study_to_the_patient_its_newest_copy_names(
+        conn: asyncpg.Connection) -> None:
+    """A study sent under a wrong PatientID and sent again corrected (same UIDs)."""
+    await write_batch(conn, [stored("1.9.1", patient="WRONG", received=T0),
+                             stored("1.9.2", patient="WRONG", number=2, received=T0)], True)
+    await write_batch(conn, [stored("1.9.1", sha="b", patient="P1", received=T1),
+                             stored("1.9.2", sha="c", patient="P1", number=2, received=T1)],
+                      True)
+    assert await hierarchy(conn) == {
+        "instances": {"1.9.1": ("b", "1.2.3.1", "1.2.3", "P1"),
+                      "1.9.2": ("c", "1.2.3.1", "1.2.3", "P1")},
+        "series": {"1.2.3.1": 2}, "studies": {"1.2.3": (1, 2)}, "patients": {"P1"}}
 
 
 async def test_an_empty_batch_writes_nothing(conn: asyncpg.Connection) -> None:

@@ -155,7 +155,8 @@ async def test_indexer_goes_on_when_acks_are_lost_with_the_channel(
     written: list[list[str]] = []
     old, new = Channel(), Channel()
 
-    async def write_batch(_conn: object, batch: list[InstanceStored]) -> BatchResult:
+    async def write_batch(_conn: object, batch: list[InstanceStored],
+                          _overwrite: bool = False) -> BatchResult:
         written.append([m.sop_instance_uid for m in batch])
         old.is_closed = True  # the connection drops while the transaction commits
         return BatchResult(inserted=len(batch))
@@ -192,7 +193,8 @@ async def test_indexer_writes_a_batch_again_whole_after_a_deadlock(
     instances were bad (which could end with good instances dead-lettered)."""
     written: list[list[str]] = []
 
-    async def write_batch(_conn: object, batch: list[InstanceStored]) -> BatchResult:
+    async def write_batch(_conn: object, batch: list[InstanceStored],
+                          _overwrite: bool = False) -> BatchResult:
         written.append([m.sop_instance_uid for m in batch])
         if len(written) == 1:
             raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")

@@ -106,7 +106,8 @@ async def test_one_refused_instance_dead_letters_its_message_not_its_neighbours(
         monkeypatch: pytest.MonkeyPatch) -> None:
     indexed: set[str] = set()
 
-    async def write_batch(_conn: object, batch: list[InstanceStored]) -> BatchResult:
+    async def write_batch(_conn: object, batch: list[InstanceStored],
+                          _overwrite: bool = False) -> BatchResult:
         if any(e.sop_instance_uid == "1.2.3" for e in batch):
             raise asyncpg.exceptions.CharacterNotInRepertoireError("0x00")
         indexed.update(e.sop_instance_uid for e in batch)

@@ -1,0 +1,1 @@
+ALTER TABLE ingest_conflict DROP COLUMN IF EXISTS policy;
