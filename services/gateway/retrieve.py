@@ -120,6 +120,9 @@ def final_response(state: str, remaining: int, completed: int, failed: int, warn
                     uids, error)
 
 
+RECORDED_FAILURES = "SELECT failed_uids FROM move_job WHERE id = $1::uuid"
+
+
 def identifier_status(exc: QueryError) -> int:
     return (statuses.IDENTIFIER_DOES_NOT_MATCH if exc.kind == "identifier"
             else statuses.UNABLE_TO_PROCESS)
@@ -398,6 +401,21 @@ class Retriever:
         async with self.pool.acquire() as conn:
             return await nodes.by_aet(conn, aet)
 
+    async def _recorded_failures(self, job_id: str) -> tuple[str, ...]:
+        async with self.pool.acquire() as conn:
+            uids = await conn.fetchval(RECORDED_FAILURES, job_id)
+        return tuple(uids or ())
+
+    def _failed_so_far(self, job_id: str, who: str) -> tuple[str, ...]:
+        """The UIDs the mover recorded as failed in the job's row (it writes them with the
+        counts): the Failed SOP Instance UID List of an answer given without the mover."""
+        try:
+            return tuple(self._db(self._recorded_failures(job_id)))
+        except Exception as exc:
+            log.warning("%s job=%s: failed UIDs not read from the job row: %s", who,
+                        job_id[:8], exc)
+            return ()
+
     def _publish(self, message: Any) -> bool:
         try:
             self.bridge.run(self.publisher.publish(message), self.settings.confirm_timeout + 1)
@@ -481,7 +499,8 @@ class Retriever:
                 if cancelling and last is not None:
                     yield Response(statuses.CANCEL, *last, failed_uids=())
                 elif last is not None:  # what was not reported done counts as failed
-                    yield final_response("failed", *last, failed_uids=(), error=why)
+                    yield final_response("failed", *last, self._failed_so_far(job_id, who),
+                                         error=why)
                 else:
                     yield Response(statuses.SUBOPERATIONS_UNABLE, comment=why)
                 return

@@ -616,7 +616,8 @@ def test_a_mover_killed_mid_job_resumes_it_and_the_c_move_completes(world: World
 def test_a_mover_killed_after_its_requester_gave_up_records_the_job_failed(
         world: World) -> None:
     """The mover is killed mid-job and stays down past the gateway's idle timeout: movescu
-    gets a final failure with the counts it last heard (not Success, not a hang). The mover,
+    gets a final failure with the counts it last heard and the UID the destination refused
+    (not Success, not a hang). The mover,
     restarted, does not send the rest to a requester that is gone: it records the job failed,
     with the counts it had recorded and the UID the destination had refused."""
     series = world.ct
@@ -635,6 +636,8 @@ def test_a_mover_killed_after_its_requester_gave_up_records_the_job_failed(
         assert final_has(result, "B000"), output[-3000:]
         assert re.search(r"Completed Suboperations\s*:\s*3\b", result.final), result.final
         assert re.search(rf"Failed Suboperations\s*:\s*{len(series) - 3}\b", result.final)
+        # the Failed SOP Instance UID List names the refused one, read from the job row
+        assert len(dest.refused) == 1 and dest.refused[0] in result.final, result.final
         job_id = str(job_rows(world)[-1]["id"])
         world.stack.start_service("mover")
         row = wait_until(lambda: next((r for r in job_rows(world) if str(r["id"]) == job_id
