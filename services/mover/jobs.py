@@ -77,6 +77,15 @@ async def unclaim(conn: asyncpg.Connection, job_id: str) -> None:
     await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_CLASS, job_id)
 
 
+async def reopen(conn: asyncpg.Connection, job_id: str) -> bool:
+    """A failed job to run again (an admin moved its message back from the dead-letter queue):
+    its row is no longer finished, so ``start`` records the new run in it. False if it was
+    not failed."""
+    return await conn.fetchval(
+        "UPDATE move_job SET state = 'running', finished_at = NULL, updated_at = now() "
+        "WHERE id = $1::uuid AND state = 'failed' RETURNING true", job_id) is not None
+
+
 async def start(conn: asyncpg.Connection, job: MoveRequested, state: str, total: int,
                 destination_aet: str = "", error: str = "") -> None:
     """Record the job (again, on redelivery of an unfinished one). A finished job is kept."""

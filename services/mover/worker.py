@@ -7,7 +7,8 @@ runs (at most one per ``PROGRESS_INTERVAL``, carrying the counts of that moment;
 record the outcome, then ack. A job taken after its ``start_by`` is recorded as expired and not
 run; a cancel (``move.cancel``) stops it between two instances. A job whose mover stopped during
 it (killed, restarted) is resumed, except on the queue's last delivery: a job that stopped its
-mover on every earlier one is recorded failed there and dead-lettered, not tried again.
+mover on every earlier one is recorded failed there and dead-lettered, not tried again until
+an admin moves it back to the job queue, which runs it again from the start.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class MoverWorker:
             await message.reject(requeue=False)
             return
         try:
-            parked = await self.run_job(job, deliveries(message.headers))
+            parked = await self.run_job(job, deliveries(message.headers),
+                                        moved_back=dead_lettered(message.headers))
         except Stopping:
             log.info("job=%s back to the queue: this mover is stopping", job.job_id[:8])
             await message.nack(requeue=True)
@@ -120,11 +122,13 @@ class MoverWorker:
                                         before.completed, before.failed, before.warning,
                                         before.failed_uids, error))
 
-    async def run_job(self, job: MoveRequested, delivery: int = 1) -> bool:
-        """Run (or resume, or end) one job. True when the message is to be dead-lettered."""
+    async def run_job(self, job: MoveRequested, delivery: int = 1,
+                      moved_back: bool = False) -> bool:
+        """Run (or resume, or end) one job. True when the message is to be dead-lettered.
+        ``moved_back``: the message was dead-lettered before, and an admin put it back."""
         owner = await self._claim(job.job_id)
         try:
-            return await self._run_claimed(job, delivery)
+            return await self._run_claimed(job, delivery, moved_back)
         finally:
             try:
                 await jobs.unclaim(owner, job.job_id)
@@ -157,10 +161,20 @@ class MoverWorker:
                 continue
             raise Stopping(job_id)
 
-    async def _run_claimed(self, job: MoveRequested, delivery: int) -> bool:
+    async def _run_claimed(self, job: MoveRequested, delivery: int, moved_back: bool) -> bool:
         short = job.job_id[:8]
         async with self.pool.acquire() as conn:
             before = await jobs.recorded(conn, job.job_id)
+            if (before is not None and before.state == "failed" and moved_back
+                    and await jobs.reopen(conn, job.job_id)):
+                # Orthanc's "resubmit": the whole set again, to the same destination; its
+                # requester stopped waiting long ago, so the row and the log tell the outcome
+                log.info("job=%s moved back from %s: running it again", short,
+                         topology.MOVER.dead_letter_queue)
+                before = None
+                resubmitted = True
+            else:
+                resubmitted = False
             if before is not None and before.state in jobs.TERMINAL:
                 log.info("job=%s already %s (redelivered)", short, before.state)
                 return False
@@ -183,7 +197,7 @@ class MoverWorker:
                     return False
                 log.info("job=%s resumed: interrupted %.1fs ago with %d completed; sending "
                          "it again", short, before.quiet, before.completed)
-            elif job.start_by and time.time() > job.start_by:
+            elif job.start_by and time.time() > job.start_by and not resubmitted:
                 await self._end(job, "expired", "taken after its requester gave up")
                 return False
             node = await nodes.by_name(conn, job.destination)
@@ -275,6 +289,12 @@ class MoverWorker:
             # a pending response; the counts they carry are exact, the final message too
             await asyncio.wait({sending},
                                timeout=max(self.settings.progress_every, PROGRESS_INTERVAL))
+
+
+def dead_lettered(headers: Mapping[str, object] | None) -> bool:
+    """Whether the message was dead-lettered before (RabbitMQ's ``x-death`` header): in the
+    job queue again, it was moved back from the dead-letter queue."""
+    return bool((headers or {}).get("x-death"))
 
 
 def deliveries(headers: Mapping[str, object] | None) -> int:

@@ -659,8 +659,10 @@ def test_a_job_that_stops_its_mover_every_time_is_recorded_failed_and_parked(
     """RELIABILITY: a poison job. The mover is killed during each of the job's three attempts
     (the queue's delivery limit); the fourth and last delivery does not run it again: the job
     row ends failed with the reason, the message is in ``mover.jobs.dead`` where an admin sees
-    it, and movescu gets a final failure instead of waiting for a job nobody runs."""
+    it, and movescu gets a final failure instead of waiting for a job nobody runs. Moved back
+    to the job queue by the admin, the job runs again, to the end."""
     from shared import topology
+    from tests.e2e.test_poison_and_sweep import move_messages
 
     dest = slow_node(world, hold_from=5)
     dead = f"{topology.MOVER.name}.dead"
@@ -675,16 +677,27 @@ def test_a_job_that_stops_its_mover_every_time_is_recorded_failed_and_parked(
             world.stack.start_service("mover")
         output, _ = proc.communicate(timeout=120)
         row = job_rows(world)[-1]
+        result = parse_move_output(proc.returncode, output)
+        assert final_has(result, "A702") and "interrupted" in result.final, output[-3000:]
+        assert row["state"] == "failed", row
+        assert f"interrupted {topology.MOVER.delivery_limit} times" in row["error"], row
+        wait_until(lambda: queue_counts(world.stack.config.vhost).get(dead, 0)
+                   == dead_before + 1, 30, what="the job's message dead-lettered")
+        assert "not tried again" in world.stack.log_text("mover")
+
+        # The cause fixed, an admin moves it back (the dashboard's Move messages): Orthanc's
+        # resubmit, the job runs again from the start, this time to the end.
+        dest.release.set()
+        move_messages(world.stack, dead, topology.MOVER.name)
+        done = wait_until(lambda: next((r for r in job_rows(world) if r["id"] == row["id"]
+                                        and r["state"] == "done"), None), 120,
+                          what="the job moved back run to the end")
     finally:
         dest.release.set()
         dest.stop()
-    result = parse_move_output(proc.returncode, output)
-    assert final_has(result, "A702") and "interrupted" in result.final, output[-3000:]
-    assert row["state"] == "failed", row
-    assert f"interrupted {topology.MOVER.delivery_limit} times" in row["error"], row
-    wait_until(lambda: queue_counts(world.stack.config.vhost).get(dead, 0) == dead_before + 1,
-               30, what="the job's message dead-lettered")
-    assert "not tried again" in world.stack.log_text("mover")
+    assert done is not None and (done["completed"], done["failed"]) == (len(world.ct), 0), done
+    assert {m.sop_uid for m in world.ct} <= set(dest.received)
+    assert "moved back from mover.jobs.dead: running it again" in world.stack.log_text("mover")
 
 
 def close_broker_connections(vhost: str, name: str) -> int:

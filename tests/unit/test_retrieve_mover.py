@@ -21,7 +21,7 @@ from services.gateway.retrieve import (
     read_identifier,
 )
 from services.mover.send import MAX_CONTEXTS, plan_contexts
-from services.mover.worker import deliveries
+from services.mover.worker import dead_lettered, deliveries
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
 from shared.query import PATIENT_ROOT, STUDY_ROOT, QueryError
 from shared.suboperations import Tally, classify
@@ -432,3 +432,14 @@ def test_prefetcher_fetches_one_large_object_ahead_not_depth() -> None:
 def test_deliveries_counts_this_one_and_never_fewer_than_the_broker(
         headers: dict[str, object] | None, expected: int) -> None:
     assert deliveries(headers) == expected
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    (None, False),
+    ({"x-delivery-count": 2}, False),  # redelivered, never dead-lettered
+    ({"x-death": []}, False),
+    ({"x-death": [{"queue": "mover.jobs", "reason": "rejected", "count": 1}]}, True),
+])
+def test_dead_lettered_is_read_from_x_death(headers: dict[str, object] | None,
+                                            expected: bool) -> None:
+    assert dead_lettered(headers) is expected
