@@ -21,12 +21,12 @@ import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from shared.dicom import index_record
+from shared.dicom import IndexRecord, index_record
 from shared.messages import InstanceStored
 
 log = logging.getLogger("minipacs.indexer")
@@ -162,8 +162,9 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored],
     studies: dict[str, int] = {}
     series_ids: dict[str, tuple[int, int]] = {}
     touched = _Touched()
-    ordered = sorted(batch, key=lambda m: (m.study_instance_uid, m.series_instance_uid,
-                                           m.sop_instance_uid))
+    chosen, extras = _one_copy_per_uid(batch, overwrite)
+    ordered = sorted(chosen, key=lambda m: (m.study_instance_uid, m.series_instance_uid,
+                                            m.sop_instance_uid))
     rows: list[tuple[object, ...]] = []
     fks: dict[str, tuple[int, int]] = {}  # SOP Instance UID -> (series, study) ids
     records = [(msg, index_record(msg.header)) for msg in ordered]
@@ -211,22 +212,19 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored],
             touched.in_series[series_fk] += 1
             touched.in_study[study_fk] += 1
         result.inserted = len(inserted)
-        skipped = []  # already indexed, or a repeat within the batch (its first copy is in)
-        unclaimed = set(inserted)
-        for msg, rec in records:
-            if msg.sop_instance_uid in unclaimed:
-                unclaimed.discard(msg.sop_instance_uid)
-            else:
-                skipped.append((msg, rec))
+        # already indexed; then the batch's other copies of its UIDs (never the ones to keep)
+        skipped: list[tuple[InstanceStored, IndexRecord | None]] = [
+            (msg, rec) for msg, rec in records if msg.sop_instance_uid not in inserted]
+        skipped += [(msg, None) for msg in extras]
         if skipped:
             kept = dict(await conn.fetch(KEPT_SHA256, [m.sop_instance_uid for m, _ in skipped]))
-            for msg, rec in skipped:
+            for msg, parsed in skipped:
                 if kept.get(msg.sop_instance_uid) == msg.sha256:
                     result.duplicates += 1
                     continue
                 result.conflicts += 1
-                if overwrite:
-                    new = await _overwrite(conn, msg, rec, series_ids, patients, touched)
+                if overwrite and parsed is not None:  # the batch's newest copy of its UID
+                    new = await _overwrite(conn, msg, parsed, series_ids, patients, touched)
                     if new:
                         result.replaced += 1
                         kept[msg.sop_instance_uid] = msg.sha256
@@ -243,6 +241,28 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored],
     return result
 
 
+def _received(msg: InstanceStored) -> tuple[datetime, str]:
+    """When the gateway received the copy (SHA-256 breaks a tie): the policies' clock."""
+    return _time(msg.received_at) or datetime.min.replace(tzinfo=UTC), msg.sha256
+
+
+def _one_copy_per_uid(batch: list[InstanceStored], overwrite: bool
+                      ) -> tuple[list[InstanceStored], list[InstanceStored]]:
+    """The copy of each SOP Instance UID in the batch that the policy keeps (the first
+    received; with ``overwrite``, the last), and the other copies."""
+    chosen: dict[str, InstanceStored] = {}
+    for msg in batch:
+        have = chosen.get(msg.sop_instance_uid)
+        if have is None:
+            chosen[msg.sop_instance_uid] = msg
+            continue
+        mine, theirs = _received(msg), _received(have)
+        if mine > theirs if overwrite else mine < theirs:
+            chosen[msg.sop_instance_uid] = msg
+    keep = set(map(id, chosen.values()))
+    return list(chosen.values()), [m for m in batch if id(m) not in keep]
+
+
 def _instance_row(series_fk: int, msg: InstanceStored, number: int | None) -> tuple[object, ...]:
     """The columns of ``INSERT_INSTANCES`` (and ``REPLACE_INSTANCE``) for one instance."""
     return (series_fk, msg.sop_instance_uid, msg.sop_class_uid, number, msg.transfer_syntax,
@@ -250,7 +270,7 @@ def _instance_row(series_fk: int, msg: InstanceStored, number: int | None) -> tu
             json.dumps(msg.header, ensure_ascii=False))
 
 
-async def _overwrite(conn: asyncpg.Connection, msg: InstanceStored, rec: Any,
+async def _overwrite(conn: asyncpg.Connection, msg: InstanceStored, rec: IndexRecord,
                      series_ids: dict[str, tuple[int, int]],
                      patients: dict[tuple[str, str], int], touched: _Touched) -> bool:
     """Replace the indexed copy of ``msg``'s instance if ``msg`` was received later: move the

@@ -109,6 +109,21 @@ async def test_keep_first_a_conflicting_copy_naming_other_parents_leaves_none_be
     assert await conflicts(conn) == [("1.9.1", "a", "b", "keep-first")]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+async def test_two_copies_in_one_batch_naming_different_series_count_once(
+        conn: asyncpg.Connection, overwrite: bool) -> None:
+    """The policy picks the copy by when it was received, not by where it sorts; it alone is
+    written and counted, and no series is created for the other."""
+    result = await write_batch(conn, [stored("1.9.1", series="1.2.3.9", received=T0),
+                                      stored("1.9.1", sha="b", series="1.2.3.1", received=T1)],
+                               overwrite)
+    assert (result.inserted, result.conflicts, result.replaced) == (1, 1, 0)
+    view = await hierarchy(conn)
+    (sha, series, _, _), = view["instances"].values()
+    assert (sha, series) == (("b", "1.2.3.1") if overwrite else ("a", "1.2.3.9"))
+    assert view["series"] == {series: 1} and view["studies"] == {"1.2.3": (1, 1)}
+
+
 async def test_overwrite_keeps_the_copy_received_last_and_moves_it_where_it_says(
         conn: asyncpg.Connection) -> None:
     await write_batch(conn, [stored("1.9.1", received=T0), stored("1.9.2", number=2,
