@@ -457,6 +457,29 @@ def test_orthanc_as_the_client_retrieves_from_minipacs(world: World) -> None:
     assert_archive_holds_exactly(world, expected)
 
 
+def test_orthanc_as_the_client_stores_to_minipacs(world: World) -> None:
+    """Moving an archive from Orthanc to minipacs the way its admins push studies anywhere:
+    Orthanc's REST /modalities/minipacs/store (C-STORE from Orthanc). Every instance arrives
+    byte-identical and is indexed once, under the study Orthanc held."""
+    from tests.e2e.test_ingest import assert_stored_byte_identical
+
+    clear_archive(world.archive)
+    made = small_set(world.tmp / "from-orthanc", patients=1, studies=1, series=2, per_series=3,
+                     tag="fromorthanc")
+    for m in made:
+        world.archive.rest("POST", "/instances", m.path.read_bytes())
+    studies = world.archive.rest("GET", "/studies")
+    assert len(studies) == 1
+    world.archive.rest("POST", "/modalities/minipacs/store",
+                       {"Resources": studies, "Synchronous": True}, timeout=120)
+    wait_until(lambda: indexed(world.stack, [m.sop_uid for m in made]) == len(made), 60,
+               what="the study from Orthanc indexed")
+    assert_stored_byte_identical(world.stack, made)
+    counts = pg(dsn(world.stack), "SELECT num_series, num_instances FROM study "
+                "WHERE study_instance_uid = $1", made[0].study_uid)
+    assert [tuple(r) for r in counts] == [(2, len(made))]
+
+
 @dataclass
 class SlowDestination:
     """A pynetdicom Storage SCP as a C-MOVE destination whose C-STORE handler holds each
