@@ -81,6 +81,16 @@ class InstanceReceived(_Message):
     received_at: str = ""
     routing_key = "instance.received"
 
+    def stored(self, object_key: str, header: dict[str, Any]) -> InstanceStored:
+        """The event storage announces once this instance is in S3 under ``object_key``."""
+        return InstanceStored(
+            sop_instance_uid=self.sop_instance_uid, sop_class_uid=self.sop_class_uid,
+            study_instance_uid=self.study_instance_uid,
+            series_instance_uid=self.series_instance_uid,
+            transfer_syntax=self.transfer_syntax, size=self.size, sha256=self.sha256,
+            object_key=object_key, calling_aet=self.calling_aet,
+            received_at=self.received_at, header=header)
+
 
 @dataclass(frozen=True)
 class InstanceStored(_Message):

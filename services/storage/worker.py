@@ -141,19 +141,7 @@ class StorageWorker:
             raise Permanent("spool file is gone and the object is not in S3")
         header = await asyncio.to_thread(self._put_and_read_header, path, key, received,
                                          existing != received.size)
-        await self.batcher.announce(InstanceStored(
-            sop_instance_uid=received.sop_instance_uid,
-            sop_class_uid=received.sop_class_uid,
-            study_instance_uid=received.study_instance_uid,
-            series_instance_uid=received.series_instance_uid,
-            transfer_syntax=received.transfer_syntax,
-            size=received.size,
-            sha256=received.sha256,
-            object_key=key,
-            calling_aet=received.calling_aet,
-            received_at=received.received_at,
-            header=header,
-        ))
+        await self.batcher.announce(received.stored(key, header))
         if not self.cache.adopt(path, key, received.size):
             self.spool.remove(received.spool_name)
         self.stored_count += 1

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from shared.dicom import InvalidInstance, index_record, inspect_instance
-from shared.messages import BadMessage, InstanceReceived
+from shared.messages import BadMessage, InstanceReceived, InstanceStored
 from shared.topology import QUEUES
 from tests.dicomgen import CT_IMAGE, make_instance, uid
 
@@ -87,6 +88,20 @@ def test_message_round_trip_and_refusal() -> None:
     for body in (b"\xff", b"[]", b'{"v": 99}', b'{"v": 1, "nope": 1}'):
         with pytest.raises(BadMessage):
             InstanceReceived.from_bytes(body)
+
+
+def test_the_stored_event_carries_every_field_of_the_received_one() -> None:
+    received = InstanceReceived("1.2", "1.3", "1.4", "1.5", TS, 10, "a" * 64, "x.dcm",
+                                calling_aet="CT1", peer_host="10.0.0.5",
+                                received_at="2026-12-07T06:00:00+00:00")
+    stored = received.stored("instances/aa/key.dcm", {"00100010": {"vr": "PN"}})
+    assert isinstance(stored, InstanceStored)
+    shared = {f.name for f in fields(InstanceStored)} - {"object_key", "header"}
+    assert shared <= {f.name for f in fields(InstanceReceived)}
+    assert {name: getattr(stored, name) for name in shared} == \
+        {name: getattr(received, name) for name in shared}
+    assert (stored.object_key, stored.header) == ("instances/aa/key.dcm",
+                                                  {"00100010": {"vr": "PN"}})
 
 
 def test_every_queue_has_a_dead_letter_queue_and_a_limit() -> None:
