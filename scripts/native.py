@@ -109,6 +109,10 @@ def ensure_postgres() -> None:
 
 BROKER_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"  # compose mounts it
 BROKER_PLUGINS = ROOT / "deploy" / "rabbitmq" / "enabled_plugins"  # and this one
+# The Debian broker reads every ``*.conf`` of its conf.d after rabbitmq.conf (3.10 and later)
+DEBIAN_BROKER_CONF = Path("/etc/rabbitmq/conf.d/90-minipacs.conf")
+# What the services rely on that a Debian broker's defaults lack (see ``ensure_rabbitmq``)
+NATIVE_BROKER_KEYS = ("consumer_timeout",)
 _broker_tuned = False
 
 
@@ -129,6 +133,32 @@ def broker_plugins() -> list[str]:
     return [name.strip() for name in text[1:-2].split(",") if name.strip()]
 
 
+def native_broker_conf() -> str:
+    """The Debian broker's drop-in file: ``NATIVE_BROKER_KEYS`` with the values compose's
+    ``deploy/rabbitmq/rabbitmq.conf`` gives them."""
+    lines = [f"# minipacs: from {BROKER_CONF.relative_to(ROOT)}, written by make run and make test",
+             "# (scripts/native.py) so that it outlives a restart of the broker."]
+    lines += [f"{key} = {broker_conf_value(key)}" for key in NATIVE_BROKER_KEYS]
+    return "\n".join(lines) + "\n"
+
+
+def persist_broker_conf(path: Path = DEBIAN_BROKER_CONF) -> bool:
+    """Write ``native_broker_conf()`` to ``path`` unless it is there already, so the settings
+    outlive a restart of the broker. False (and one line on stderr) when it cannot be written:
+    the settings then hold on the running broker only, until it restarts."""
+    text = native_broker_conf()
+    try:
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            return True
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"minipacs: cannot write {path} ({exc.strerror}): the broker keeps "
+              f"{', '.join(NATIVE_BROKER_KEYS)} until it restarts", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 def ensure_rabbitmq() -> None:
     global _broker_tuned
     if not port_open(5672):
@@ -140,8 +170,10 @@ def ensure_rabbitmq() -> None:
         subprocess.run(["rabbitmq-plugins", "enable", *broker_plugins()], check=False,
                        capture_output=True, timeout=120)
         wait_for("RabbitMQ management on :15672", lambda: port_open(15672), 60, 0.5)
-        # The one broker setting the services rely on that a Debian broker lacks: set on the
-        # running node (channels opened from now on), its config files left as they are.
+        # The one broker setting the services rely on that a Debian broker lacks: in a
+        # drop-in file for the broker's next start, and on the running node (channels opened
+        # from now on), which read its files before.
+        persist_broker_conf()
         timeout = int(broker_conf_value("consumer_timeout"))
         subprocess.run(["rabbitmqctl", "-q", "eval",
                         f"application:set_env(rabbit, consumer_timeout, {timeout})."],
