@@ -189,6 +189,7 @@ class GatewaySettings(Common):
     find_pn_ignore_case: bool = True   # PN matching ignores case, as Orthanc's default
     move_start_timeout: float = 10.0   # no mover took the C-MOVE job by then: 0xA702
     move_idle_timeout: float = 60.0    # no progress from the mover for this long: 0xA702
+    commit_timeout: float = 60.0       # storage commitment: wait this long for the index
     announce_batch: int = 16           # instance.received events per message at most
     announce_linger_ms: float = 2.0    # wait this long at most for C-STOREs on their way
     gateway_processes: int = 1         # processes sharing the DICOM port (gateway/workers.py)

@@ -14,6 +14,7 @@ from pynetdicom import AE, evt
 from services.gateway import receive, trace
 from services.gateway.announce import ReceivedAnnouncer, on_the_way
 from services.gateway.bridge import LoopBridge
+from services.gateway.commitment import Committer
 from services.gateway.find import Finder
 from services.gateway.handlers import AssociationIds, Gateway
 from services.gateway.retrieve import install, open_retrieve
@@ -59,7 +60,9 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
     install(ae)  # C-MOVE / C-GET served by retrieve.py, not by pynetdicom's sub-operations
     retrieve = await open_retrieve(settings, pool, connection, publisher, bridge, gateway.ids)
     retrieve.retriever.may = gateway.may
+    committer = Committer(settings, pool, bridge, gateway.ids, gateway.may)
     handlers = [*gateway.handlers(), (evt.EVT_C_FIND, finder.on_find),
+                (evt.EVT_N_ACTION, committer.on_action),
                 *retrieve.retriever.handlers(), *trace.handlers()]
     # pynetdicom's server runs a full ``gc.collect()`` every 60 requests it accepts, holding the
     # GIL for ~40 ms over the objects of every module loaded by now: set those aside first, so
@@ -79,6 +82,7 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
         await asyncio.to_thread(_wait_associations, ae, settings.dimse_timeout)
         server.server_close()
         beat.cancel()
+        committer.close()
         await retrieve.close()
         await connection.close()
         await pool.close()

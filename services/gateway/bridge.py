@@ -22,3 +22,7 @@ class LoopBridge:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError(f"no answer from the event loop within {timeout}s") from None
+
+    def start(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the loop without waiting for it (``cancel()`` stops it)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)

@@ -28,6 +28,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
@@ -92,6 +93,7 @@ def build_ae(settings: GatewaySettings) -> AE:
     ae.network_timeout = settings.network_timeout
     ae.require_called_aet = False  # decided by admission.admit, which also logs why
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:4])
+    ae.add_supported_context(StorageCommitmentPushModel, TRANSFER_SYNTAXES[:4])
     for find_model in FIND_MODELS:
         ae.add_supported_context(find_model, TRANSFER_SYNTAXES[:4])
     for cx in AllStoragePresentationContexts:

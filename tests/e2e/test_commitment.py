@@ -1,0 +1,159 @@
+"""Storage Commitment (Push Model) with a real modality-side peer: Debian's Orthanc, which
+modalities' admins use as a storage commitment SCU (``/modalities/{id}/storage-commitment``).
+It sends a study to minipacs, asks at once whether minipacs has taken charge of it, gets the
+N-EVENT-REPORT on a new association and, told "committed", deletes its own copies: the
+modality's workflow. Instances never sent, or sent under another SOP class, are reported
+failed with their reasons. Malformed or unauthorised N-ACTIONs are refused with the status
+that says why (our pynetdicom client: DCMTK has no storage commitment SCU)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+from scripts.native import Stack
+from services.gateway.commitment import STORAGE_COMMITMENT_INSTANCE
+from tests.conftest import TEST_NODES, dsn, make_stack, teardown
+from tests.dicomgen import CT_IMAGE, MR_IMAGE, Made, small_set, uid
+from tests.helpers import pg, storescu, wait_until
+from tests.orthanc import Orthanc, start_orthanc
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Site:
+    stack: Stack
+    modality: Orthanc
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    tmp = tmp_path_factory.mktemp("commit")
+    stack = make_stack(tmp, "commit", MINIPACS_COMMIT_TIMEOUT="5")
+    modality = start_orthanc(tmp / "modality", "MODALITY",
+                             {"minipacs": ["MINIPACS", "127.0.0.1", stack.config.gateway_port]})
+    stack.config.extra_env["MINIPACS_NODES"] = json.dumps(
+        {**TEST_NODES, "modality": ["MODALITY", "127.0.0.1", modality.dicom_port]})
+    try:
+        stack.start()
+        yield Site(stack, modality, tmp)
+    finally:
+        modality.stop()
+        teardown(stack)
+
+
+def indexed(stack: Stack, made: list[Made]) -> int:
+    rows = pg(dsn(stack), "SELECT count(*) AS n FROM instance WHERE sop_instance_uid = "
+              "ANY($1::text[])", [m.sop_uid for m in made])
+    return int(rows[0]["n"])
+
+
+def ask_commitment(site: Site, refs: list[tuple[str, str]]) -> tuple[str, dict[str, Any]]:
+    """Orthanc's storage commitment request to minipacs; the path of its report at Orthanc,
+    and the report once it came."""
+    answer = site.modality.rest("POST", "/modalities/minipacs/storage-commitment", {
+        "DicomInstances": [{"SOPClassUID": c, "SOPInstanceUID": i} for c, i in refs]})
+    path = answer["Path"]
+    report: dict[str, Any] = wait_until(
+        lambda: (r := site.modality.rest("GET", path))["Status"] != "Pending" and r, 60,
+        what="the storage commitment report at Orthanc")
+    return path, report
+
+
+def uids(entries: list[dict[str, Any]]) -> set[str]:
+    return {e["SOPInstanceUID"] for e in entries}
+
+
+def test_a_modality_told_its_study_is_committed_deletes_its_copies(site: Site) -> None:
+    made = small_set(site.tmp / "study", patients=1, studies=1, series=2, per_series=4,
+                     tag="commit")
+    for m in made:
+        site.modality.rest("POST", "/instances", m.path.read_bytes())
+    studies = site.modality.rest("GET", "/studies")
+    site.modality.rest("POST", "/modalities/minipacs/store",
+                       {"Resources": studies, "Synchronous": True}, timeout=120)
+    # asked right after the last C-STORE: minipacs waits for the index, not reports "missing"
+    path, report = ask_commitment(site, [(MR_IMAGE, m.sop_uid) for m in made])
+    assert report["Status"] == "Success", report
+    assert uids(report["Success"]) == {m.sop_uid for m in made}
+    assert report["Failures"] == []
+    assert report["RemoteAET"] == "MINIPACS"
+    assert indexed(site.stack, made) == len(made)
+
+    site.modality.rest("POST", f"{path}/remove", {})
+    assert site.modality.rest("GET", "/instances") == []
+    assert indexed(site.stack, made) == len(made)  # the archive keeps them
+    log = site.stack.log_text("gateway")
+    assert f"report sent to MODALITY: {len(made)} committed, 0 failed" in log
+
+
+def test_instances_not_received_or_of_another_class_are_reported_failed(site: Site) -> None:
+    made = small_set(site.tmp / "partial", patients=1, studies=1, series=1, per_series=2,
+                     tag="partial")
+    sent = storescu(site.stack.config.gateway_port, [m.path for m in made])
+    assert sent.successes == len(made), sent.output
+    never_sent = uid("never", "sent")
+    _, report = ask_commitment(site, [(MR_IMAGE, made[0].sop_uid),
+                                   (CT_IMAGE, made[1].sop_uid),  # stored as MR
+                                   (CT_IMAGE, never_sent)])
+    assert report["Status"] == "Failure", report
+    assert uids(report["Success"]) == {made[0].sop_uid}
+    reasons = {f["SOPInstanceUID"]: f["FailureReason"] for f in report["Failures"]}
+    assert reasons == {made[1].sop_uid: 0x0119, never_sent: 0x0112}, report
+
+
+def n_action(site: Site, calling: str, action_type: int, info: Dataset | None,
+             instance: str = STORAGE_COMMITMENT_INSTANCE) -> Dataset:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", site.stack.config.gateway_port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(info, action_type, StorageCommitmentPushModel, instance)
+    finally:
+        assoc.release()
+    assert status is not None and "Status" in status
+    return status
+
+
+def commit_info(transaction: str | None, refs: list[tuple[str, str]]) -> Dataset:
+    ds = Dataset()
+    if transaction is not None:
+        ds.TransactionUID = transaction
+    items = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+@pytest.mark.parametrize(("calling", "action_type", "transaction", "refs", "instance",
+                          "status"), [
+    ("TESTSCU", 2, "1.2.3", [(CT_IMAGE, "1.2.3.4")], STORAGE_COMMITMENT_INSTANCE, 0x0123),
+    ("TESTSCU", 1, "1.2.3", [(CT_IMAGE, "1.2.3.4")], "1.2.3.4.5", 0x0117),
+    ("TESTSCU", 1, None, [(CT_IMAGE, "1.2.3.4")], STORAGE_COMMITMENT_INSTANCE, 0x0120),
+    ("TESTSCU", 1, "1.2.3", [], STORAGE_COMMITMENT_INSTANCE, 0x0120),
+    ("TESTSCU", 1, "1.2.3", [(CT_IMAGE, "../../x")], STORAGE_COMMITMENT_INSTANCE, 0x0106),
+    ("READONLY", 1, "1.2.3", [(CT_IMAGE, "1.2.3.4")], STORAGE_COMMITMENT_INSTANCE, 0x0124),
+], ids=["no-such-action", "not-the-well-known-instance", "no-transaction", "no-references",
+        "path-like-uid", "node-may-not-store"])
+def test_a_request_minipacs_cannot_take_is_refused_with_its_reason(
+        site: Site, calling: str, action_type: int, transaction: str | None,
+        refs: list[tuple[str, str]], instance: str, status: int) -> None:
+    answer = n_action(site, calling, action_type, commit_info(transaction, refs), instance)
+    assert answer.Status == status
+    # the gateway keeps serving
+    assert n_action(site, "TESTSCU", 2, commit_info("1.2.3", refs)).Status == 0x0123

@@ -1,0 +1,76 @@
+"""Storage commitment's pure parts: reading the N-ACTION, and the report's two lists."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+
+from services.gateway.commitment import (
+    ALL_COMMITTED,
+    CLASS_INSTANCE_CONFLICT,
+    FAILURES_EXIST,
+    NO_SUCH_OBJECT_INSTANCE,
+    STORAGE_COMMITMENT_INSTANCE,
+    CommitRequest,
+    Refused,
+    parse_request,
+    report,
+)
+
+CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+
+
+def info(transaction: str | None, *refs: tuple[str, str]) -> Dataset:
+    ds = Dataset()
+    if transaction is not None:
+        ds.TransactionUID = transaction
+    seq = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        seq.append(item)
+    ds.ReferencedSOPSequence = seq
+    return ds
+
+
+def test_a_well_formed_request_is_read_in_order() -> None:
+    request = parse_request(1, STORAGE_COMMITMENT_INSTANCE, info("9.8", (CT, "1.1"), (MR, "1.2")))
+    assert request == CommitRequest("9.8", ((CT, "1.1"), (MR, "1.2")))
+
+
+@pytest.mark.parametrize(("action", "instance", "ds", "status"), [
+    (2, STORAGE_COMMITMENT_INSTANCE, info("9.8", (CT, "1.1")), 0x0123),
+    (None, STORAGE_COMMITMENT_INSTANCE, info("9.8", (CT, "1.1")), 0x0123),
+    (1, "1.2.3", info("9.8", (CT, "1.1")), 0x0117),
+    (1, STORAGE_COMMITMENT_INSTANCE, None, 0x0120),
+    (1, STORAGE_COMMITMENT_INSTANCE, info(None, (CT, "1.1")), 0x0120),
+    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8"), 0x0120),
+    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8", (CT, "")), 0x0106),
+    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8", ("../x", "1.1")), 0x0106),
+    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8/..", (CT, "1.1")), 0x0106),
+])
+def test_a_request_that_cannot_be_taken_is_refused_with_its_status(
+        action: int | None, instance: str, ds: Dataset | None, status: int) -> None:
+    with pytest.raises(Refused) as refused:
+        parse_request(action, instance, ds)
+    assert refused.value.status == status
+    assert str(refused.value)
+
+
+def test_the_report_lists_committed_and_failed_with_their_reasons() -> None:
+    request = CommitRequest("9.8", ((CT, "1.1"), (CT, "1.2"), (CT, "1.3")))
+    event, ds = report(request, {"1.1": CT, "1.2": MR}, "MINIPACS")
+    assert event == FAILURES_EXIST
+    assert ds.TransactionUID == "9.8" and ds.RetrieveAETitle == "MINIPACS"
+    assert [i.ReferencedSOPInstanceUID for i in ds.ReferencedSOPSequence] == ["1.1"]
+    assert {i.ReferencedSOPInstanceUID: i.FailureReason for i in ds.FailedSOPSequence} == {
+        "1.2": CLASS_INSTANCE_CONFLICT, "1.3": NO_SUCH_OBJECT_INSTANCE}
+
+
+def test_a_report_with_every_instance_indexed_has_no_failed_list() -> None:
+    request = CommitRequest("9.8", ((CT, "1.1"), (MR, "1.2")))
+    event, ds = report(request, {"1.1": CT, "1.2": MR}, "MINIPACS")
+    assert event == ALL_COMMITTED
+    assert "FailedSOPSequence" not in ds
+    assert len(ds.ReferencedSOPSequence) == 2
