@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from minio import Minio
+from pydicom.dataset import Dataset
 
 T = TypeVar("T")
 DCMTK = Path("/usr/bin")  # the venv's pynetdicom installs its own "storescu": never use that one
@@ -102,3 +103,19 @@ def queue_counts(vhost: str, column: str = "messages") -> dict[str, int]:
                          timeout=60).stdout
     rows = (line.split() for line in out.splitlines() if line.strip())
     return {row[0]: int(row[1]) for row in rows if len(row) == 2}
+
+
+def commitment_request(transaction: str | None, refs: Sequence[tuple[str, str]]) -> Dataset:
+    """The Action Information of a storage commitment N-ACTION: Transaction UID (left out if
+    None) and a Referenced SOP Sequence of (SOP Class UID, SOP Instance UID)."""
+    ds = Dataset()
+    if transaction is not None:
+        ds.TransactionUID = transaction
+    items = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds

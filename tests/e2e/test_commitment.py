@@ -23,7 +23,7 @@ from scripts.native import Stack
 from services.gateway.commitment import STORAGE_COMMITMENT_INSTANCE
 from tests.conftest import TEST_NODES, dsn, make_stack, teardown
 from tests.dicomgen import CT_IMAGE, MR_IMAGE, Made, small_set, uid
-from tests.helpers import pg, storescu, wait_until
+from tests.helpers import commitment_request, pg, storescu, wait_until
 from tests.orthanc import Orthanc, start_orthanc
 
 pytestmark = pytest.mark.e2e
@@ -126,20 +126,6 @@ def n_action(site: Site, calling: str, action_type: int, info: Dataset | None,
     return status
 
 
-def commit_info(transaction: str | None, refs: list[tuple[str, str]]) -> Dataset:
-    ds = Dataset()
-    if transaction is not None:
-        ds.TransactionUID = transaction
-    items = []
-    for sop_class, sop_instance in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        items.append(item)
-    ds.ReferencedSOPSequence = items
-    return ds
-
-
 @pytest.mark.parametrize(("calling", "action_type", "transaction", "refs", "instance",
                           "status"), [
     ("TESTSCU", 2, "1.2.3", [(CT_IMAGE, "1.2.3.4")], STORAGE_COMMITMENT_INSTANCE, 0x0123),
@@ -153,7 +139,7 @@ def commit_info(transaction: str | None, refs: list[tuple[str, str]]) -> Dataset
 def test_a_request_minipacs_cannot_take_is_refused_with_its_reason(
         site: Site, calling: str, action_type: int, transaction: str | None,
         refs: list[tuple[str, str]], instance: str, status: int) -> None:
-    answer = n_action(site, calling, action_type, commit_info(transaction, refs), instance)
+    answer = n_action(site, calling, action_type, commitment_request(transaction, refs), instance)
     assert answer.Status == status
     # the gateway keeps serving
-    assert n_action(site, "TESTSCU", 2, commit_info("1.2.3", refs)).Status == 0x0123
+    assert n_action(site, "TESTSCU", 2, commitment_request("1.2.3", refs)).Status == 0x0123

@@ -16,39 +16,27 @@ from services.gateway.commitment import (
     parse_request,
     report,
 )
+from tests.helpers import commitment_request as info
 
 CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
 
 
-def info(transaction: str | None, *refs: tuple[str, str]) -> Dataset:
-    ds = Dataset()
-    if transaction is not None:
-        ds.TransactionUID = transaction
-    seq = []
-    for sop_class, sop_instance in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        seq.append(item)
-    ds.ReferencedSOPSequence = seq
-    return ds
-
-
 def test_a_well_formed_request_is_read_in_order() -> None:
-    request = parse_request(1, STORAGE_COMMITMENT_INSTANCE, info("9.8", (CT, "1.1"), (MR, "1.2")))
+    request = parse_request(1, STORAGE_COMMITMENT_INSTANCE,
+                            info("9.8", [(CT, "1.1"), (MR, "1.2")]))
     assert request == CommitRequest("9.8", ((CT, "1.1"), (MR, "1.2")))
 
 
 @pytest.mark.parametrize(("action", "instance", "ds", "status"), [
-    (2, STORAGE_COMMITMENT_INSTANCE, info("9.8", (CT, "1.1")), 0x0123),
-    (None, STORAGE_COMMITMENT_INSTANCE, info("9.8", (CT, "1.1")), 0x0123),
-    (1, "1.2.3", info("9.8", (CT, "1.1")), 0x0117),
+    (2, STORAGE_COMMITMENT_INSTANCE, info("9.8", [(CT, "1.1")]), 0x0123),
+    (None, STORAGE_COMMITMENT_INSTANCE, info("9.8", [(CT, "1.1")]), 0x0123),
+    (1, "1.2.3", info("9.8", [(CT, "1.1")]), 0x0117),
     (1, STORAGE_COMMITMENT_INSTANCE, None, 0x0120),
-    (1, STORAGE_COMMITMENT_INSTANCE, info(None, (CT, "1.1")), 0x0120),
-    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8"), 0x0120),
-    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8", (CT, "")), 0x0106),
-    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8", ("../x", "1.1")), 0x0106),
-    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8/..", (CT, "1.1")), 0x0106),
+    (1, STORAGE_COMMITMENT_INSTANCE, info(None, [(CT, "1.1")]), 0x0120),
+    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8", []), 0x0120),
+    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8", [(CT, "")]), 0x0106),
+    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8", [("../x", "1.1")]), 0x0106),
+    (1, STORAGE_COMMITMENT_INSTANCE, info("9.8/..", [(CT, "1.1")]), 0x0106),
 ])
 def test_a_request_that_cannot_be_taken_is_refused_with_its_status(
         action: int | None, instance: str, ds: Dataset | None, status: int) -> None:
