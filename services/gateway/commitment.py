@@ -190,7 +190,7 @@ class Committer:
             except Exception as exc:
                 status, why = None, f"{type(exc).__name__}: {exc}"
             else:
-                why = "" if status == statuses.SUCCESS else f"answered 0x{status:04X}"
+                why = "no status in the answer" if status is None else f"0x{status:04X}"
             if status == statuses.SUCCESS:
                 log.info("storage commitment report sent to %s: %d committed, %d failed",
                          node.aet, len(request.refs) - failed, failed)
@@ -208,10 +208,14 @@ class Committer:
         wanted = [uid for _, uid in request.refs]
         deadline = time.monotonic() + self.settings.commit_timeout
         pause = 0.1
+        indexed: dict[str, str] = {}
         while True:
-            async with self.pool.acquire() as conn:
-                rows = await conn.fetch(INDEXED, wanted)
-            indexed = {r["sop_instance_uid"]: r["sop_class_uid"] for r in rows}
+            try:
+                async with self.pool.acquire() as conn:
+                    rows = await conn.fetch(INDEXED, wanted)
+                indexed = {r["sop_instance_uid"]: r["sop_class_uid"] for r in rows}
+            except (OSError, asyncpg.PostgresError) as exc:  # asked again until the deadline
+                log.warning("storage commitment: index not readable (%s)", exc)
             if len(indexed) == len(set(wanted)) or time.monotonic() + pause > deadline:
                 return indexed
             await asyncio.sleep(pause)

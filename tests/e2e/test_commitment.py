@@ -43,7 +43,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     modality = start_orthanc(tmp / "modality", "MODALITY",
                              {"minipacs": ["MINIPACS", "127.0.0.1", stack.config.gateway_port]})
     stack.config.extra_env["MINIPACS_NODES"] = json.dumps(
-        {**TEST_NODES, "modality": ["MODALITY", "127.0.0.1", modality.dicom_port]})
+        {**TEST_NODES, "modality": ["MODALITY", "127.0.0.1", modality.dicom_port],
+         "offline": ["OFFLINE", "127.0.0.1", 9]})  # known, but nobody listens there
     try:
         stack.start()
         yield Site(stack, modality, tmp)
@@ -143,3 +144,16 @@ def test_a_request_minipacs_cannot_take_is_refused_with_its_reason(
     assert answer.Status == status
     # the gateway keeps serving
     assert n_action(site, "TESTSCU", 2, commitment_request("1.2.3", refs)).Status == 0x0123
+
+
+def test_a_report_nobody_takes_is_tried_again_and_the_gateway_keeps_serving(site: Site) -> None:
+    made = small_set(site.tmp / "offline", patients=1, studies=1, series=1, per_series=1,
+                     tag="offline")
+    assert storescu(site.stack.config.gateway_port, [m.path for m in made]).successes == 1
+    wait_until(lambda: indexed(site.stack, made) == 1, 60, what="the instance indexed")
+    answer = n_action(site, "OFFLINE", 1, commitment_request("1.2.9", [(MR_IMAGE,
+                                                                         made[0].sop_uid)]))
+    assert answer.Status == 0x0000  # taken: the report is what fails
+    wait_until(lambda: "report to OFFLINE (127.0.0.1:9) not delivered (attempt 2"
+               in site.stack.log_text("gateway"), 60, what="the second attempt logged")
+    assert n_action(site, "TESTSCU", 2, commitment_request("1.2.3", [])).Status == 0x0123
