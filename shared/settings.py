@@ -169,6 +169,9 @@ class Common(EnvSettings):
                                 + ", ".join(LOG_LEVELS))
 
 
+MAX_PDU_LIMIT = 64 * 1024 * 1024  # the largest maximum PDU the gateway offers
+
+
 @dataclass(frozen=True)
 class GatewaySettings(Common):
     gateway_aet: str = "MINIPACS"
@@ -198,6 +201,9 @@ class GatewaySettings(Common):
         if self.gateway_processes < 1:
             raise SettingsError(f"{PREFIX}GATEWAY_PROCESSES must be 1 or more, "
                              f"not {self.gateway_processes}")
+        if not 0 < self.max_pdu <= MAX_PDU_LIMIT:  # 0 would tell peers "unlimited"
+            raise SettingsError(f"{PREFIX}MAX_PDU must be from 1 to {MAX_PDU_LIMIT} bytes (each "
+                                f"association holds one PDU in memory), not {self.max_pdu}")
         return replace(
             self,
             gateway_aet=validate_aet(self.gateway_aet),

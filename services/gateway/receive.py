@@ -15,7 +15,12 @@ thread reads the PDU itself:
   exactly as its own reader would have (``_decode_pdu``, event queue, PDU queue).
 
 Ownership is decided per DIMSE message, by its command. Disabled while pynetdicom's DIMSE
-logging is on (TRACE), so the dumps show every message. Memory is bounded by the PDU size.
+logging is on (TRACE), so the dumps show every message.
+
+Memory is bounded: a PDU by the maximum length negotiated, a C-STORE dataset by nothing (it
+goes to disk), and everything pynetdicom gathers in memory (a command set, a C-FIND / C-MOVE /
+C-GET identifier, an N-ACTION's references) by ``COMMAND_MAX`` and ``MESSAGE_MAX``: a peer
+sending more in one message is aborted, where pynetdicom would have kept every fragment.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
+from pynetdicom.dimse_messages import _MESSAGE_TYPES
 from pynetdicom.dul import DULServiceProvider
 
 from services.gateway.announce import on_the_way
@@ -68,6 +75,15 @@ class _State:
 
     owner: str | _Store | None = None  # None between messages, "pynetdicom", or ours
     command: bytearray = field(default_factory=bytearray)
+    kind: str = ""  # the message pynetdicom is gathering ("C-FIND-RQ"), and its bytes so far
+    held: int = 0
+
+
+# What pynetdicom may gather in memory for one DIMSE message (it keeps every fragment until
+# the last): a command set is a few hundred bytes; a query identifier a few KB; a storage
+# commitment N-ACTION ~130 bytes per referenced instance, so 8 MiB is ~60,000 of them.
+COMMAND_MAX = 64 * 1024
+MESSAGE_MAX = 8 * 1024 * 1024
 
 
 _handler: StoreHandler | None = None
@@ -86,36 +102,37 @@ def _enabled() -> bool:
 
 
 def _read_pdu_data(self: DULServiceProvider) -> None:
-    if not _enabled() or self.state_machine.current_state != "Sta6":
-        _read_within_artim(self)
+    """The DUL thread's read of the next PDU, in place of pynetdicom's, in every state.
+
+    - **Length.** pynetdicom reads whatever length a PDU header declares: a peer that declared
+      4 GiB and kept sending had the gateway hold it all, even before any association. A PDU
+      over what the state allows (``ASSOCIATE_PDU_MAX`` before the association, ``_limit``
+      after it) is refused unread (Evt19: pynetdicom answers it with an A-ABORT).
+    - **After our A-ABORT** (Sta13) what the peer still sends is read in small pieces and
+      dropped, never decoded (PS3.8 AA-6), until it closes or the ARTIM timer ends it.
+    - **Time.** pynetdicom checks the ARTIM timer between PDUs only: a PDU that stops half-way
+      (a truncated A-ASSOCIATE-RQ) held the connection for the network timeout (60 s), past
+      any SCU's patience. Where ARTIM runs, a read cut short ends the connection as a closed
+      one would (Evt17).
+    - **C-STOREs.** A P-DATA-TF PDU of an association goes to ``_p_data``; every other PDU to
+      pynetdicom, decoded as its own reader would."""
+    raw = getattr(self.socket, "socket", None)
+    if raw is None:
+        _original_read(self)  # no socket: pynetdicom's reader reports the closed transport
         return
-    sock = cast(Any, self.socket)
-    try:
-        head = sock.recv(6)
-        pdu_type, _, length = struct.unpack(">BBL", head)
-    except (OSError, TimeoutError, struct.error):
-        _drop_partial(self)
-        self.event_queue.put("Evt17")
+    state = self.state_machine.current_state
+    if state == "Sta1" and not self.event_queue.empty():
+        return  # the connection event (Evt5) first: the PDU waits in the socket for Sta2
+    with _within_artim(self, raw, state):
+        if state == "Sta13":
+            _discard(self, raw)
+            return
+        pdu = _read_pdu(self, raw, state)
+    if pdu is None:
         return
-    limit = _limit(self, pdu_type)
-    if limit and length > limit:  # refused before reading (or allocating) it: abort
-        log.warning("assoc %s: PDU type 0x%02X of %d bytes, over the %d negotiated: aborting",
-                    _who(self), pdu_type, length, limit)
-        _drop_partial(self)
-        self.event_queue.put("Evt19")  # pynetdicom answers an invalid PDU with A-ABORT
-        return
-    try:
-        body = sock.recv(length) if length else b""
-    except (OSError, TimeoutError):
-        _drop_partial(self)
-        self.event_queue.put("Evt17")
-        return
-    if len(body) != length:
-        _drop_partial(self)
-        self.event_queue.put("Evt17")
-        return
-    if pdu_type != P_DATA_TF:  # release, abort...: a C-STORE half received is dropped
-        _drop_partial(self)
+    head, body = pdu
+    if head[0] != P_DATA_TF or state != "Sta6" or not _enabled():
+        _drop_partial(self)  # release, abort...: a C-STORE half received is dropped
         _to_pynetdicom(self, bytes(head) + bytes(body))
         return
     try:
@@ -134,34 +151,86 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
 
 # States where a connection has no association yet (Sta1: the first read, before pynetdicom
 # handles the connection event; Sta2: awaiting the A-ASSOCIATE-RQ) or awaits its close after
-# an A-ABORT (Sta13). The ARTIM timer (the ACSE timeout) bounds them.
+# an A-ABORT (Sta13). The ARTIM timer (the ACSE timeout) bounds them. (Sta5, where our own
+# association awaits its A-ASSOCIATE-AC, is bounded by the network timeout.)
 _ARTIM_STATES = frozenset({"Sta1", "Sta2", "Sta13"})
+# Longest PDU before an association: an A-ASSOCIATE-RQ with all 128 presentation contexts,
+# 30 transfer syntaxes each and two 64 KiB user identity items is ~250 KB.
+ASSOCIATE_PDU_MAX = 1024 * 1024
+_DISCARD = 64 * 1024
 
 
-def _read_within_artim(dul: DULServiceProvider) -> None:
-    """pynetdicom's reader, its socket reads ending with the ARTIM timer where that runs.
-
-    pynetdicom checks ARTIM between PDUs only: a PDU that stops half-way (a truncated
-    A-ASSOCIATE-RQ, the body of an unknown PDU type it reads as the next header) held the
-    connection for the network timeout (60 s), past any SCU's patience. A read cut short
-    ends the connection as a closed one would (Evt17)."""
-    raw = getattr(dul.socket, "socket", None)
-    if raw is None or dul.state_machine.current_state not in _ARTIM_STATES:
-        _original_read(dul)
-        return
+@contextlib.contextmanager
+def _within_artim(dul: DULServiceProvider, raw: socket.socket, state: str) -> Iterator[None]:
+    """The socket's reads end when the ARTIM timer does, in the states where it runs."""
     timer = dul.artim_timer
-    if timer.timeout is None:  # no ACSE timeout configured
-        _original_read(dul)
+    if state not in _ARTIM_STATES or timer.timeout is None:
+        yield
         return
     running = timer._start_time is not None and timer._end_time is None
-    bound = timer.remaining if running else timer.timeout
     before = raw.gettimeout()
-    raw.settimeout(max(bound, 0.001))
+    raw.settimeout(max(timer.remaining if running else timer.timeout, 0.001))
     try:
-        _original_read(dul)
+        yield
     finally:
         with contextlib.suppress(OSError):  # closed meanwhile
             raw.settimeout(before)
+
+
+def _read_pdu(dul: DULServiceProvider, raw: socket.socket, state: str
+              ) -> tuple[bytearray, bytearray] | None:
+    """The next PDU's header and body; None once the event that ends it is queued."""
+    sock = cast(Any, dul.socket)  # pynetdicom's socket, its recv is ``wire.recv_upto``
+    try:
+        head: bytearray = sock.recv(6)
+        pdu_type, _, length = struct.unpack(">BBL", head)
+    except (OSError, TimeoutError, struct.error):
+        _drop_partial(dul)
+        dul.event_queue.put("Evt17")
+        return None
+    before = state in _ARTIM_STATES
+    who = f"connection from {_peer(raw)}" if before else f"assoc {_who(dul)}"
+    if not 0x01 <= pdu_type <= 0x07:  # PS3.8 9.3.1 defines no other
+        log.warning("%s: unknown PDU type 0x%02X: aborting", who, pdu_type)
+        _drop_partial(dul)
+        dul.event_queue.put("Evt19")
+        return None
+    limit = ASSOCIATE_PDU_MAX if before or state == "Sta5" else _limit(dul, pdu_type)
+    if limit and length > limit:  # refused before reading (or allocating) it
+        log.warning("%s: PDU type 0x%02X of %d bytes, over the %d %s: aborting", who,
+                    pdu_type, length, limit,
+                    "accepted before an association" if before else "negotiated")
+        _drop_partial(dul)
+        dul.event_queue.put("Evt19")
+        return None
+    try:
+        body: bytearray = sock.recv(length) if length else bytearray()
+    except (OSError, TimeoutError):
+        body = bytearray()
+    if len(body) != length:
+        _drop_partial(dul)
+        dul.event_queue.put("Evt17")
+        return None
+    return head, body
+
+
+def _discard(dul: DULServiceProvider, raw: socket.socket) -> None:
+    try:
+        data = raw.recv(_DISCARD)
+    except TimeoutError:
+        return  # the ARTIM timer has run out: the reactor's Evt18 closes the connection
+    except OSError:
+        data = b""
+    if not data:
+        dul.event_queue.put("Evt17")
+
+
+def _peer(raw: socket.socket) -> str:
+    try:
+        host, port = raw.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
 
 
 # Longest PDU other than P-DATA-TF we accept once associated (A-RELEASE / A-ABORT are 10 bytes)
@@ -173,7 +242,9 @@ def _limit(dul: DULServiceProvider, pdu_type: int) -> int:
     to the maximum length we offered (its variable field), anything else small."""
     if pdu_type != P_DATA_TF:
         return OTHER_PDU_MAX
-    return int(getattr(dul.assoc.acceptor, "maximum_length", 0) or 0)
+    assoc = dul.assoc  # we are its acceptor, or (storage commitment reports) its requestor
+    local = assoc.requestor if assoc.is_requestor else assoc.acceptor
+    return int(getattr(local, "maximum_length", 0) or 0)
 
 
 def _drop_partial(dul: DULServiceProvider) -> None:
@@ -230,6 +301,10 @@ def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -
         elif state.owner == "pynetdicom":
             if ctrl & 1:
                 raise ProtocolError("a command inside another message's dataset")
+            state.held += len(data)
+            if state.held > MESSAGE_MAX:
+                raise ProtocolError(f"a {state.kind} of more than {MESSAGE_MAX} bytes, the "
+                                    "most the gateway holds for one request")
             handed.append((cx, ctrl, data))
             if ctrl & 2:
                 state.owner = None
@@ -237,6 +312,8 @@ def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -
             if not ctrl & 1:
                 raise ProtocolError("a dataset fragment without a command")
             state.command += data
+            if len(state.command) > COMMAND_MAX:
+                raise ProtocolError(f"a command set of more than {COMMAND_MAX} bytes")
             if not ctrl & 2:
                 continue
             raw = bytes(state.command)
@@ -252,8 +329,15 @@ def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -
             handed.append((cx, 0x03, memoryview(raw)))  # the whole command, one fragment
             with_dataset = command is not None and wire.us_value(command, 0x0800) != NO_DATASET
             state.owner = "pynetdicom" if with_dataset else None
+            state.kind, state.held = _kind(command), len(raw)
     if handed:
         _to_pynetdicom(dul, _encode_pdvs(handed))
+
+
+def _kind(command: dict[int, bytes] | None) -> str:
+    """The message's name for the log ("C-FIND-RQ"), from its Command Field."""
+    field_ = None if command is None else wire.us_value(command, 0x0100)
+    return _MESSAGE_TYPES.get(field_ or 0, ("DIMSE message",))[0]
 
 
 def _ui(command: dict[int, bytes], elem: int) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from pydicom import dcmread
 from pydicom.uid import UID
@@ -21,7 +22,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from scripts.native import Stack
-from services.gateway import statuses
+from services.gateway import receive, statuses
 from services.gateway.admission import REJECT_NO_CONTEXT
 from shared import dimse_wire as wire
 from tests.conftest import dsn, make_stack, s3_client, teardown
@@ -555,10 +556,11 @@ def _item(kind: int, value: bytes) -> bytes:
 
 
 def associate_rq(calling: str = "TESTSCU", called: str = "MINIPACS", *,
-                 propose: bool = True) -> bytes:
-    """A well-formed A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing Verification (or, without
-    ``propose``, no presentation context at all)."""
-    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, b"1.2.840.10008.1.1")
+                 propose: bool = True, abstract: str = "1.2.840.10008.1.1") -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing ``abstract`` (Verification)
+    in Implicit VR Little Endian as context 1 (or, without ``propose``, no presentation
+    context at all)."""
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, abstract.encode())
                     + _item(0x40, b"1.2.840.10008.1.2")) if propose else b""
     body = (struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16)
             + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + context
@@ -613,9 +615,48 @@ def test_protocol_garbage_is_closed_within_the_acse_timeout(tmp_path: Path) -> N
                 assert received.startswith(A_ABORT), (name, received[:20].hex())
             proc = echo(stack, "-aec", "MINIPACS")
             assert proc.returncode == 0, (name, proc.stdout + proc.stderr)
-        assert "Unknown PDU type received '0x08'" in stack.log_text("gateway")
+        assert re.search(r"connection from 127\.0\.0\.1:\d+: unknown PDU type 0x08: aborting",
+                         stack.log_text("gateway"))
     finally:
         teardown(stack)
+
+
+def test_a_pdu_declaring_gigabytes_before_any_association_is_refused_unread(
+        stack: Stack) -> None:
+    """RELIABILITY: a PDU longer than allowed is aborted, with no allocation of the declared
+    length. Before any association nothing is negotiated, and pynetdicom read whatever an
+    A-ASSOCIATE-RQ header declared: one connection declaring 4 GiB and sending 256 MiB grew
+    the gateway by 256 MiB (512 MiB in a second, by hand), so a few anonymous connections
+    could exhaust its memory. Now a PDU over ``ASSOCIATE_PDU_MAX`` before the association
+    gets an A-ABORT unread, what follows is dropped in small pieces, and the gateway serves
+    the next association."""
+    gateway = psutil.Process(stack.procs["gateway"].pid)
+    rss_before = gateway.memory_info().rss
+    sent, received, chunk = 0, b"", b"\x00" * 2**20
+    with socket.create_connection(("127.0.0.1", stack.config.gateway_port),
+                                  timeout=CLIENT_PATIENCE) as s:
+        s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))  # an A-ASSOCIATE-RQ of 4 GiB
+        try:
+            while sent < 256 * 2**20:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        grew = (gateway.memory_info().rss - rss_before) / 2**20
+        try:
+            while data := s.recv(65536):
+                received += data
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            pytest.fail(f"{sent} bytes sent, and the connection still open")
+    print(f"\n{sent / 2**20:.0f} MiB sent after the header; gateway RSS grew {grew:.1f} MiB")
+    assert received.startswith(A_ABORT), received[:20].hex()
+    assert grew < 64, f"the gateway grew by {grew:.0f} MiB for {sent / 2**20:.0f} MiB sent"
+    assert re.search(r"connection from 127\.0\.0\.1:\d+: PDU type 0x01 of 4294967280 bytes, "
+                     rf"over the {receive.ASSOCIATE_PDU_MAX} accepted before an association: "
+                     "aborting", stack.log_text("gateway"))
+    assert echo(stack, "-aec", "MINIPACS").returncode == 0
 
 
 def test_an_association_proposing_no_presentation_context_is_rejected(stack: Stack) -> None:
@@ -634,4 +675,61 @@ def test_an_association_proposing_no_presentation_context_is_rejected(stack: Sta
     wait_until(lambda: stack.log_text("gateway").count(
         "association rejected: no presentation context proposed") == before + 1, 10,
         what="the rejection logged")
+    assert echo(stack, "-aec", "MINIPACS").returncode == 0
+
+
+# ---- 5. a request too large to hold ------------------------------------------------------------
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+FRAGMENT = 256 * 1024
+
+
+def _c_find_rq() -> bytes:
+    return wire.command_set([(0x0002, STUDY_ROOT_FIND.encode() + b"\x00"),
+                             (0x0100, struct.pack("<H", 0x0020)),
+                             (0x0110, struct.pack("<H", 1)), (0x0700, struct.pack("<H", 0)),
+                             (0x0800, struct.pack("<H", 0x0000))])
+
+
+@pytest.mark.parametrize("part", ["identifier", "command"])
+def test_a_request_too_large_to_hold_is_aborted(stack: Stack, part: str) -> None:
+    """RELIABILITY: hostile input is refused with bounded memory. pynetdicom keeps every
+    fragment of a DIMSE message other than a C-STORE dataset in memory until its last one, so
+    a C-FIND identifier (or a command set) that never ends grew the gateway without limit. The
+    gateway now aborts the association once one message passes what it holds for a request
+    (``MESSAGE_MAX``, ``COMMAND_MAX``), logs what and from whom, and keeps serving."""
+    limit = receive.MESSAGE_MAX if part == "identifier" else receive.COMMAND_MAX
+    gateway = psutil.Process(stack.procs["gateway"].pid)
+    rss_before = gateway.memory_info().rss
+    sent, received = 0, b""
+    with socket.create_connection(("127.0.0.1", stack.config.gateway_port),
+                                  timeout=CLIENT_PATIENCE) as s:
+        s.sendall(associate_rq(abstract=STUDY_ROOT_FIND))
+        reply = s.recv(4096)
+        assert reply[:1] == b"\x02", reply[:20].hex()  # A-ASSOCIATE-AC
+        if part == "identifier":
+            s.sendall(pdv(1, 0x03, _c_find_rq()))  # the whole command, then endless data
+        control = 0x00 if part == "identifier" else 0x01  # never the last fragment
+        fragment = pdv(1, control, b"\x00" * min(FRAGMENT, limit // 4))
+        try:  # until the gateway hangs up, or 4 times what it may hold (and more than the
+            # socket buffers can swallow): the old gateway took it all, and then waited
+            while sent < 4 * receive.MESSAGE_MAX:
+                s.sendall(fragment)
+                sent += len(fragment)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while chunk := s.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            pytest.fail(f"{sent} bytes sent in one message, and the association still open")
+    assert received.startswith(A_ABORT), (sent, received[:20].hex())
+    kind = "a C-FIND-RQ" if part == "identifier" else "a command set"
+    wait_until(lambda: f"assoc TESTSCU@127.0.0.1: {kind} of more than {limit} bytes"
+               in stack.log_text("gateway"), 10, what="the abort logged with its reason")
+    grew = (gateway.memory_info().rss - rss_before) / 2**20
+    print(f"\n{part}: {sent / 2**20:.1f} MiB sent, aborted; gateway RSS grew "
+          f"{grew:.1f} MiB")
     assert echo(stack, "-aec", "MINIPACS").returncode == 0

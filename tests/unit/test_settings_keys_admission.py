@@ -44,6 +44,10 @@ def test_settings_from_env_types_and_masking() -> None:
     assert GatewaySettings.from_env({"MINIPACS_GATEWAY_PROCESSES": "4"}).gateway_processes == 4
     with pytest.raises(SettingsError, match="GATEWAY_PROCESSES must be 1 or more"):
         GatewaySettings.from_env({"MINIPACS_GATEWAY_PROCESSES": "0"})
+    assert GatewaySettings.from_env({"MINIPACS_MAX_PDU": "128"}).max_pdu == 128
+    for bad in ("0", "-1", str(64 * 1024 * 1024 + 1)):  # 0 would offer peers "unlimited"
+        with pytest.raises(SettingsError, match="MAX_PDU must be from 1 to 67108864 bytes"):
+            GatewaySettings.from_env({"MINIPACS_MAX_PDU": bad})
 
 
 @pytest.mark.parametrize("uid", ["../../etc/x", "1.2/3", "1.2\\3", "1.2\x003", "", "1..2",
