@@ -28,6 +28,11 @@ A_RELEASE_RP = 0x06
 A_ABORT = 0x07
 
 NO_DATASET = 0x0101
+# What a peer may make us hold in memory for one DIMSE message whose dataset does not stream
+# to disk: a command set is a few hundred bytes; a query identifier a few KB; a storage
+# commitment N-ACTION ~130 bytes per referenced instance, so 8 MiB is ~60,000 of them.
+COMMAND_MAX = 64 * 1024
+MESSAGE_MAX = 8 * 1024 * 1024
 _IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
 
 

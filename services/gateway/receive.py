@@ -17,10 +17,11 @@ thread reads the PDU itself:
 Ownership is decided per DIMSE message, by its command. Disabled while pynetdicom's DIMSE
 logging is on (TRACE), so the dumps show every message.
 
-Memory is bounded: a PDU by the maximum length negotiated, a C-STORE dataset by nothing (it
-goes to disk), and everything pynetdicom gathers in memory (a command set, a C-FIND / C-MOVE /
-C-GET identifier, an N-ACTION's references) by ``COMMAND_MAX`` and ``MESSAGE_MAX``: a peer
-sending more in one message is aborted, where pynetdicom would have kept every fragment.
+Memory is bounded: a PDU by the maximum length negotiated (before an association, by
+``ASSOCIATE_PDU_MAX``), a C-STORE dataset by nothing (it goes to disk), and everything
+pynetdicom gathers in memory (a command set, a C-FIND / C-MOVE / C-GET identifier, an
+N-ACTION's references) by ``wire.COMMAND_MAX`` and ``wire.MESSAGE_MAX``: a peer sending more
+in one message is aborted, where pynetdicom would have kept every fragment.
 """
 
 from __future__ import annotations
@@ -78,12 +79,6 @@ class _State:
     kind: str = ""  # the message pynetdicom is gathering ("C-FIND-RQ"), and its bytes so far
     held: int = 0
 
-
-# What pynetdicom may gather in memory for one DIMSE message (it keeps every fragment until
-# the last): a command set is a few hundred bytes; a query identifier a few KB; a storage
-# commitment N-ACTION ~130 bytes per referenced instance, so 8 MiB is ~60,000 of them.
-COMMAND_MAX = 64 * 1024
-MESSAGE_MAX = 8 * 1024 * 1024
 
 
 _handler: StoreHandler | None = None
@@ -302,8 +297,8 @@ def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -
             if ctrl & 1:
                 raise ProtocolError("a command inside another message's dataset")
             state.held += len(data)
-            if state.held > MESSAGE_MAX:
-                raise ProtocolError(f"a {state.kind} of more than {MESSAGE_MAX} bytes, the "
+            if state.held > wire.MESSAGE_MAX:
+                raise ProtocolError(f"a {state.kind} of more than {wire.MESSAGE_MAX} bytes, the "
                                     "most the gateway holds for one request")
             handed.append((cx, ctrl, data))
             if ctrl & 2:
@@ -312,8 +307,8 @@ def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -
             if not ctrl & 1:
                 raise ProtocolError("a dataset fragment without a command")
             state.command += data
-            if len(state.command) > COMMAND_MAX:
-                raise ProtocolError(f"a command set of more than {COMMAND_MAX} bytes")
+            if len(state.command) > wire.COMMAND_MAX:
+                raise ProtocolError(f"a command set of more than {wire.COMMAND_MAX} bytes")
             if not ctrl & 2:
                 continue
             raw = bytes(state.command)

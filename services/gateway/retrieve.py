@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -294,6 +294,7 @@ class SocketTakeover:
     def _response(self, msg_id: int) -> int:
         command = bytearray()
         held: list[bytearray] = []  # the PDUs of a message that is not ours, to hand back
+        handed = 0  # dataset bytes handed to pynetdicom, which holds them until their last
         try:
             while True:
                 kind, pdu = wire.read_pdu(self.sock, self.our_max_pdu)
@@ -303,11 +304,16 @@ class SocketTakeover:
                     raise wire.WireError(f"the SCU sent PDU type 0x{kind:02X} during C-GET")
                 fragments = list(wire.pdvs(pdu))
                 if any(not control & 0x01 for _, control, _ in fragments):
+                    handed += len(pdu)
+                    if handed > wire.MESSAGE_MAX:
+                        self._abort(f"more than {wire.MESSAGE_MAX} bytes of a dataset")
                     self._hand_back([pdu])  # a dataset: not ours
                     continue
                 held.append(pdu)
                 for _cx, control, fragment in fragments:
                     command += fragment
+                    if len(command) > wire.COMMAND_MAX:
+                        self._abort(f"a command set of more than {wire.COMMAND_MAX} bytes")
                     if not control & 0x02:
                         continue
                     fields = wire.parse_command(command)
@@ -325,6 +331,12 @@ class SocketTakeover:
         except OSError:
             self.lost = True
             raise
+
+    def _abort(self, what: str) -> NoReturn:
+        """The SCU sent more than we hold for one message: pynetdicom aborts the association
+        (Evt19, as for an invalid PDU) once the socket is its own again."""
+        self.dul.event_queue.put("Evt19")
+        raise wire.WireError(f"the SCU sent {what} during C-GET: aborting")
 
     def _hand_back(self, pdus: list[bytearray]) -> None:
         for raw in pdus:

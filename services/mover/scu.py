@@ -158,6 +158,8 @@ class StoreAssociation:
                 if not control & 0x01:
                     raise wire.WireError("a dataset where a C-STORE response was expected")
                 command += fragment
+                if len(command) > wire.COMMAND_MAX:
+                    raise wire.WireError(f"a command set of more than {wire.COMMAND_MAX} bytes")
                 if control & 0x02:
                     fields = wire.parse_command(command)
                     status = wire.us_value(fields, 0x0900)

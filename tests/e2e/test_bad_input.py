@@ -697,8 +697,8 @@ def test_a_request_too_large_to_hold_is_aborted(stack: Stack, part: str) -> None
     fragment of a DIMSE message other than a C-STORE dataset in memory until its last one, so
     a C-FIND identifier (or a command set) that never ends grew the gateway without limit. The
     gateway now aborts the association once one message passes what it holds for a request
-    (``MESSAGE_MAX``, ``COMMAND_MAX``), logs what and from whom, and keeps serving."""
-    limit = receive.MESSAGE_MAX if part == "identifier" else receive.COMMAND_MAX
+    (``wire.MESSAGE_MAX``, ``wire.COMMAND_MAX``), logs what and from whom, and keeps serving."""
+    limit = wire.MESSAGE_MAX if part == "identifier" else wire.COMMAND_MAX
     gateway = psutil.Process(stack.procs["gateway"].pid)
     rss_before = gateway.memory_info().rss
     sent, received = 0, b""
@@ -713,7 +713,7 @@ def test_a_request_too_large_to_hold_is_aborted(stack: Stack, part: str) -> None
         fragment = pdv(1, control, b"\x00" * min(FRAGMENT, limit // 4))
         try:  # until the gateway hangs up, or 4 times what it may hold (and more than the
             # socket buffers can swallow): the old gateway took it all, and then waited
-            while sent < 4 * receive.MESSAGE_MAX:
+            while sent < 4 * wire.MESSAGE_MAX:
                 s.sendall(fragment)
                 sent += len(fragment)
         except (BrokenPipeError, ConnectionResetError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from scripts.native import Stack
+from shared import dimse_wire as wire
 from tests.conftest import dsn, hot_copy, make_stack, teardown
 from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
 from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
@@ -350,6 +352,57 @@ def test_an_scu_aborting_mid_get_leaves_the_gateway_serving(world: World,
     assert assoc.is_aborted and len(got) == 2
     wait_until(lambda: "C-GET: association lost" in world.stack.log_text("gateway")[log_before:],
                30, what="the gateway to see the abort")
+    first = world.data[0]
+    result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
+                                 "StudyInstanceUID": first.study_uid}, tmp_path / "out")
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+
+
+def test_an_scu_sending_an_endless_command_mid_get_is_aborted(world: World,
+                                                               tmp_path: Path) -> None:
+    """RELIABILITY: bounded memory whatever a peer sends. While a C-GET runs the gateway reads
+    the SCU's socket itself; a command set that never ends (fragments without the last bit)
+    grew its buffer without limit. Past ``COMMAND_MAX`` the association is aborted with a log
+    line saying why, and the next C-GET is served."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    sent = 0
+    assoc: Any = None
+
+    def on_store(event: Any) -> int:
+        nonlocal sent
+        sock = assoc.dul.socket.socket
+        cx = event.context.context_id
+        fragment = struct.pack(">BBLLBB", 0x04, 0, 16384 + 6, 16384 + 2, cx, 0x01) + bytes(16384)
+        try:  # in place of the C-STORE response, 32 times what the gateway holds
+            while sent < 32 * wire.COMMAND_MAX:
+                sock.sendall(fragment)
+                sent += 16384
+        except OSError:
+            pass
+        return 0x0000
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", world.port, ae_title="MINIPACS",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "SERIES"
+    ident.StudyInstanceUID = world.ct[0].study_uid
+    ident.SeriesInstanceUID = world.ct[0].series_uid
+    log_before = len(world.stack.log_text("gateway"))
+    list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
+    wait_until(lambda: assoc.is_aborted, 30, what="the gateway to abort the association")
+    wait_until(lambda: f"the SCU sent a command set of more than {wire.COMMAND_MAX} bytes "
+               "during C-GET: aborting" in world.stack.log_text("gateway")[log_before:],
+               30, what="the reason logged")
     first = world.data[0]
     result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
                                  "StudyInstanceUID": first.study_uid}, tmp_path / "out")

@@ -443,3 +443,38 @@ def test_deliveries_counts_this_one_and_never_fewer_than_the_broker(
 def test_dead_lettered_is_read_from_x_death(headers: dict[str, object] | None,
                                             expected: bool) -> None:
     assert dead_lettered(headers) is expected
+
+
+def test_store_association_refuses_an_endless_command_from_the_destination() -> None:
+    """A destination answering a C-STORE with a command set that never ends (fragments without
+    the last bit) no longer grows the mover's buffer: past ``COMMAND_MAX`` the sub-operation
+    fails with the reason."""
+    from services.mover.scu import StoreAssociation, Timeouts
+    from shared import dimse_wire
+    from shared.prefetch import Blob
+    from tests.dicomgen import CT_IMAGE
+
+    ts = "1.2.840.10008.1.2.1"
+    ours, theirs = socket.socketpair()
+    sent = 0
+
+    def destination() -> None:
+        nonlocal sent
+        pdu = dimse_wire._pdv_header(1, 0x01, 16384) + bytes(16384)  # never the last one
+        theirs.settimeout(10)
+        theirs.recv(1 << 20)  # the request
+        try:
+            while sent < 32 * dimse_wire.COMMAND_MAX:
+                theirs.sendall(pdu)
+                sent += 16384
+        except OSError:
+            pass
+
+    peer = threading.Thread(target=destination, daemon=True)
+    peer.start()
+    assoc = StoreAssociation(ours, {(CT_IMAGE, ts): 1}, 1 << 20, Timeouts(5, 5, 5), 1 << 20)
+    with pytest.raises(dimse_wire.WireError, match="a command set of more than 65536 bytes"):
+        assoc.store(1, CT_IMAGE, "1.2.3", ts, Blob(data=b"\x08\x00\x18\x00\x00\x00\x00\x00"))
+    ours.close()
+    peer.join(10)
+    theirs.close()
