@@ -7,6 +7,7 @@ Both instance messages carry one event, or ``{"v": 1, "instances": [...]}`` for 
 move.requested    v1  gateway/api -> mover     send what ``identifier`` matches to a node
 move.progress     v1  mover -> gateway         counts of a running job, and its final state
 move.cancel       v1  gateway/api -> movers    stop a job (C-CANCEL)
+commitment.requested v1  gateway -> mover      report on a storage commitment request
 """
 
 from __future__ import annotations
@@ -171,3 +172,21 @@ class MoveProgress(_Message):
 class MoveCancel(_Message):
     job_id: str
     routing_key = "move.cancel"
+
+
+@dataclass(frozen=True)
+class CommitmentRequested(_Message):
+    """A storage commitment request the gateway has answered Success: the mover reports on
+    ``refs`` ([SOP Class UID, SOP Instance UID] pairs, in request order) to the node at
+    ``report_aet`` / ``report_host`` / ``report_port`` once every one is indexed, or once
+    ``report_by`` (epoch seconds) has passed."""
+
+    transaction_uid: str
+    refs: list[list[str]]
+    report_aet: str
+    report_host: str
+    report_port: int
+    report_by: float
+    requested_by_aet: str = ""
+    requested_by_host: str = ""
+    routing_key = "commitment.requested"

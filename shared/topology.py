@@ -41,7 +41,8 @@ class QueueSpec:
 STORAGE = QueueSpec("storage.instances", ("instance.received",))
 INDEXER = QueueSpec("indexer.instances", ("instance.stored",))
 MOVER = QueueSpec("mover.jobs", ("move.requested",), delivery_limit=3)
-QUEUES: tuple[QueueSpec, ...] = (STORAGE, INDEXER, MOVER)
+COMMITMENTS = QueueSpec("mover.commitments", ("commitment.requested",))
+QUEUES: tuple[QueueSpec, ...] = (STORAGE, INDEXER, MOVER, COMMITMENTS)
 
 # Per-process notifications, each to a server-named exclusive queue (see ``declare_listener``).
 MOVE_PROGRESS = "move.progress"  # mover -> the gateway relaying pending C-MOVE responses

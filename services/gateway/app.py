@@ -60,7 +60,7 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
     install(ae)  # C-MOVE / C-GET served by retrieve.py, not by pynetdicom's sub-operations
     retrieve = await open_retrieve(settings, pool, connection, publisher, bridge, gateway.ids)
     retrieve.retriever.may = gateway.may
-    committer = Committer(settings, pool, bridge, gateway.ids, gateway.may)
+    committer = Committer(settings, pool, bridge, publisher, gateway.ids, gateway.may)
     handlers = [*gateway.handlers(), (evt.EVT_C_FIND, finder.on_find),
                 (evt.EVT_N_ACTION, committer.on_action),
                 *retrieve.retriever.handlers(), *trace.handlers()]
@@ -82,7 +82,6 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
         await asyncio.to_thread(_wait_associations, ae, settings.dimse_timeout)
         server.server_close()
         beat.cancel()
-        committer.close()
         await retrieve.close()
         await connection.close()
         await pool.close()

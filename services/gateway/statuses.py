@@ -21,6 +21,7 @@ INVALID_UID = 0xC001               # missing or malformed SOP Instance/Class, St
 PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122   # Affected SOP Class UID is not the presentation context's
 NOT_AUTHORIZED = 0x0124            # the calling node may not use this service (Allow* = false)
+RESOURCE_LIMITATION = 0x0213       # N-ACTION: the request could not be made durable (broker)
 
 FOR_INVALID_INSTANCE = {
     "unreadable": CANNOT_UNDERSTAND,

@@ -8,12 +8,15 @@ import logging
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
+from services.mover.commitment import Reporter
 from services.mover.worker import MoverWorker
 from shared import broker, s3, topology
 from shared.lifecycle import heartbeat, heartbeat_path, retry_until, stop_event
 from shared.settings import MoverSettings
 
 log = logging.getLogger("minipacs.mover")
+
+REPORTS_AT_ONCE = 64  # storage commitment requests waiting for the index, or being reported
 
 
 async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> None:
@@ -47,16 +50,37 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
 
     queue = queues[topology.MOVER.name]
     tag = await queue.consume(on_message)
+
+    reporter = Reporter(settings, pool)
+    report_channel = await connection.channel()
+    await report_channel.set_qos(prefetch_count=REPORTS_AT_ONCE)
+    _, report_queues = await topology.declare(report_channel)
+    reports: set[asyncio.Task[None]] = set()
+    report_failed = broker.log_task_failure("storage commitment report")
+
+    async def on_commitment(message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(reporter.on_message(message))
+        reports.add(task)
+        task.add_done_callback(reports.discard)
+        task.add_done_callback(report_failed)
+
+    report_queue = report_queues[topology.COMMITMENTS.name]
+    report_tag = await report_queue.consume(on_commitment)
     beat = asyncio.create_task(heartbeat(heartbeat_path(settings.heartbeat_file, "mover"), stop,
                                          link.healthy))
-    log.info("mover %s consuming %s (%d jobs at a time, %d associations each)",
-             settings.gateway_aet, queue.name, settings.jobs, settings.associations)
+    log.info("mover %s consuming %s (%d jobs at a time, %d associations each) and %s",
+             settings.gateway_aet, queue.name, settings.jobs, settings.associations,
+             report_queue.name)
     try:
         await stop.wait()
     finally:
         log.info("mover stopping: no new jobs, finishing %d running", len(tasks))
         worker.stopping.set()  # jobs waiting for another run's lock go back to the queue
         await broker.cancel_consumer(queue, tag)
+        # reports not acked go back to mover.commitments with the connection, for the next mover
+        await broker.cancel_consumer(report_queue, report_tag)
+        for report in list(reports):
+            report.cancel()
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=30)
             if late:

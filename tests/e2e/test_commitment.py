@@ -9,6 +9,7 @@ that says why (our pynetdicom client: DCMTK has no storage commitment SCU)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from scripts.native import Stack
-from services.gateway.commitment import STORAGE_COMMITMENT_INSTANCE
+from scripts.native import Stack, port_open
+from shared import topology
+from shared.commitment import STORAGE_COMMITMENT_INSTANCE
 from tests.conftest import TEST_NODES, dsn, make_stack, teardown
 from tests.dicomgen import CT_IMAGE, MR_IMAGE, Made, small_set, uid
 from tests.helpers import commitment_request, pg, storescu, wait_until
@@ -94,7 +96,7 @@ def test_a_modality_told_its_study_is_committed_deletes_its_copies(site: Site) -
     site.modality.rest("POST", f"{path}/remove", {})
     assert site.modality.rest("GET", "/instances") == []
     assert indexed(site.stack, made) == len(made)  # the archive keeps them
-    log = site.stack.log_text("gateway")
+    log = site.stack.log_text("mover")
     assert f"report sent to MODALITY: {len(made)} committed, 0 failed" in log
 
 
@@ -155,5 +157,70 @@ def test_a_report_nobody_takes_is_tried_again_and_the_gateway_keeps_serving(site
                                                                          made[0].sop_uid)]))
     assert answer.Status == 0x0000  # taken: the report is what fails
     wait_until(lambda: "report to OFFLINE (127.0.0.1:9) not delivered (attempt 2"
-               in site.stack.log_text("gateway"), 60, what="the second attempt logged")
+               in site.stack.log_text("mover"), 60, what="the second attempt logged")
     assert n_action(site, "TESTSCU", 2, commitment_request("1.2.3", [])).Status == 0x0123
+
+
+def test_a_request_taken_is_reported_after_the_gateway_and_the_mover_restart(
+        site: Site) -> None:
+    """DESIGN, invariant 1: the N-ACTION's Success is a promise of a report, so it is answered
+    only once the request is durable. The mover is down when Orthanc asks; the gateway queues
+    the request (``mover.commitments``), answers, and is killed too. Both started again, the
+    mover reports, and Orthanc is told the study is committed. (Until this change the pending
+    report lived in the gateway's memory and died with it: Orthanc waited for ever.)"""
+    made = small_set(site.tmp / "restart", patients=1, studies=1, series=1, per_series=3,
+                     tag="restart")
+    stack = site.stack
+    assert storescu(stack.config.gateway_port, [m.path for m in made]).successes == len(made)
+    wait_until(lambda: indexed(stack, made) == len(made), 60, what="the instances indexed")
+    stack.kill("mover")
+    answer = site.modality.rest("POST", "/modalities/minipacs/storage-commitment", {
+        "DicomInstances": [{"SOPClassUID": MR_IMAGE, "SOPInstanceUID": m.sop_uid}
+                           for m in made]})
+    wait_until(lambda: f"N-ACTION storage commitment of {len(made)} instance(s) -> Success"
+               in stack.log_text("gateway"), 30, what="the N-ACTION answered")
+    stack.kill("gateway")
+    path = answer["Path"]
+    assert site.modality.rest("GET", path)["Status"] == "Pending"
+    stack.start_service("gateway")
+    stack.start_service("mover")
+    wait_until(lambda: port_open(stack.config.gateway_port), 60, what="the gateway back")
+    report: dict[str, Any] = wait_until(
+        lambda: (r := site.modality.rest("GET", path))["Status"] != "Pending" and r, 60,
+        what="the storage commitment report at Orthanc")
+    assert report["Status"] == "Success", report
+    assert uids(report["Success"]) == {m.sop_uid for m in made}
+
+
+def test_a_request_the_broker_refuses_is_not_promised(site: Site) -> None:
+    """No Success without the durable hand-off: while ``mover.commitments`` refuses messages
+    (full under a length limit an admin set; the queues overflow with reject-publish), the
+    N-ACTION gets 0x0213 Resource limitation and the log says why; once the limit is gone,
+    the same request is taken. (The mover is stopped meanwhile, so the first request stays in
+    the queue and fills it.)"""
+    from tests.e2e.test_broker_refusal import POLICY, _clear_policy, _queue_policy, _set_policy
+
+    stack = site.stack
+    vhost, queue = stack.config.vhost, topology.COMMITMENTS.name
+    first = commitment_request("1.2.87", [(MR_IMAGE, uid("refused", "a"))])
+    second = commitment_request("1.2.88", [(MR_IMAGE, uid("refused", "b"))])
+    stack.kill("mover")
+    try:
+        _set_policy(vhost, {"max-length": 0}, queue)
+        wait_until(lambda: _queue_policy(vhost, queue) == POLICY, 60,
+                   what="the length limit applied")
+        # a quorum queue refuses once it is over its limit: the first request fills it
+        answers = [n_action(site, "TESTSCU", 1, first)]
+        while answers[-1].Status == 0x0000 and len(answers) < 4:
+            answers.append(n_action(site, "TESTSCU", 1, second))
+        answer = answers[-1]
+        assert answer.Status == 0x0213, answers
+        assert "not queued" in str(answer.get("ErrorComment", ""))
+        assert re.search(r"TESTSCU@127\.0\.0\.1 N-ACTION storage commitment not queued .* -> "
+                         r"0x0213 resource limitation", stack.log_text("gateway"))
+    finally:
+        _clear_policy(vhost)
+        stack.start_service("mover")
+    wait_until(lambda: _queue_policy(vhost, queue) != POLICY, 60, what="the limit removed")
+    assert wait_until(lambda: n_action(site, "TESTSCU", 1, second).Status == 0x0000, 30,
+                      what="the request taken once the limit is gone")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from services.gateway.commitment import (
+from shared.commitment import (
     ALL_COMMITTED,
     CLASS_INSTANCE_CONFLICT,
     FAILURES_EXIST,
@@ -62,3 +62,28 @@ def test_a_report_with_every_instance_indexed_has_no_failed_list() -> None:
     assert event == ALL_COMMITTED
     assert "FailedSOPSequence" not in ds
     assert len(ds.ReferencedSOPSequence) == 2
+
+
+def test_the_queued_request_round_trips_to_the_mover() -> None:
+    """What the gateway queues is what the mover reports on, refs in request order."""
+    from services.mover.commitment import read
+    from shared.messages import CommitmentRequested
+
+    sent = CommitmentRequested("9.8", [[CT, "1.1"], [MR, "1.2"]], "MODALITY", "10.0.0.7", 104,
+                               1.5e9, "MODALITY", "10.0.0.7")
+    job, request = read(sent.to_bytes())
+    assert job == sent
+    assert request == CommitRequest("9.8", ((CT, "1.1"), (MR, "1.2")))
+
+
+@pytest.mark.parametrize("body", [
+    b"{}", b"not json", b'{"v": 1, "transaction_uid": "9.8", "refs": [], "report_aet": "A", '
+    b'"report_host": "h", "report_port": 1, "report_by": 0}',
+    b'{"v": 1, "transaction_uid": "9.8", "refs": [["only-one"]], "report_aet": "A", '
+    b'"report_host": "h", "report_port": 1, "report_by": 0}'])
+def test_an_unreadable_queued_request_is_refused_for_the_dead_letter_queue(body: bytes) -> None:
+    from services.mover.commitment import read
+    from shared.messages import BadMessage
+
+    with pytest.raises(BadMessage):
+        read(body)
