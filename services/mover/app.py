@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
@@ -40,32 +42,17 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
     cancels = await topology.declare_listener(channel, topology.MOVE_CANCEL)
     cancel_tag = await cancels.consume(worker.on_cancel, no_ack=True)
     tasks: set[asyncio.Task[None]] = set()
-    handled = broker.log_task_failure("move job")
-
-    async def on_message(message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(worker.on_message(message))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        task.add_done_callback(handled)
-
     queue = queues[topology.MOVER.name]
-    tag = await queue.consume(on_message)
+    tag = await queue.consume(_in_tasks(worker.on_message, tasks, "move job"))
 
     reporter = Reporter(settings, pool)
     report_channel = await connection.channel()
     await report_channel.set_qos(prefetch_count=REPORTS_AT_ONCE)
     _, report_queues = await topology.declare(report_channel)
     reports: set[asyncio.Task[None]] = set()
-    report_failed = broker.log_task_failure("storage commitment report")
-
-    async def on_commitment(message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(reporter.on_message(message))
-        reports.add(task)
-        task.add_done_callback(reports.discard)
-        task.add_done_callback(report_failed)
-
     report_queue = report_queues[topology.COMMITMENTS.name]
-    report_tag = await report_queue.consume(on_commitment)
+    report_tag = await report_queue.consume(
+        _in_tasks(reporter.on_message, reports, "storage commitment report"))
     beat = asyncio.create_task(heartbeat(heartbeat_path(settings.heartbeat_file, "mover"), stop,
                                          link.healthy))
     log.info("mover %s consuming %s (%d jobs at a time, %d associations each) and %s",
@@ -93,3 +80,19 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
         await connection.close()
         await pool.close()
         log.info("mover stopped")
+
+
+def _in_tasks(handle: Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]],
+              tasks: set[asyncio.Task[None]], what: str
+              ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    """A consumer callback that handles each message in a task of its own, kept in ``tasks``
+    while it runs; an exception that escapes it is logged."""
+    handled = broker.log_task_failure(what)
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(handle(message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        task.add_done_callback(handled)
+
+    return on_message

@@ -573,6 +573,33 @@ def _relength(pdu: bytes) -> bytes:
     return pdu[:2] + struct.pack(">L", len(pdu) - 6) + pdu[6:]
 
 
+def until_closed(s: socket.socket, why_open: str) -> bytes:
+    """What the gateway sends until it closes the connection; a test failure (``why_open``)
+    if it is still open when the socket's timeout passes."""
+    received = b""
+    try:
+        while chunk := s.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"{why_open}, and the connection still open")
+    return received
+
+
+def send_until_closed(s: socket.socket, piece: bytes, most: int) -> int:
+    """Sends ``piece`` again and again, up to ``most`` bytes or until the gateway hangs up;
+    the bytes sent."""
+    sent = 0
+    try:
+        while sent < most:
+            s.sendall(piece)
+            sent += len(piece)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return sent
+
+
 GARBAGE = {
     # the PDU declares its full length, the peer sends 40 bytes of it and waits
     "truncated_associate_rq": associate_rq()[:40],
@@ -599,16 +626,9 @@ def test_protocol_garbage_is_closed_within_the_acse_timeout(tmp_path: Path) -> N
         port = stack.config.gateway_port
         for name, garbage in GARBAGE.items():
             started = time.monotonic()
-            received = b""
             with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_PATIENCE) as s:
                 s.sendall(garbage)
-                try:
-                    while chunk := s.recv(4096):
-                        received += chunk
-                except ConnectionResetError:
-                    pass
-                except TimeoutError:
-                    pytest.fail(f"{name}: still open after {CLIENT_PATIENCE} s")
+                received = until_closed(s, f"{name}: {CLIENT_PATIENCE} s passed")
             took = time.monotonic() - started
             assert took < CLIENT_PATIENCE, name
             if name != "truncated_associate_rq":  # (that one is only closed: nothing to abort)
@@ -632,24 +652,12 @@ def test_a_pdu_declaring_gigabytes_before_any_association_is_refused_unread(
     the next association."""
     gateway = psutil.Process(stack.procs["gateway"].pid)
     rss_before = gateway.memory_info().rss
-    sent, received, chunk = 0, b"", b"\x00" * 2**20
     with socket.create_connection(("127.0.0.1", stack.config.gateway_port),
                                   timeout=CLIENT_PATIENCE) as s:
         s.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0))  # an A-ASSOCIATE-RQ of 4 GiB
-        try:
-            while sent < 256 * 2**20:
-                s.sendall(chunk)
-                sent += len(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        sent = send_until_closed(s, b"\x00" * 2**20, 256 * 2**20)
         grew = (gateway.memory_info().rss - rss_before) / 2**20
-        try:
-            while data := s.recv(65536):
-                received += data
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            pytest.fail(f"{sent} bytes sent, and the connection still open")
+        received = until_closed(s, f"{sent} bytes sent")
     print(f"\n{sent / 2**20:.0f} MiB sent after the header; gateway RSS grew {grew:.1f} MiB")
     assert received.startswith(A_ABORT), received[:20].hex()
     assert grew < 64, f"the gateway grew by {grew:.0f} MiB for {sent / 2**20:.0f} MiB sent"
@@ -701,7 +709,6 @@ def test_a_request_too_large_to_hold_is_aborted(stack: Stack, part: str) -> None
     limit = wire.MESSAGE_MAX if part == "identifier" else wire.COMMAND_MAX
     gateway = psutil.Process(stack.procs["gateway"].pid)
     rss_before = gateway.memory_info().rss
-    sent, received = 0, b""
     with socket.create_connection(("127.0.0.1", stack.config.gateway_port),
                                   timeout=CLIENT_PATIENCE) as s:
         s.sendall(associate_rq(abstract=STUDY_ROOT_FIND))
@@ -710,21 +717,11 @@ def test_a_request_too_large_to_hold_is_aborted(stack: Stack, part: str) -> None
         if part == "identifier":
             s.sendall(pdv(1, 0x03, _c_find_rq()))  # the whole command, then endless data
         control = 0x00 if part == "identifier" else 0x01  # never the last fragment
+        # until the gateway hangs up, or 4 times what it may hold (and more than the socket
+        # buffers can swallow): the old gateway took it all, and then waited
         fragment = pdv(1, control, b"\x00" * min(FRAGMENT, limit // 4))
-        try:  # until the gateway hangs up, or 4 times what it may hold (and more than the
-            # socket buffers can swallow): the old gateway took it all, and then waited
-            while sent < 4 * wire.MESSAGE_MAX:
-                s.sendall(fragment)
-                sent += len(fragment)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        try:
-            while chunk := s.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            pytest.fail(f"{sent} bytes sent in one message, and the association still open")
+        sent = send_until_closed(s, fragment, 4 * wire.MESSAGE_MAX)
+        received = until_closed(s, f"{sent} bytes sent in one message")
     assert received.startswith(A_ABORT), (sent, received[:20].hex())
     kind = "a C-FIND-RQ" if part == "identifier" else "a command set"
     wait_until(lambda: f"assoc TESTSCU@127.0.0.1: {kind} of more than {limit} bytes"

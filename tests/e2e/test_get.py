@@ -7,7 +7,7 @@ import hashlib
 import re
 import struct
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -316,25 +316,14 @@ def test_c_cancel_stops_the_get(world: World) -> None:
     assert echo_ok
 
 
-def test_an_scu_aborting_mid_get_leaves_the_gateway_serving(world: World,
-                                                             tmp_path: Path) -> None:
-    """The SCU aborts the association from its handler of the second sub-operation (the
-    gateway is reading that socket itself then): the abort goes back to pynetdicom, the C-GET
-    stops, and the next C-GET is served normally."""
+def get_ct_series(world: World, on_store: Callable[[Any], int]) -> Any:
+    """A C-GET of the CT series from our pynetdicom client (a CT storage context, SCP role),
+    ``on_store`` handling its sub-operations; the association once the C-GET is over."""
     from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         CTImageStorage,
         StudyRootQueryRetrieveInformationModelGet,
     )
-
-    got: list[str] = []
-    assoc: Any = None
-
-    def on_store(event: Any) -> int:
-        got.append(str(event.request.AffectedSOPInstanceUID))
-        if len(got) == 2:
-            assoc.abort()
-        return 0x0000
 
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
@@ -347,15 +336,36 @@ def test_an_scu_aborting_mid_get_leaves_the_gateway_serving(world: World,
     ident.QueryRetrieveLevel = "SERIES"
     ident.StudyInstanceUID = world.ct[0].study_uid
     ident.SeriesInstanceUID = world.ct[0].series_uid
-    log_before = len(world.stack.log_text("gateway"))
     list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
+    return assoc
+
+
+def assert_next_get_served(world: World, out: Path) -> None:
+    first = world.data[0]
+    result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
+                                 "StudyInstanceUID": first.study_uid}, out)
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+
+
+def test_an_scu_aborting_mid_get_leaves_the_gateway_serving(world: World,
+                                                             tmp_path: Path) -> None:
+    """The SCU aborts the association from its handler of the second sub-operation (the
+    gateway is reading that socket itself then): the abort goes back to pynetdicom, the C-GET
+    stops, and the next C-GET is served normally."""
+    got: list[str] = []
+
+    def on_store(event: Any) -> int:
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        if len(got) == 2:
+            event.assoc.abort()
+        return 0x0000
+
+    log_before = len(world.stack.log_text("gateway"))
+    assoc = get_ct_series(world, on_store)
     assert assoc.is_aborted and len(got) == 2
     wait_until(lambda: "C-GET: association lost" in world.stack.log_text("gateway")[log_before:],
                30, what="the gateway to see the abort")
-    first = world.data[0]
-    result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
-                                 "StudyInstanceUID": first.study_uid}, tmp_path / "out")
-    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+    assert_next_get_served(world, tmp_path / "out")
 
 
 def test_an_scu_sending_an_endless_command_mid_get_is_aborted(world: World,
@@ -364,20 +374,12 @@ def test_an_scu_sending_an_endless_command_mid_get_is_aborted(world: World,
     the SCU's socket itself; a command set that never ends (fragments without the last bit)
     grew its buffer without limit. Past ``COMMAND_MAX`` the association is aborted with a log
     line saying why, and the next C-GET is served."""
-    from pynetdicom import AE, build_role, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        CTImageStorage,
-        StudyRootQueryRetrieveInformationModelGet,
-    )
-
-    sent = 0
-    assoc: Any = None
 
     def on_store(event: Any) -> int:
-        nonlocal sent
-        sock = assoc.dul.socket.socket
+        sock = event.assoc.dul.socket.socket
         cx = event.context.context_id
         fragment = struct.pack(">BBLLBB", 0x04, 0, 16384 + 6, 16384 + 2, cx, 0x01) + bytes(16384)
+        sent = 0
         try:  # in place of the C-STORE response, 32 times what the gateway holds
             while sent < 32 * wire.COMMAND_MAX:
                 sock.sendall(fragment)
@@ -386,24 +388,10 @@ def test_an_scu_sending_an_endless_command_mid_get_is_aborted(world: World,
             pass
         return 0x0000
 
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", world.port, ae_title="MINIPACS",
-                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    ident = Dataset()
-    ident.QueryRetrieveLevel = "SERIES"
-    ident.StudyInstanceUID = world.ct[0].study_uid
-    ident.SeriesInstanceUID = world.ct[0].series_uid
     log_before = len(world.stack.log_text("gateway"))
-    list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
+    assoc = get_ct_series(world, on_store)
     wait_until(lambda: assoc.is_aborted, 30, what="the gateway to abort the association")
     wait_until(lambda: f"the SCU sent a command set of more than {wire.COMMAND_MAX} bytes "
                "during C-GET: aborting" in world.stack.log_text("gateway")[log_before:],
                30, what="the reason logged")
-    first = world.data[0]
-    result = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
-                                 "StudyInstanceUID": first.study_uid}, tmp_path / "out")
-    assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+    assert_next_get_served(world, tmp_path / "out")
