@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,14 +19,18 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import correct_ambiguous_vr, write_dataset
 from pydicom.tag import Tag
 
+from shared import dimse_wire as wire
 from shared.dicomjson import to_json
 from shared.keys import InvalidUID, validate_uid
 from shared.walk import Malformed, meta_end, walk_file
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
@@ -374,3 +379,61 @@ def index_record(header: dict[str, Any]) -> IndexRecord:
             "instance_number": json_int(header, "00200013"),
         },
     )
+
+
+# ---- little endian VR conversion for retrieve destinations ----------------------------------
+
+# Stored in one of these, an instance may go out in the other: the element values are the
+# same bytes (little endian both), only the VR fields of their headers differ.
+LITTLE_ENDIAN_PAIR = {IMPLICIT_LE: EXPLICIT_LE, EXPLICIT_LE: IMPLICIT_LE}
+CONVERT_MAX = 64 * 1024 * 1024  # the conversion holds the dataset in memory, a few times over
+
+
+class CannotConvert(LookupError):
+    """The instance would need a conversion minipacs does not make."""
+
+
+def convertible(source: str) -> str | None:
+    """The other transfer syntax an instance stored in ``source`` may be sent in, if any."""
+    return LITTLE_ENDIAN_PAIR.get(source)
+
+
+def reencode(raw: bytes | bytearray | memoryview, source: str, target: str) -> bytes:
+    """The dataset ``raw`` (encoded in ``source``) encoded in ``target``, one of the little
+    endian pair: implicit VR takes the VRs from the data dictionary (UN for unknown private
+    elements), and explicit VR resolves the ambiguous ones (US or SS, OB or OW) from the
+    dataset, as pydicom writes them. Pixel data is not decoded."""
+    if LITTLE_ENDIAN_PAIR.get(source) != target:
+        raise CannotConvert(f"no conversion from {source} to {target}")
+    if len(raw) > CONVERT_MAX:
+        raise CannotConvert(f"{len(raw)} bytes, over the {CONVERT_MAX} converted in memory")
+    ds = read_dataset(BytesIO(bytes(raw)), source == IMPLICIT_LE, True)
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = target == IMPLICIT_LE, True
+    if target == EXPLICIT_LE:
+        correct_ambiguous_vr(ds, True)
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+class Converted:
+    """A converted dataset, in memory, to send (``shared.dimse_wire.Dataset``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def blocks(self, size: int) -> Iterator[memoryview]:
+        view = memoryview(self.data)
+        for start in range(0, len(view), size):
+            yield view[start:start + size]
+
+
+def convert(dataset: wire.Dataset, source: str, target: str) -> Converted:
+    """``dataset`` (a stored instance's, in ``source``) re-encoded in ``target`` (see
+    ``reencode``); ``CannotConvert`` before anything is read if it is too large."""
+    if dataset.length > CONVERT_MAX:
+        raise CannotConvert(f"{dataset.length} bytes, over the {CONVERT_MAX} converted in "
+                            "memory")
+    return Converted(reencode(b"".join(bytes(b) for b in dataset.blocks(1 << 20)), source,
+                              target))

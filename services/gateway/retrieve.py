@@ -51,9 +51,10 @@ from shared import dimse_wire as wire
 from shared import nodes, s3, topology
 from shared.broker import Publisher
 from shared.cache import hot_cache
+from shared.dicom import CannotConvert, convert, convertible
 from shared.logs import TRACE
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
-from shared.prefetch import Blob, Fetched, Prefetcher, fetcher
+from shared.prefetch import Fetched, Prefetcher, fetcher
 from shared.query import (
     PATIENT_ROOT,
     STUDY_ROOT,
@@ -272,7 +273,7 @@ class SocketTakeover:
                                      r.failed or 0, r.warning or 0)
         self._send(cx_id, command, None)
 
-    def store(self, cx_id: int, msg_id: int, ref: InstanceRef, blob: Blob) -> int:
+    def store(self, cx_id: int, msg_id: int, ref: InstanceRef, blob: wire.Dataset) -> int:
         """One C-STORE sub-operation: its response status (raises ``OSError`` when the
         association is gone or the SCU answered something else)."""
         command = wire.c_store_rq(msg_id, ref.sop_class_uid, ref.sop_instance_uid)
@@ -284,7 +285,7 @@ class SocketTakeover:
         log.log(TRACE, "C-STORE-RSP msg=%d status=0x%04X", msg_id, status)
         return status
 
-    def _send(self, cx_id: int, command: bytes, dataset: Blob | None) -> None:
+    def _send(self, cx_id: int, command: bytes, dataset: wire.Dataset | None) -> None:
         try:
             wire.send_message(self.sock, cx_id, command, dataset, self.max_pdu)
         except OSError:
@@ -575,7 +576,7 @@ class Retriever:
                         work: Prefetcher[InstanceRef], counts: Tally,
                         cancelled: threading.Event, who: str) -> Iterator[Response]:
         """The C-STORE sub-operations, a pending response after each but the last."""
-        contexts: dict[tuple[str, str], int | None] = {}
+        contexts: dict[tuple[str, str], tuple[int, str] | None] = {}
         req: Any = event.request
         msg_id = int(req.MessageID)
         while (item := work.next()) is not None:
@@ -599,7 +600,7 @@ class Retriever:
                 yield pending(*counts.snapshot()[:4])
 
     def _store(self, assoc: Any, taken: SocketTakeover,
-               contexts: dict[tuple[str, str], int | None], item: Fetched[InstanceRef],
+               contexts: dict[tuple[str, str], tuple[int, str] | None], item: Fetched[InstanceRef],
                msg_id: int, who: str) -> int | None:
         ref = item.ref
         if item.blob is None:
@@ -608,17 +609,36 @@ class Retriever:
             return None
         pair = (ref.sop_class_uid, ref.transfer_syntax)
         if pair not in contexts:
-            try:
-                cx = assoc._get_valid_context(*pair, "scu", allow_conversion=False)
-                contexts[pair] = cx.context_id
-            except ValueError:
-                contexts[pair] = None
-        cx_id = contexts[pair]
-        if cx_id is None:
+            contexts[pair] = _context_for(assoc, *pair)
+        found = contexts[pair]
+        if found is None:
             log.warning("%s C-GET sub-operation failed: no accepted context with the SCP role "
                         "for %s in %s", who, *pair)
             return None
-        return taken.store(cx_id, msg_id, ref, item.blob)
+        cx_id, syntax = found
+        blob: wire.Dataset = item.blob
+        if syntax != ref.transfer_syntax:  # the SCU takes only the other little endian one
+            try:
+                blob = convert(item.blob, ref.transfer_syntax, syntax)
+            except CannotConvert as exc:
+                log.warning("%s C-GET sub-operation failed: %s", who, exc)
+                return None
+        return taken.store(cx_id, msg_id, ref, blob)
+
+
+def _context_for(assoc: Any, sop_class: str, syntax: str) -> tuple[int, str] | None:
+    """The accepted context (SCP role for the SCU) to send an instance stored in ``syntax``:
+    (context ID, the transfer syntax to send it in), that one or the other of the little
+    endian pair (``shared.dicom.convertible``); None if there is neither."""
+    for candidate in (syntax, convertible(syntax)):
+        if candidate is None:
+            continue
+        try:
+            cx = assoc._get_valid_context(sop_class, candidate, "scu", allow_conversion=False)
+        except ValueError:
+            continue
+        return int(cx.context_id), candidate
+    return None
 
 
 # ---- wiring ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from shared import dimse_wire as wire
+from shared.dicom import convert, convertible
 from shared.logs import TRACE
 
 log = logging.getLogger("minipacs.mover")
@@ -53,7 +54,7 @@ def _request(calling: str, called: str, contexts: Sequence[tuple[str, str]],
     primitive.application_context_name = UID(APPLICATION_CONTEXT)
     primitive.calling_ae_title = calling
     primitive.called_ae_title = called
-    for n, (sop_class, syntax) in enumerate(contexts):
+    for n, ((sop_class, _), syntax) in enumerate(proposals(contexts)):
         cx = PresentationContext()
         cx.context_id = 2 * n + 1
         cx.abstract_syntax = UID(sop_class)
@@ -73,7 +74,7 @@ class StoreAssociation:
     """``open`` an association offering one context per (SOP class, transfer syntax), then
     ``store`` datasets one at a time, then ``release`` (or ``abort``)."""
 
-    def __init__(self, sock: socket.socket, accepted: dict[tuple[str, str], int],
+    def __init__(self, sock: socket.socket, accepted: dict[tuple[str, str], tuple[int, str]],
                  peer_max_pdu: int, timeouts: Timeouts, max_pdu: int = 0) -> None:
         self.sock = sock
         self.accepted = accepted
@@ -108,12 +109,18 @@ class StoreAssociation:
         except (OSError, ValueError) as exc:
             sock.close()
             raise Refused(f"association negotiation failed: {exc}") from exc
-        accepted: dict[tuple[str, str], int] = {}
+        proposed = proposals(contexts)
+        accepted: dict[tuple[str, str], tuple[int, str]] = {}
         for cx in answer.presentation_context_definition_results_list:
             if cx.result == 0x00 and cx.context_id is not None and cx.transfer_syntax:
                 n = (cx.context_id - 1) // 2
-                if 0 <= n < len(contexts) and str(cx.transfer_syntax[0]) == contexts[n][1]:
-                    accepted[contexts[n]] = cx.context_id
+                if not 0 <= n < len(proposed):
+                    continue
+                pair, syntax = proposed[n]
+                # the stored syntax when the peer takes it: then nothing is converted
+                if str(cx.transfer_syntax[0]) == syntax and (syntax == pair[1]
+                                                             or pair not in accepted):
+                    accepted[pair] = (cx.context_id, syntax)
         peer_max = next((int(item.maximum_length_received or 0)
                          for item in answer.user_information
                          if isinstance(item, MaximumLengthNotification)), 0)
@@ -124,12 +131,17 @@ class StoreAssociation:
               dataset: wire.Dataset, originator_aet: str = "",
               originator_id: int | None = None) -> int:
         """Send one C-STORE request; the response status. Raises ``LookupError`` when no
-        context was accepted for this SOP class and transfer syntax (nothing sent), and
+        context was accepted for this SOP class and transfer syntax, nor for the other of
+        the little endian pair (``shared.dicom.convertible``), or the instance is too large
+        to convert (nothing sent), and
         ``OSError`` (the association is then unusable) on network or protocol trouble."""
-        cx = self.accepted.get((sop_class, transfer_syntax))
-        if cx is None:
+        found = self.accepted.get((sop_class, transfer_syntax))
+        if found is None:
             raise LookupError(f"no accepted presentation context for {sop_class} in "
                               f"{transfer_syntax}")
+        cx, syntax = found
+        if syntax != transfer_syntax:  # the peer takes only the other little endian syntax
+            dataset = convert(dataset, transfer_syntax, syntax)
         command = wire.c_store_rq(msg_id, sop_class, sop_instance, 2, originator_aet,
                                   originator_id)
         if log.isEnabledFor(TRACE):
@@ -193,3 +205,19 @@ class StoreAssociation:
             pass
         finally:
             self.sock.close()
+
+
+def offered(syntax: str) -> list[str]:
+    """The transfer syntaxes proposed for an instance stored in ``syntax``: that one, then
+    the one it can be converted to (explicit / implicit VR little endian), as Orthanc offers
+    a destination what it can convert to. Each in a presentation context of its own, so a
+    peer that takes both is not left to choose the one that needs converting."""
+    other = convertible(syntax)
+    return [syntax] if other is None else [syntax, other]
+
+
+def proposals(contexts: Sequence[tuple[str, str]]) -> list[tuple[tuple[str, str], str]]:
+    """(SOP class and stored syntax, the transfer syntax offered) of every presentation
+    context to propose, in order."""
+    return [(pair, syntax) for pair in contexts for syntax in offered(pair[1])]
+

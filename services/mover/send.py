@@ -2,7 +2,8 @@
 
 Synchronous, run in worker threads by ``worker.py``. Each instance goes out byte-for-byte as
 stored (its dataset after the file's meta group), under a presentation context of its own
-stored SOP class and transfer syntax (no conversion), on associations of our own
+stored SOP class and transfer syntax (or, for a destination that takes only the other of
+explicit / implicit VR little endian, converted to it: ``scu.offered``), on associations of our own
 (``scu.StoreAssociation``: no pynetdicom reactor threads). Several associations to the
 destination run in parallel, sharing one ``Prefetcher`` that GETs the next objects from S3
 while they send. Memory stays bounded whatever the instance size (``shared.prefetch``).
@@ -21,7 +22,7 @@ from typing import Protocol
 
 from minio import Minio
 
-from services.mover.scu import Refused, StoreAssociation, Timeouts
+from services.mover.scu import Refused, StoreAssociation, Timeouts, offered
 from shared.cache import hot_cache
 from shared.prefetch import Fetched, Prefetcher, fetcher
 from shared.s3http import RawS3
@@ -57,18 +58,20 @@ class Destination:
 
 def plan_contexts(refs: Sequence[Ref]) -> list[list[Ref]]:
     """Split ``refs`` (keeping their order) into groups whose distinct (SOP class, transfer
-    syntax) pairs fit in one association request."""
+    syntax) pairs fit in one association request (a pair stored in a little endian syntax
+    takes two presentation contexts, ``scu.offered``)."""
     groups: list[list[Ref]] = []
-    seen: list[set[tuple[str, str]]] = []
+    used: list[int] = []  # presentation contexts each group's association proposes
     index: dict[tuple[str, str], int] = {}
     for ref in refs:
         pair = (ref.sop_class_uid, ref.transfer_syntax)
         if pair not in index:
-            if not groups or len(seen[-1]) >= MAX_CONTEXTS:
+            cost = len(offered(ref.transfer_syntax))
+            if not groups or used[-1] + cost > MAX_CONTEXTS:
                 groups.append([])
-                seen.append(set())
+                used.append(0)
             index[pair] = len(groups) - 1
-            seen[-1].add(pair)
+            used[-1] += cost
         groups[index[pair]].append(ref)
     return groups
 

@@ -316,9 +316,11 @@ def test_c_cancel_stops_the_get(world: World) -> None:
     assert echo_ok
 
 
-def get_ct_series(world: World, on_store: Callable[[Any], int]) -> Any:
-    """A C-GET of the CT series from our pynetdicom client (a CT storage context, SCP role),
-    ``on_store`` handling its sub-operations; the association once the C-GET is over."""
+def get_ct_series(world: World, on_store: Callable[[Any], int],
+                  syntaxes: Sequence[str] | None = None) -> Any:
+    """A C-GET of the CT series from our pynetdicom client (a CT storage context, SCP role,
+    with ``syntaxes`` or pynetdicom's default ones), ``on_store`` handling its
+    sub-operations; the association once the C-GET is over."""
     from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         CTImageStorage,
@@ -327,7 +329,10 @@ def get_ct_series(world: World, on_store: Callable[[Any], int]) -> Any:
 
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage)
+    if syntaxes:
+        ae.add_requested_context(CTImageStorage, list(syntaxes))
+    else:
+        ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", world.port, ae_title="MINIPACS",
                          ext_neg=[build_role(CTImageStorage, scp_role=True)],
                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
@@ -395,3 +400,23 @@ def test_an_scu_sending_an_endless_command_mid_get_is_aborted(world: World,
                "during C-GET: aborting" in world.stack.log_text("gateway")[log_before:],
                30, what="the reason logged")
     assert_next_get_served(world, tmp_path / "out")
+
+
+def test_an_scu_taking_only_implicit_vr_gets_the_series_converted(world: World) -> None:
+    """A C-GET SCU that offers its storage context in implicit VR little endian only: the
+    instances, stored in explicit VR, are converted for it (every element's value and the
+    pixel data unchanged) instead of failing "no accepted context"."""
+    got: dict[str, Any] = {}
+
+    def on_store(event: Any) -> int:
+        assert event.context.transfer_syntax == "1.2.840.10008.1.2"
+        ds = event.dataset
+        got[str(ds.SOPInstanceUID)] = ds
+        return 0x0000
+
+    assoc = get_ct_series(world, on_store, ["1.2.840.10008.1.2"])
+    assoc.release()
+    assert set(got) == {m.sop_uid for m in world.ct}
+    for m in world.ct:
+        sent = dcmread(m.path)
+        assert [(e.tag, e.value) for e in got[m.sop_uid]] == [(e.tag, e.value) for e in sent]

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from scripts.native import Stack
+from scripts.native import Stack, free_port, port_open
 from shared.messages import MoveRequested
 from tests.conftest import TEST_NODES, dsn, hot_copy, make_stack, teardown
 from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
@@ -39,6 +40,7 @@ class World:
     data: list[Made]
     ct: list[Made]
     tmp: Path
+    implicit_port: int  # the node IMPLICIT: a test starts a storescp there when it needs one
 
     @property
     def port(self) -> int:
@@ -56,12 +58,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("move")
     stack = make_stack(tmp, "move", MINIPACS_MOVE_START_TIMEOUT="3",
                        MINIPACS_MOVE_IDLE_TIMEOUT="20")
+    implicit_port = free_port()
     archive = start_orthanc(tmp / "archive", "ARCHIVE",
                             {"minipacs": ["MINIPACS", "127.0.0.1", stack.config.gateway_port]})
     stack.config.extra_env["MINIPACS_NODES"] = json.dumps(
         {**TEST_NODES, "archive": ["ARCHIVE", "127.0.0.1", archive.dicom_port],
          # a known node nobody listens on: "ARCHIVE down"
-         "offline": ["OFFLINE", "127.0.0.1", 9], "orthanc": ["ARCHIVE", "127.0.0.1", 9]})
+         "offline": ["OFFLINE", "127.0.0.1", 9], "orthanc": ["ARCHIVE", "127.0.0.1", 9],
+         "implicit": ["IMPLICIT", "127.0.0.1", implicit_port]})
     try:
         stack.start()
         data = small_set(tmp / "small", patients=2, studies=2, series=2, per_series=3,
@@ -71,7 +75,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert sent.successes == len(data) + len(ct), sent.output
         wait_until(lambda: indexed(stack, [m.sop_uid for m in data + ct]) == len(data + ct),
                    60, what="the test data indexed")
-        yield World(stack, archive, data, ct, tmp)
+        yield World(stack, archive, data, ct, tmp, implicit_port)
     finally:
         archive.stop()
         teardown(stack)
@@ -166,7 +170,7 @@ def test_nodes_are_seeded_from_settings(world: World) -> None:
     assert by_name["archive"]["aet"] == "ARCHIVE"
     assert by_name["archive"]["port"] == world.archive.dicom_port
     assert by_name["archive"]["source"] == "settings"
-    assert set(by_name) == {*TEST_NODES, "archive", "offline", "orthanc"}
+    assert set(by_name) == {*TEST_NODES, "archive", "offline", "orthanc", "implicit"}
 
 
 @pytest.mark.parametrize("level", ["PATIENT", "STUDY", "SERIES"])
@@ -899,3 +903,33 @@ def test_mover_not_running_is_a_clear_failure_not_a_hang(world: World) -> None:
     # the job the gateway gave up on is recorded as expired once a mover sees it, not run
     wait_until(lambda: [r for r in job_rows(world) if r["state"] == "expired"], 60,
                what="the abandoned job recorded as expired")
+
+
+def test_a_destination_taking_only_implicit_vr_gets_the_series_converted(world: World) -> None:
+    """Some workstations and older archives accept implicit VR little endian only (DCMTK's
+    ``storescp +xi`` here). minipacs keeps instances as received, explicit VR here; like
+    Orthanc it now also offers the destination the other little endian syntax and converts
+    (element values and pixel data unchanged), where every sub-operation used to fail with
+    "no accepted presentation context"."""
+    out = world.tmp / "implicit-only"
+    out.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "+xi", "-aet", "IMPLICIT", "-od", str(out),
+                            str(world.implicit_port)], env=dcmtk_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(world.implicit_port), 30, what="storescp listening")
+        first = world.ct[0]
+        result = movescu(world.port, {"QueryRetrieveLevel": "SERIES",
+                                      "StudyInstanceUID": first.study_uid,
+                                      "SeriesInstanceUID": first.series_uid}, dest="IMPLICIT")
+        assert final_has(result, "0000"), result.output
+    finally:
+        scp.terminate()
+        scp.wait(30)
+    received = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, out.iterdir())}
+    assert set(received) == {m.sop_uid for m in world.ct}
+    for m in world.ct:
+        got, sent = received[m.sop_uid], dcmread(m.path)
+        assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"  # implicit VR LE
+        assert sent.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert [(e.tag, e.value) for e in got] == [(e.tag, e.value) for e in sent], m.sop_uid

@@ -140,6 +140,23 @@ def test_too_many_pairs_are_split_keeping_each_pair_in_one_group() -> None:
             assert owner.setdefault(r.sop_class_uid, n) == n
 
 
+def test_a_convertible_pair_takes_two_presentation_contexts() -> None:
+    """Stored in explicit VR little endian, an instance's pair is also offered in implicit VR,
+    in a context of its own: 64 such pairs fill an association request."""
+    from services.mover.scu import proposals
+
+    explicit = "1.2.840.10008.1.2.1"
+    refs = [Ref(str(i), f"class{i}", explicit) for i in range(100)]
+    groups = plan_contexts(refs)
+    assert [len(g) for g in groups] == [64, 36]
+    pairs = sorted({(r.sop_class_uid, r.transfer_syntax) for r in groups[0]})
+    assert len(proposals(pairs)) == MAX_CONTEXTS
+    assert proposals([("c", explicit)]) == [(("c", explicit), explicit),
+                                            (("c", explicit), "1.2.840.10008.1.2")]
+    assert proposals([("c", "1.2.840.10008.1.2.4.70")]) == [(("c", "1.2.840.10008.1.2.4.70"),
+                                                             "1.2.840.10008.1.2.4.70")]
+
+
 # ---- tally and progress routing ------------------------------------------------------------------
 
 def test_tally_counts_from_many_threads() -> None:
@@ -472,7 +489,7 @@ def test_store_association_refuses_an_endless_command_from_the_destination() -> 
 
     peer = threading.Thread(target=destination, daemon=True)
     peer.start()
-    assoc = StoreAssociation(ours, {(CT_IMAGE, ts): 1}, 1 << 20, Timeouts(5, 5, 5), 1 << 20)
+    assoc = StoreAssociation(ours, {(CT_IMAGE, ts): (1, ts)}, 1 << 20, Timeouts(5, 5, 5), 1 << 20)
     with pytest.raises(dimse_wire.WireError, match="a command set of more than 65536 bytes"):
         assoc.store(1, CT_IMAGE, "1.2.3", ts, Blob(data=b"\x08\x00\x18\x00\x00\x00\x00\x00"))
     ours.close()
