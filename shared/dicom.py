@@ -407,12 +407,15 @@ def reencode(raw: bytes | bytearray | memoryview, source: str, target: str) -> b
         raise CannotConvert(f"no conversion from {source} to {target}")
     if len(raw) > CONVERT_MAX:
         raise CannotConvert(f"{len(raw)} bytes, over the {CONVERT_MAX} converted in memory")
-    ds = read_dataset(BytesIO(bytes(raw)), source == IMPLICIT_LE, True)
-    out = DicomBytesIO()
-    out.is_implicit_VR, out.is_little_endian = target == IMPLICIT_LE, True
-    if target == EXPLICIT_LE:
-        correct_ambiguous_vr(ds, True)
-    write_dataset(out, ds)
+    try:
+        ds = read_dataset(BytesIO(bytes(raw)), source == IMPLICIT_LE, True)
+        out = DicomBytesIO()
+        out.is_implicit_VR, out.is_little_endian = target == IMPLICIT_LE, True
+        if target == EXPLICIT_LE:
+            correct_ambiguous_vr(ds, True)
+        write_dataset(out, ds)
+    except Exception as exc:  # pydicom reads lazily: a malformed element fails here
+        raise CannotConvert(f"not convertible ({type(exc).__name__}: {exc})") from None
     return out.getvalue()
 
 

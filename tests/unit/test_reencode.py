@@ -65,3 +65,15 @@ def test_an_instance_too_large_to_convert_in_memory_is_refused(
     monkeypatch.setattr(dicom, "CONVERT_MAX", len(explicit) - 1)
     with pytest.raises(CannotConvert, match="converted in memory"):
         reencode(explicit, EXPLICIT_LE, IMPLICIT_LE)
+
+
+def test_a_dataset_pydicom_cannot_read_is_refused_not_raised() -> None:
+    """An unknown VR, a sequence cut short: the sub-operation fails with the reason
+    (``CannotConvert``). pydicom raised NotImplementedError and OSError there, and an
+    OSError would have been taken for a lost association."""
+    with pytest.raises(CannotConvert, match=r"not convertible.*Unknown Value Representation"):
+        reencode(b"\x08\x00\x05\x00ZZ\x04\x00ABCD", EXPLICIT_LE, IMPLICIT_LE)
+    sequence_cut = (b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
+                    b"\xfe\xff\x00\xe0\x10\x00\x00\x00\x01\x01\x01\x01")
+    with pytest.raises(CannotConvert, match=r"not convertible.*OSError"):
+        reencode(sequence_cut, EXPLICIT_LE, IMPLICIT_LE)
