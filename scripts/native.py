@@ -206,9 +206,17 @@ def ensure_vhost(vhost: str) -> None:
                     ".*"], capture_output=True, check=True)
 
 
-def drop_vhost(vhost: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True,
-                   check=False)
+def drop_vhost(vhost: str, attempts: int = 3) -> None:
+    """Deletes ``vhost`` (gone already is fine). A broker that fails to delete it is retried,
+    then named on stderr: a vhost left behind keeps its queues' messages on the broker."""
+    out = ""
+    for _ in range(attempts):
+        proc = subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost],
+                              capture_output=True, text=True, check=False)
+        out = (proc.stdout + proc.stderr).strip()
+        if proc.returncode == 0 or "does not exist" in out:
+            return
+    print(f"native: could not delete RabbitMQ vhost {vhost!r}: {out}", file=sys.stderr)
 
 
 def weed_binary() -> str:

@@ -14,8 +14,9 @@ thread reads the PDU itself:
 - anything else (other DIMSE messages, release, abort, association PDUs): handed to pynetdicom
   exactly as its own reader would have (``_decode_pdu``, event queue, PDU queue).
 
-Ownership is decided per DIMSE message, by its command. Disabled while pynetdicom's DIMSE
-logging is on (TRACE), so the dumps show every message.
+Ownership is decided per DIMSE message, by its command. While pynetdicom's DIMSE logging is
+on (TRACE) every message goes to pynetdicom, C-STOREs included, so the dumps show them all;
+the caps below still hold (a C-STORE's dataset then goes to pynetdicom's spool file).
 
 Memory is bounded: a PDU by the maximum length negotiated (before an association, by
 ``ASSOCIATE_PDU_MAX``), a C-STORE dataset by nothing (it goes to disk), and everything
@@ -126,7 +127,7 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     if pdu is None:
         return
     head, body = pdu
-    if head[0] != P_DATA_TF or state != "Sta6" or not _enabled():
+    if head[0] != P_DATA_TF or state != "Sta6":
         _drop_partial(self)  # release, abort...: a C-STORE half received is dropped
         _to_pynetdicom(self, bytes(head) + bytes(body))
         return
@@ -137,7 +138,7 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         _to_pynetdicom(self, bytes(head) + bytes(body))
         return
     try:
-        _p_data(self, items)
+        _p_data(self, items, take=_enabled())
     except ProtocolError as exc:
         log.warning("assoc %s: %s: aborting", _who(self), exc)
         _drop_partial(self)
@@ -281,7 +282,11 @@ class ProtocolError(RuntimeError):
     was not accepted: the reader logs it and aborts the association (PS3.8 Evt19)."""
 
 
-def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -> None:
+def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]], *,
+            take: bool = True) -> None:
+    """Sorts a P-DATA-TF PDU's fragments by message: C-STOREs this module receives (unless
+    ``take`` is off: TRACE, where pynetdicom receives and prints them all), everything else
+    handed to pynetdicom within the caps."""
     state: _State = dul.__dict__.setdefault("_minipacs_receive", _State())
     handed: list[tuple[int, int, memoryview]] = []  # PDVs for pynetdicom, in order
     for cx, ctrl, data in items:
@@ -297,7 +302,7 @@ def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -
             if ctrl & 1:
                 raise ProtocolError("a command inside another message's dataset")
             state.held += len(data)
-            if state.held > wire.MESSAGE_MAX:
+            if state.held > wire.MESSAGE_MAX and state.kind != "C-STORE-RQ":
                 raise ProtocolError(f"a {state.kind} of more than {wire.MESSAGE_MAX} bytes, the "
                                     "most the gateway holds for one request")
             handed.append((cx, ctrl, data))
@@ -317,7 +322,7 @@ def _p_data(dul: DULServiceProvider, items: list[tuple[int, int, memoryview]]) -
                 command: dict[int, bytes] | None = wire.parse_command(raw)
             except wire.WireError:
                 command = None
-            taken = _take(dul, command, cx) if command is not None else None
+            taken = _take(dul, command, cx) if take and command is not None else None
             if taken is not None:
                 state.owner = taken
                 continue

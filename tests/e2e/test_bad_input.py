@@ -706,6 +706,12 @@ def test_a_request_too_large_to_hold_is_aborted(stack: Stack, part: str) -> None
     a C-FIND identifier (or a command set) that never ends grew the gateway without limit. The
     gateway now aborts the association once one message passes what it holds for a request
     (``wire.MESSAGE_MAX``, ``wire.COMMAND_MAX``), logs what and from whom, and keeps serving."""
+    assert_endless_request_aborted(stack, part)
+
+
+def assert_endless_request_aborted(stack: Stack, part: str) -> None:
+    """Sends a C-FIND whose identifier (``part`` "identifier") or command set ("command")
+    never ends; checks the A-ABORT, the log line and that the gateway answers an echo."""
     limit = wire.MESSAGE_MAX if part == "identifier" else wire.COMMAND_MAX
     gateway = psutil.Process(stack.procs["gateway"].pid)
     rss_before = gateway.memory_info().rss

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from scripts.native import Stack
+from shared import dimse_wire as wire
 from tests.conftest import TEST_NODES, make_stack, teardown
-from tests.dicomgen import small_set
+from tests.dicomgen import ct_series, small_set
+from tests.e2e.test_bad_input import assert_endless_request_aborted
 from tests.e2e.test_find import findscu
 from tests.e2e.test_ingest import assert_stored_byte_identical
 from tests.e2e.test_move import archive_instances, final_has, movescu
@@ -100,3 +102,28 @@ def test_info_level_has_no_dimse_dumps(stack: Stack, tmp_path: Path) -> None:
     assert "assoc=" in log, log[-2000:]
     for text in (*DIMSE_DUMP, "A-ASSOCIATE-AC PDU"):
         assert text not in log, f"{text!r} in the INFO log"
+
+
+def test_trace_keeps_the_request_caps_and_takes_large_instances(tmp_path: Path) -> None:
+    """Under TRACE pynetdicom receives every message itself, to print it. The gateway's caps
+    on what it holds for one request (``wire.MESSAGE_MAX``, ``wire.COMMAND_MAX``) still hold:
+    an endless C-FIND identifier or command set is aborted, as at INFO. A C-STORE dataset is
+    not held (pynetdicom spools it to a file), so an instance larger than the cap is stored
+    byte-identical, and its request and response are printed."""
+    stack = make_stack(tmp_path, "tracecap", MINIPACS_LOG_LEVEL="TRACE")
+    stack.start()
+    try:
+        for part in ("identifier", "command"):
+            assert_endless_request_aborted(stack, part)
+        made = ct_series(tmp_path / "big", count=1, tag="tracebig", size=2600)
+        assert made[0].path.stat().st_size > wire.MESSAGE_MAX
+        sent = storescu(stack.config.gateway_port, [made[0].path])
+        assert (sent.successes, sent.failures) == (1, 0), sent.output
+        wait_until(lambda: _indexed(stack, [made[0].sop_uid]) == 1, 60,
+                   what="the large traced instance indexed")
+        assert_stored_byte_identical(stack, made)
+        log = stack.log_text("gateway")
+        assert "Message Type                  : C-STORE RQ" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        teardown(stack)

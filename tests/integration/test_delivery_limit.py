@@ -120,3 +120,23 @@ def test_a_message_that_kills_its_consumer_is_dead_lettered_after_the_delivery_l
     assert [(d.get("queue"), d.get("reason")) for d in x_death] == \
         [(spec.name, "delivery_limit")], x_death
     assert asyncio.run(_take_all(url, spec.name)) == []  # nothing left behind in the work queue
+
+
+def _vhosts() -> set[str]:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True,
+                         check=True).stdout
+    return set(out.split())
+
+
+def test_drop_vhost_removes_it_and_a_missing_one_is_no_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Every test stack's teardown drops its vhost: a failure to do so is named on stderr
+    (a vhost left behind keeps its queues and messages), a vhost already gone is not one."""
+    ensure_rabbitmq()
+    name = f"minipacs_drop_{uuid.uuid4().hex[:8]}"
+    ensure_vhost(name)
+    assert name in _vhosts()
+    drop_vhost(name)
+    assert name not in _vhosts()
+    drop_vhost(name)
+    assert capsys.readouterr().err == ""
