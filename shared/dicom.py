@@ -17,12 +17,13 @@ from typing import Any, BinaryIO
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import correct_ambiguous_vr, write_dataset
 from pydicom.tag import Tag
+from pydicom.uid import UID
 
 from shared import dimse_wire as wire
 from shared.dicomjson import to_json
@@ -381,11 +382,25 @@ def index_record(header: dict[str, Any]) -> IndexRecord:
     )
 
 
-# ---- little endian VR conversion for retrieve destinations ----------------------------------
+# ---- conversions for retrieve destinations ---------------------------------------------------
 
 # Stored in one of these, an instance may go out in the other: the element values are the
 # same bytes (little endian both), only the VR fields of their headers differ.
 LITTLE_ENDIAN_PAIR = {IMPLICIT_LE: EXPLICIT_LE, EXPLICIT_LE: IMPLICIT_LE}
+# Compressed syntaxes an instance is decompressed from for a destination that takes none of
+# them, as Orthanc transcodes: pydicom's decoders (GDCM for the JPEG family, its own for RLE).
+# A lossless one gives back the very pixel values that were compressed.
+DECOMPRESSIBLE = frozenset({
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline (lossy)
+    "1.2.840.10008.1.2.4.51",  # JPEG extended (lossy)
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",     # RLE lossless
+})
 CONVERT_MAX = 64 * 1024 * 1024  # the conversion holds the dataset in memory, a few times over
 
 
@@ -393,30 +408,63 @@ class CannotConvert(LookupError):
     """The instance would need a conversion minipacs does not make."""
 
 
-def convertible(source: str) -> str | None:
-    """The other transfer syntax an instance stored in ``source`` may be sent in, if any."""
-    return LITTLE_ENDIAN_PAIR.get(source)
+def alternatives(source: str) -> tuple[str, ...]:
+    """The other transfer syntaxes an instance stored in ``source`` may be sent in, in the
+    order minipacs prefers them: the other of the little endian pair, or, for a compressed
+    syntax it can decompress, explicit then implicit VR little endian (which every DICOM
+    application accepts)."""
+    if source in LITTLE_ENDIAN_PAIR:
+        return (LITTLE_ENDIAN_PAIR[source],)
+    if source in DECOMPRESSIBLE:
+        return (EXPLICIT_LE, IMPLICIT_LE)
+    return ()
 
 
 def reencode(raw: bytes | bytearray | memoryview, source: str, target: str) -> bytes:
-    """The dataset ``raw`` (encoded in ``source``) encoded in ``target``, one of the little
-    endian pair: implicit VR takes the VRs from the data dictionary (UN for unknown private
-    elements), and explicit VR resolves the ambiguous ones (US or SS, OB or OW) from the
-    dataset, as pydicom writes them. Pixel data is not decoded."""
-    if LITTLE_ENDIAN_PAIR.get(source) != target:
+    """The dataset ``raw`` (encoded in ``source``) encoded in ``target``, one of
+    ``alternatives(source)``. Implicit VR takes the VRs from the data dictionary (UN for
+    unknown private elements), and explicit VR resolves the ambiguous ones (US or SS, OB or
+    OW) from the dataset, as pydicom writes them. Between the little endian pair pixel data is
+    not decoded; a compressed one is decompressed (``_decompress``)."""
+    if target not in alternatives(source):
         raise CannotConvert(f"no conversion from {source} to {target}")
     if len(raw) > CONVERT_MAX:
         raise CannotConvert(f"{len(raw)} bytes, over the {CONVERT_MAX} converted in memory")
     try:
         ds = read_dataset(BytesIO(bytes(raw)), source == IMPLICIT_LE, True)
+        if source in DECOMPRESSIBLE:
+            _decompress(ds, source)
         out = DicomBytesIO()
         out.is_implicit_VR, out.is_little_endian = target == IMPLICIT_LE, True
         if target == EXPLICIT_LE:
             correct_ambiguous_vr(ds, True)
         write_dataset(out, ds)
+    except CannotConvert:
+        raise
     except Exception as exc:  # pydicom reads lazily: a malformed element fails here
         raise CannotConvert(f"not convertible ({type(exc).__name__}: {exc})") from None
     return out.getvalue()
+
+
+def decoded_size(ds: Dataset) -> int:
+    """The bytes the pixel data of ``ds`` takes once decompressed, from its header."""
+    frames = int(ds.get("NumberOfFrames") or 1)
+    return (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
+            * ((int(ds.BitsAllocated) + 7) // 8))
+
+
+def _decompress(ds: Dataset, source: str) -> None:
+    """``ds``'s pixel data decompressed in place (colour YCbCr as RGB, as a native syntax
+    requires), its SOP Instance UID kept; refused before decoding past ``CONVERT_MAX``."""
+    if PIXEL_DATA not in ds:
+        return  # nothing compressed in it (a dataset without pixels in a compressed syntax)
+    size = decoded_size(ds)
+    if size > CONVERT_MAX:
+        raise CannotConvert(f"{size} bytes once decompressed, over the {CONVERT_MAX} "
+                            "converted in memory")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(source)
+    ds.decompress(generate_instance_uid=False)
 
 
 class Converted:

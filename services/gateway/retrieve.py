@@ -51,7 +51,7 @@ from shared import dimse_wire as wire
 from shared import nodes, s3, topology
 from shared.broker import Publisher
 from shared.cache import hot_cache
-from shared.dicom import CannotConvert, convert, convertible
+from shared.dicom import CannotConvert, alternatives, convert
 from shared.logs import TRACE
 from shared.messages import BadMessage, MoveCancel, MoveProgress, MoveRequested
 from shared.prefetch import Fetched, Prefetcher, fetcher
@@ -617,7 +617,7 @@ class Retriever:
             return None
         cx_id, syntax = found
         blob: wire.Dataset = item.blob
-        if syntax != ref.transfer_syntax:  # the SCU takes only the other little endian one
+        if syntax != ref.transfer_syntax:  # the SCU does not take the stored syntax
             try:
                 blob = convert(item.blob, ref.transfer_syntax, syntax)
             except CannotConvert as exc:
@@ -628,11 +628,9 @@ class Retriever:
 
 def _context_for(assoc: Any, sop_class: str, syntax: str) -> tuple[int, str] | None:
     """The accepted context (SCP role for the SCU) to send an instance stored in ``syntax``:
-    (context ID, the transfer syntax to send it in), that one or the other of the little
-    endian pair (``shared.dicom.convertible``); None if there is neither."""
-    for candidate in (syntax, convertible(syntax)):
-        if candidate is None:
-            continue
+    (context ID, the transfer syntax to send it in), that one or the first the SCU takes of
+    those it converts to (``shared.dicom.alternatives``); None if there is none."""
+    for candidate in (syntax, *alternatives(syntax)):
         try:
             cx = assoc._get_valid_context(sop_class, candidate, "scu", allow_conversion=False)
         except ValueError:

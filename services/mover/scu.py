@@ -26,7 +26,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from shared import dimse_wire as wire
-from shared.dicom import convert, convertible
+from shared.dicom import alternatives, convert
 from shared.logs import TRACE
 
 log = logging.getLogger("minipacs.mover")
@@ -132,15 +132,15 @@ class StoreAssociation:
               originator_id: int | None = None) -> int:
         """Send one C-STORE request; the response status. Raises ``LookupError`` when no
         context was accepted for this SOP class and transfer syntax, nor for the other of
-        the little endian pair (``shared.dicom.convertible``), or the instance is too large
-        to convert (nothing sent), and
+        the syntaxes it converts to (``shared.dicom.alternatives``), or the instance cannot be
+        converted (nothing sent), and
         ``OSError`` (the association is then unusable) on network or protocol trouble."""
         found = self.accepted.get((sop_class, transfer_syntax))
         if found is None:
             raise LookupError(f"no accepted presentation context for {sop_class} in "
                               f"{transfer_syntax}")
         cx, syntax = found
-        if syntax != transfer_syntax:  # the peer takes only the other little endian syntax
+        if syntax != transfer_syntax:  # the peer does not take the stored syntax
             dataset = convert(dataset, transfer_syntax, syntax)
         command = wire.c_store_rq(msg_id, sop_class, sop_instance, 2, originator_aet,
                                   originator_id)
@@ -209,11 +209,11 @@ class StoreAssociation:
 
 def offered(syntax: str) -> list[str]:
     """The transfer syntaxes proposed for an instance stored in ``syntax``: that one, then
-    the one it can be converted to (explicit / implicit VR little endian), as Orthanc offers
-    a destination what it can convert to. Each in a presentation context of its own, so a
-    peer that takes both is not left to choose the one that needs converting."""
-    other = convertible(syntax)
-    return [syntax] if other is None else [syntax, other]
+    those it can be converted to (``shared.dicom.alternatives``: the other of the explicit /
+    implicit VR little endian pair, or both for a compressed one), as Orthanc offers a
+    destination what it can transcode to. Each in a presentation context of its own, so a
+    peer that takes several is not left to choose one that needs converting."""
+    return [syntax, *alternatives(syntax)]
 
 
 def proposals(contexts: Sequence[tuple[str, str]]) -> list[tuple[tuple[str, str], str]]:

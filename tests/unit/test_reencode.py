@@ -1,8 +1,11 @@
-"""Sending an instance stored in explicit VR little endian to a peer that takes only implicit
-VR (and back): the same elements, the same value bytes, only the VR fields differ."""
+"""Sending an instance to a peer that does not take its stored syntax. Explicit VR little
+endian to implicit (and back): the same elements, the same value bytes, only the VR fields
+differ. A compressed one (RLE here, encoded by pydicom; the JPEG family end to end with
+DCMTK's encoders in ``tests/e2e/test_compressed.py``): the very pixel values, decompressed."""
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 from pydicom.filereader import read_dataset
 
 from shared import dicom
-from shared.dicom import EXPLICIT_LE, IMPLICIT_LE, CannotConvert, convertible, reencode
+from shared.dicom import EXPLICIT_LE, IMPLICIT_LE, CannotConvert, alternatives, reencode
 from tests.dicomgen import CT_IMAGE, dataset_bytes, make_instance
 
 
@@ -51,12 +54,67 @@ def test_explicit_to_implicit_and_back_keeps_every_value(tmp_path: Path) -> None
     assert again.PatientName == "Ünïcode^Näme"
 
 
-def test_only_the_little_endian_pair_is_converted(tmp_path: Path) -> None:
-    assert convertible(EXPLICIT_LE) == IMPLICIT_LE and convertible(IMPLICIT_LE) == EXPLICIT_LE
-    assert convertible("1.2.840.10008.1.2.4.70") is None  # JPEG lossless: never
-    assert convertible(dicom.EXPLICIT_BE) is None  # would need the pixel bytes swapped
+def test_what_each_stored_syntax_may_be_converted_to() -> None:
+    assert alternatives(EXPLICIT_LE) == (IMPLICIT_LE,)
+    assert alternatives(IMPLICIT_LE) == (EXPLICIT_LE,)
+    for compressed in (JPEG_LOSSLESS, "1.2.840.10008.1.2.4.80", RLE, "1.2.840.10008.1.2.4.90"):
+        assert alternatives(compressed) == (EXPLICIT_LE, IMPLICIT_LE)
+    assert alternatives(dicom.EXPLICIT_BE) == ()  # would need the pixel bytes swapped
+    assert alternatives(dicom.DEFLATED) == ()
+    assert alternatives("1.2.840.10008.1.2.4.201") == ()  # HTJ2K: no decoder here
     with pytest.raises(CannotConvert, match="no conversion"):
-        reencode(b"", "1.2.840.10008.1.2.4.70", EXPLICIT_LE)
+        reencode(b"", JPEG_LOSSLESS, dicom.EXPLICIT_BE)
+    with pytest.raises(CannotConvert, match="no conversion"):
+        reencode(b"", EXPLICIT_LE, JPEG_LOSSLESS)
+
+
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"
+RLE = "1.2.840.10008.1.2.5"
+
+
+def _rle_instance(tmp: Path) -> tuple[bytes, bytes]:
+    """(the dataset compressed in RLE lossless by pydicom, the original pixel data)."""
+    from pydicom import dcmread
+
+    path = make_instance(tmp / "rle.dcm", sop_class=CT_IMAGE, sop_uid="1.2.3.9",
+                         study_uid="1.2.3", series_uid="1.2.3.5", patient_id="P1",
+                         patient_name="RLE^TEST", rows=32, cols=24, modality="CT",
+                         instance_number=1)
+    ds = dcmread(path)
+    ds.PixelData = pixels = b"".join(struct.pack("<H", i // 16) for i in range(32 * 24))
+    ds.compress(RLE, generate_instance_uid=False)  # runs of 16: it compresses
+    ds.save_as(path, enforce_file_format=True)
+    return dataset_bytes(path), pixels
+
+
+@pytest.mark.parametrize("target", [EXPLICIT_LE, IMPLICIT_LE])
+def test_a_compressed_instance_is_decompressed_to_the_same_pixels(tmp_path: Path,
+                                                                  target: str) -> None:
+    compressed, pixels = _rle_instance(tmp_path)
+    out = reencode(compressed, RLE, target)
+    ds = read_dataset(BytesIO(out), target == IMPLICIT_LE, True)
+    assert bytes(ds.PixelData) == pixels
+    assert ds.SOPInstanceUID == "1.2.3.9"  # the same instance, not a new one
+    assert (ds.Rows, ds.Columns, ds.BitsAllocated) == (32, 24, 16)
+    assert ds.PatientName == "RLE^TEST"
+
+
+def test_a_compressed_instance_too_large_once_decompressed_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoded size is read from the header and refused before anything is decoded."""
+    compressed, pixels = _rle_instance(tmp_path)
+    monkeypatch.setattr(dicom, "CONVERT_MAX", len(pixels) - 1)
+    assert len(compressed) <= dicom.CONVERT_MAX
+    with pytest.raises(CannotConvert, match="once decompressed"):
+        reencode(compressed, RLE, EXPLICIT_LE)
+
+
+def test_corrupt_compressed_pixel_data_is_refused_not_raised(tmp_path: Path) -> None:
+    compressed, _ = _rle_instance(tmp_path)
+    at = compressed.rindex(b"\xfe\xff\x00\xe0")  # the last fragment's item tag
+    broken = compressed[:at + 8] + b"\x00" * 16 + compressed[at + 24:]
+    with pytest.raises(CannotConvert, match="not convertible"):
+        reencode(broken, RLE, EXPLICIT_LE)
 
 
 def test_an_instance_too_large_to_convert_in_memory_is_refused(

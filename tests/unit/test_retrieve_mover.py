@@ -153,8 +153,13 @@ def test_a_convertible_pair_takes_two_presentation_contexts() -> None:
     assert len(proposals(pairs)) == MAX_CONTEXTS
     assert proposals([("c", explicit)]) == [(("c", explicit), explicit),
                                             (("c", explicit), "1.2.840.10008.1.2")]
-    assert proposals([("c", "1.2.840.10008.1.2.4.70")]) == [(("c", "1.2.840.10008.1.2.4.70"),
-                                                             "1.2.840.10008.1.2.4.70")]
+    jpeg = "1.2.840.10008.1.2.4.70"  # JPEG lossless: also offered decompressed, two ways
+    assert proposals([("c", jpeg)]) == [(("c", jpeg), jpeg), (("c", jpeg), explicit),
+                                        (("c", jpeg), "1.2.840.10008.1.2")]
+    assert [len(g) for g in plan_contexts([Ref(str(i), f"class{i}", jpeg)
+                                           for i in range(50)])] == [42, 8]
+    big_endian = "1.2.840.10008.1.2.2"  # never converted: one context
+    assert proposals([("c", big_endian)]) == [(("c", big_endian), big_endian)]
 
 
 # ---- tally and progress routing ------------------------------------------------------------------
