@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -480,11 +481,19 @@ class Converted:
             yield view[start:start + size]
 
 
+# One conversion at a time in a process: decompressing holds about five times the decoded
+# size at its peak (310 MB for a 57 MiB image), so parallel C-GETs or mover associations
+# converting at once would multiply it.
+_CONVERTING = threading.Lock()
+
+
 def convert(dataset: wire.Dataset, source: str, target: str) -> Converted:
     """``dataset`` (a stored instance's, in ``source``) re-encoded in ``target`` (see
-    ``reencode``); ``CannotConvert`` before anything is read if it is too large."""
+    ``reencode``), one conversion at a time per process; ``CannotConvert`` before anything is
+    read if it is too large."""
     if dataset.length > CONVERT_MAX:
         raise CannotConvert(f"{dataset.length} bytes, over the {CONVERT_MAX} converted in "
                             "memory")
-    return Converted(reencode(b"".join(bytes(b) for b in dataset.blocks(1 << 20)), source,
-                              target))
+    with _CONVERTING:
+        return Converted(reencode(b"".join(bytes(b) for b in dataset.blocks(1 << 20)),
+                                  source, target))

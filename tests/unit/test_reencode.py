@@ -135,3 +135,41 @@ def test_a_dataset_pydicom_cannot_read_is_refused_not_raised() -> None:
                     b"\xfe\xff\x00\xe0\x10\x00\x00\x00\x01\x01\x01\x01")
     with pytest.raises(CannotConvert, match=r"not convertible.*OSError"):
         reencode(sequence_cut, EXPLICIT_LE, IMPLICIT_LE)
+
+
+def test_conversions_run_one_at_a_time_in_a_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decompressing holds several times an image in memory: four threads converting at once
+    (parallel C-GETs, the mover's associations) take turns."""
+    import threading
+    import time
+
+    running, most = 0, 0
+    guard = threading.Lock()
+
+    def slow(raw: bytes, source: str, target: str) -> bytes:
+        nonlocal running, most
+        with guard:
+            running += 1
+            most = max(most, running)
+        entered.set()
+        release.wait(5)
+        with guard:
+            running -= 1
+        return b"x"
+
+    entered, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(dicom, "reencode", slow)
+    blob = dicom.Converted(b"dataset")
+    threads = [threading.Thread(target=dicom.convert, args=(blob, RLE, EXPLICIT_LE))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert entered.wait(5)
+    deadline = time.monotonic() + 1.0  # would a second one get in meanwhile?
+    while most < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert most == 1
