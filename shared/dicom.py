@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -416,7 +417,7 @@ def alternatives(source: str) -> tuple[str, ...]:
     application accepts)."""
     if source in LITTLE_ENDIAN_PAIR:
         return (LITTLE_ENDIAN_PAIR[source],)
-    if source in DECOMPRESSIBLE:
+    if source in DECOMPRESSIBLE or source == DEFLATED:
         return (EXPLICIT_LE, IMPLICIT_LE)
     return ()
 
@@ -426,12 +427,15 @@ def reencode(raw: bytes | bytearray | memoryview, source: str, target: str) -> b
     ``alternatives(source)``. Implicit VR takes the VRs from the data dictionary (UN for
     unknown private elements), and explicit VR resolves the ambiguous ones (US or SS, OB or
     OW) from the dataset, as pydicom writes them. Between the little endian pair pixel data is
-    not decoded; a compressed one is decompressed (``_decompress``)."""
+    not decoded; a deflated dataset is inflated (``_inflate``), a compressed one decompressed
+    (``_decompress``)."""
     if target not in alternatives(source):
         raise CannotConvert(f"no conversion from {source} to {target}")
     if len(raw) > CONVERT_MAX:
         raise CannotConvert(f"{len(raw)} bytes, over the {CONVERT_MAX} converted in memory")
     try:
+        if source == DEFLATED:  # Deflated Explicit VR Little Endian: the whole dataset
+            raw = _inflate(raw)
         ds = read_dataset(BytesIO(bytes(raw)), source == IMPLICIT_LE, True)
         if source in DECOMPRESSIBLE:
             _decompress(ds, source)
@@ -445,6 +449,18 @@ def reencode(raw: bytes | bytearray | memoryview, source: str, target: str) -> b
     except Exception as exc:  # pydicom reads lazily: a malformed element fails here
         raise CannotConvert(f"not convertible ({type(exc).__name__}: {exc})") from None
     return out.getvalue()
+
+
+def _inflate(raw: bytes | bytearray | memoryview) -> bytes:
+    """A deflated dataset's explicit VR little endian bytes (PS3.5 A.5: raw deflate, no zlib
+    header), refused past ``CONVERT_MAX`` before inflating further (a small deflated dataset
+    may claim gigabytes)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    plain = inflater.decompress(raw, CONVERT_MAX + 1)
+    if len(plain) > CONVERT_MAX or inflater.unconsumed_tail:
+        raise CannotConvert(f"more than {CONVERT_MAX} bytes once inflated, over what is "
+                            "converted in memory")
+    return plain + inflater.flush()
 
 
 def decoded_size(ds: Dataset) -> int:

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from scripts.native import Stack, free_port, port_open
+from shared.dicom import EXPLICIT_LE
 from shared.messages import MoveRequested
 from tests.conftest import TEST_NODES, dsn, hot_copy, make_stack, teardown
 from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
@@ -260,41 +262,44 @@ def test_archive_down_fails_clearly_and_the_job_is_recorded_failed(world: World)
     assert "OFFLINE" in str(job["error"])
 
 
-def store_deflated(w: World) -> Made:
-    """One MR instance in Deflated Explicit VR Little Endian, sent as is (pynetdicom, chunked:
-    the file's bytes on the wire) so minipacs stores it in that transfer syntax."""
-    from pydicom import dcmread
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
+def store_as(w: World, syntax: str, tag: str) -> Made:
+    """One MR instance in ``syntax`` (compressed ones with made-up fragments), sent as is
+    (pynetdicom, chunked: the file's bytes on the wire) so minipacs stores it in that syntax."""
     from pynetdicom import AE, _config
 
     from tests.dicomgen import MR_IMAGE, make_instance, uid
+    from tests.e2e.test_receive import encode_as
 
-    path = w.tmp / "deflated.dcm"
-    sop = uid("mv-deflated")
-    make_instance(path, sop_class=MR_IMAGE, sop_uid=sop, study_uid=uid("mv-deflated", "st"),
-                  series_uid=uid("mv-deflated", "se"), patient_id="MV-DEFL",
-                  patient_name="DEFLATED^MOVE", rows=32, cols=32, modality="MR",
-                  instance_number=1)
-    ds = dcmread(path)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
+    sop = uid("mv-as", tag)
+    made = make_instance(w.tmp / f"{tag}-source.dcm", sop_class=MR_IMAGE, sop_uid=sop,
+                         study_uid=uid("mv-as", tag, "st"), series_uid=uid("mv-as", tag, "se"),
+                         patient_id=f"MV-{tag.upper()}", patient_name="STORED^AS", rows=32,
+                         cols=32, modality="MR", instance_number=1)
+    path = encode_as(made, w.tmp / f"{tag}.dcm", syntax)
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(MR_IMAGE, DeflatedExplicitVRLittleEndian)
+    ae.add_requested_context(MR_IMAGE, syntax)
     assoc = ae.associate("127.0.0.1", w.port, ae_title="MINIPACS")
     assert assoc.is_established
     try:
         assert assoc.send_c_store(path).Status == 0x0000
     finally:
         assoc.release()
-    wait_until(lambda: indexed(w.stack, [sop]) == 1, 60, what="the deflated instance indexed")
-    return Made(path, "MV-DEFL", str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop)
+    wait_until(lambda: indexed(w.stack, [sop]) == 1, 60, what=f"the {tag} instance indexed")
+    return Made(path, f"MV-{tag.upper()}", uid("mv-as", tag, "st"), uid("mv-as", tag, "se"),
+                sop)
+
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+HTJ2K = "1.2.840.10008.1.2.4.201"  # no decoder here, and Orthanc 1.10 does not take it
 
 
 def test_archive_refusing_some_instances_gives_b000_with_their_uids(world: World) -> None:
-    """This Orthanc refuses the deflated transfer syntax: the deflated instance of a mixed
-    move fails (it is never converted), the CT one arrives byte-identical."""
-    deflated = store_deflated(world)
+    """This Orthanc refuses the deflated transfer syntax and does not know HTJ2K. Of a mixed
+    move, the HTJ2K instance fails (minipacs cannot decode it either), the deflated one
+    arrives inflated (explicit VR little endian, the same values: Orthanc converts too), the
+    CT one byte-identical."""
+    deflated, htj2k = store_as(world, DEFLATED, "deflated"), store_as(world, HTJ2K, "htj2k")
     archive2 = start_orthanc(world.tmp / "picky", "ARCHIVE2",
                              {"minipacs": ["MINIPACS", "127.0.0.1", world.port]},
                              {"DeflatedTransferSyntaxAccepted": False})
@@ -302,18 +307,27 @@ def test_archive_refusing_some_instances_gives_b000_with_their_uids(world: World
         pg(dsn(world.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
            "('picky', 'ARCHIVE2', '127.0.0.1', $1)", archive2.dicom_port)
         ct = world.ct[0]
+        mixed = (deflated, htj2k, ct)
         result = movescu(world.port, {
             "QueryRetrieveLevel": "IMAGE",
-            "StudyInstanceUID": f"{deflated.study_uid}\\{ct.study_uid}",
-            "SeriesInstanceUID": f"{deflated.series_uid}\\{ct.series_uid}",
-            "SOPInstanceUID": f"{deflated.sop_uid}\\{ct.sop_uid}"}, dest="ARCHIVE2")
+            "StudyInstanceUID": "\\".join(m.study_uid for m in mixed),
+            "SeriesInstanceUID": "\\".join(m.series_uid for m in mixed),
+            "SOPInstanceUID": "\\".join(m.sop_uid for m in mixed)}, dest="ARCHIVE2")
         assert final_has(result, "B000"), result.output
-        assert re.search(r"Completed Suboperations\s*:\s*1\b", result.final)
+        assert re.search(r"Completed Suboperations\s*:\s*2\b", result.final)
         assert re.search(r"Failed Suboperations\s*:\s*1\b", result.final)
-        assert deflated.sop_uid in result.final and ct.sop_uid not in result.final
-        assert set(archive_instances(archive2)) == {ct.sop_uid}
+        assert htj2k.sop_uid in result.final
+        assert deflated.sop_uid not in result.final and ct.sop_uid not in result.final
+        held = archive_instances(archive2)
+        assert set(held) == {ct.sop_uid, deflated.sop_uid}
+        syntax = archive2.rest("GET", f"/instances/{held[deflated.sop_uid]}/metadata/"
+                               "TransferSyntax")
+        assert (syntax.decode() if isinstance(syntax, bytes) else syntax) == EXPLICIT_LE
+        got = dcmread(BytesIO(archive2.rest("GET", f"/instances/{held[deflated.sop_uid]}/file")))
+        sent = dcmread(deflated.path)
+        assert [(e.tag, e.value) for e in got] == [(e.tag, e.value) for e in sent]
         row = job_rows(world)[-1]
-        assert row["failed_uids"] == [deflated.sop_uid] and row["state"] == "done"
+        assert row["failed_uids"] == [htj2k.sop_uid] and row["state"] == "done"
     finally:
         archive2.stop()
 

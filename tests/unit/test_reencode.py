@@ -6,6 +6,7 @@ DCMTK's encoders in ``tests/e2e/test_compressed.py``): the very pixel values, de
 from __future__ import annotations
 
 import struct
+import zlib
 from io import BytesIO
 from pathlib import Path
 
@@ -59,8 +60,8 @@ def test_what_each_stored_syntax_may_be_converted_to() -> None:
     assert alternatives(IMPLICIT_LE) == (EXPLICIT_LE,)
     for compressed in (JPEG_LOSSLESS, "1.2.840.10008.1.2.4.80", RLE, "1.2.840.10008.1.2.4.90"):
         assert alternatives(compressed) == (EXPLICIT_LE, IMPLICIT_LE)
+    assert alternatives(dicom.DEFLATED) == (EXPLICIT_LE, IMPLICIT_LE)
     assert alternatives(dicom.EXPLICIT_BE) == ()  # would need the pixel bytes swapped
-    assert alternatives(dicom.DEFLATED) == ()
     assert alternatives("1.2.840.10008.1.2.4.201") == ()  # HTJ2K: no decoder here
     with pytest.raises(CannotConvert, match="no conversion"):
         reencode(b"", JPEG_LOSSLESS, dicom.EXPLICIT_BE)
@@ -173,3 +174,31 @@ def test_conversions_run_one_at_a_time_in_a_process(
     for t in threads:
         t.join(10)
     assert most == 1
+
+
+def _deflate(raw: bytes) -> bytes:
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return deflater.compress(raw) + deflater.flush()
+
+
+@pytest.mark.parametrize("target", [EXPLICIT_LE, IMPLICIT_LE])
+def test_a_deflated_instance_is_inflated_with_every_value(tmp_path: Path, target: str) -> None:
+    explicit = _instance(tmp_path)
+    deflated = _deflate(explicit)
+    assert len(deflated) < len(explicit)
+    out = reencode(deflated, dicom.DEFLATED, target)
+    assert _values(out, target) == _values(explicit, EXPLICIT_LE)
+    if target == EXPLICIT_LE:
+        assert out == explicit  # pydicom writes back what it read
+
+
+def test_a_deflated_dataset_inflating_past_the_limit_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few kilobytes that inflate to gigabytes are not inflated past ``CONVERT_MAX``."""
+    monkeypatch.setattr(dicom, "CONVERT_MAX", 1 << 20)
+    bomb = _deflate(bytes(8 << 20))
+    assert len(bomb) < 16 << 10
+    with pytest.raises(CannotConvert, match="once inflated"):
+        reencode(bomb, dicom.DEFLATED, EXPLICIT_LE)
+    with pytest.raises(CannotConvert, match="not convertible"):
+        reencode(b"not deflate data", dicom.DEFLATED, EXPLICIT_LE)
