@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ DATA = OUT / "data"
 
 @dataclass(frozen=True)
 class DataSet:
-    kind: str  # "ct" or "small"
+    kind: str  # "ct", "small" or "ct-jls"
     tag: str
     files: tuple[Path, ...]
     nbytes: int
@@ -37,6 +38,13 @@ class DataSet:
 def _generate(kind: str, count: int, tag: str, folder: Path) -> None:
     if kind == "ct":
         ct_series(folder, count=count, tag=tag)
+    elif kind == "ct-jls":  # the CT series compressed by DCMTK's JPEG-LS lossless encoder
+        source = folder / "source"
+        ct_series(source, count=count, tag=tag)
+        for path in sorted(source.glob("*.dcm")):
+            subprocess.run(["dcmcjpls", str(path), str(folder / path.name)], check=True,
+                           capture_output=True, timeout=120)
+        shutil.rmtree(source)
     elif kind == "small":
         if count % 20:
             raise ValueError("small set sizes are multiples of 20 (2 studies x 2 series x 5)")

@@ -1,7 +1,10 @@
 """The retrieve bench: the 300-instance CT study stored into minipacs and into Orthanc, then
 C-MOVE of the study (DCMTK ``movescu``) to a fresh receiving DCMTK ``storescp``, and C-GET of
 the study with DCMTK ``getscu`` into a fresh directory, from each server; trials interleaved,
-the server order rotating from trial to trial. Every DCMTK tool runs with TCP_NODELAY=1.
+the server order rotating from trial to trial. The same again for the study compressed in
+JPEG-LS lossless, which the tools (as installed) take only decompressed, so each server
+decompresses it (ops ``move-jls`` / ``get-jls``: figures, no target). Every DCMTK tool runs
+with TCP_NODELAY=1.
 CPU seconds are counted per run: the server's processes (minipacs: the whole stack, by
 component) and, apart, the DCMTK side (``movescu`` / ``getscu`` and the receiving
 ``storescp``)."""
@@ -37,10 +40,15 @@ from bench.servers import Server, settle
 from bench.target import Minipacs
 from scripts.native import free_port
 
-OPS = ("move", "get")
+# "-jls": the same study stored JPEG-LS compressed, retrieved by tools that take only
+# uncompressed syntaxes (``storescp`` and ``getscu`` as installed): both servers decompress
+OPS = ("move", "get", "move-jls", "get-jls")
+TARGETED = ("move", "get")  # issue 3's targets; the "-jls" ones are figures only
 COLD = "minipacs-s3"  # minipacs with MINIPACS_CACHE_MB=0: what a study not read lately costs
 SERVERS = ("orthanc", "minipacs", COLD)
-OP_TEXT = {"move": "C-MOVE to a fresh `storescp`", "get": "C-GET with `getscu`"}
+OP_TEXT = {"move": "C-MOVE to a fresh `storescp`", "get": "C-GET with `getscu`",
+           "move-jls": "C-MOVE of the JPEG-LS study to `storescp` (decompressed)",
+           "get-jls": "C-GET of the JPEG-LS study with `getscu` (decompressed)"}
 TARGET = 1.0
 
 
@@ -85,7 +93,7 @@ def measure(server: Server, op: str, trial: int, study_uid: str, expected: int,
     receiver_cpu: dict[str, float] = {}
     # what a run receives stays until the bench ends: removing it would slow the next run's
     # file creation (``bench/servers.py``, ``ProcessServer``)
-    if op == "move":
+    if op.startswith("move"):
         with Receiver(receiver_port, folder / "receiver") as receiver:
             settle(0.3)
             assert receiver.proc is not None
@@ -116,7 +124,8 @@ def measure(server: Server, op: str, trial: int, study_uid: str, expected: int,
 
 def run_retrieve(opts: Options) -> list[Run]:
     data = dataset("ct", opts.count, "bretrieve")
-    study_uid = _study_uid(data.files[0])
+    jls = dataset("ct-jls", opts.count, "bretrievejls")
+    studies = {op: _study_uid((jls if op.endswith("-jls") else data).files[0]) for op in OPS}
     work = OUT / f"run-retrieve-{time.strftime('%Y%m%d-%H%M%S')}"
     work.mkdir(parents=True, exist_ok=True)
     receiver_port = free_port()
@@ -146,26 +155,31 @@ def run_retrieve(opts: Options) -> list[Run]:
         orthanc.begin(work)
         servers: list[Server] = [orthanc, minipacs, cold]
         for server in servers:
-            print(f"retrieve: storing the CT study ({data.count}) into {server.name}",
-                  flush=True)
-            sent = send(data.files, server.port, server.aet, 1, work / "storescu" / server.name)
-            if sent.acked != data.count:
-                raise RuntimeError(f"{server.name}: {sent.acked} of {data.count} acknowledged")
-            if (isinstance(server, Minipacs)
-                    and server.indexed_after(sent.t0, sent.acked, 300) is None):
-                raise RuntimeError(f"{server.name} did not index the CT study in time")
+            for name, files, extra in (("CT study", data.files, ()),
+                                       ("JPEG-LS CT study", jls.files, ("-xt",))):
+                print(f"retrieve: storing the {name} ({len(files)}) into {server.name}",
+                      flush=True)
+                sent = send(files, server.port, server.aet, 1,
+                            work / "storescu" / server.name / name.replace(" ", "-"),
+                            extra=extra)
+                if sent.acked != len(files):
+                    raise RuntimeError(f"{server.name}: {sent.acked} of {len(files)} "
+                                       f"acknowledged ({name})")
+                if (isinstance(server, Minipacs)
+                        and server.indexed_after(sent.t0, sent.acked, 300) is None):
+                    raise RuntimeError(f"{server.name} did not index the {name} in time")
         settle(2.0)
         for trial in range(opts.trials):
             print(f"retrieve: trial {trial + 1}/{opts.trials}", flush=True)
             order = servers[trial % 3:] + servers[:trial % 3]
             for op in OPS:
                 for server in order:
-                    run = measure(server, op, trial, study_uid, data.count, receiver_port,
+                    run = measure(server, op, trial, studies[op], data.count, receiver_port,
                                   work)
                     runs.append(run)
                     bad = (f", only {run.received} of {run.expected} received"
                            if run.received != run.expected else "")
-                    print(f"  {op:4} {server.name:8} trial {trial + 1}: {run.rate:7.1f} inst/s "
+                    print(f"  {op:8} {server.name:8} trial {trial + 1}: {run.rate:7.1f} inst/s "
                           f"({run.seconds:.2f} s, exit {run.exit_code}), server CPU "
                           f"{run.cpu_ms:.2f} ms/inst {_parts(run)}{bad}", flush=True)
     return runs
@@ -230,6 +244,8 @@ def summarize(runs: list[Run]) -> list[Summary]:
 def target_lines(summary: list[Summary]) -> list[str]:
     out = []
     for s in summary:
+        if s.op not in TARGETED:
+            continue
         ok = s.ratio >= TARGET and s.incomplete == 0
         out.append(f"{'PASS' if ok else 'FAIL'}: {OP_TEXT[s.op]}, CT study, instances/s vs "
                    f"Orthanc: {fmt(s.ratio, 2)}x (target ≥ {TARGET}x)"
@@ -239,10 +255,10 @@ def target_lines(summary: list[Summary]) -> list[str]:
 
 def text_table(summary: list[Summary]) -> str:
     nan = float("nan")
-    lines = [f"{'op':6}{'orthanc':>10}{'minipacs':>10}{'ratio':>8}{COLD:>13}{'ratio':>8}"
+    lines = [f"{'op':9}{'orthanc':>10}{'minipacs':>10}{'ratio':>8}{COLD:>13}{'ratio':>8}"
              f"{'cpu ms/inst orthanc':>22}{'minipacs':>10}{COLD:>13}"]
     for s in summary:
-        lines.append(f"{s.op:6}{fmt(s.rate.get('orthanc', nan)):>10}"
+        lines.append(f"{s.op:9}{fmt(s.rate.get('orthanc', nan)):>10}"
                      f"{fmt(s.rate.get('minipacs', nan)):>10}{fmt(s.ratio, 2) + 'x':>8}"
                      f"{fmt(s.rate.get(COLD, nan)):>13}{fmt(s.cold_ratio, 2) + 'x':>8}"
                      f"{fmt(s.cpu_ms.get('orthanc', nan), 2):>22}"
@@ -255,7 +271,10 @@ def markdown(runs: list[Run], trials: int, command: str) -> str:
     summary = summarize(runs)
     count = runs[0].expected if runs else 0
     out = [f"Last run: {time.strftime('%Y-%m-%d %H:%M %Z')} on {machine()}; `{command}`; "
-           f"CT study of {count} instances, {trials} trial(s) interleaved, medians.", "",
+           f"CT study of {count} instances, {trials} trial(s) interleaved, medians. The "
+           "`-jls` rows: the same study compressed by DCMTK's `dcmcjpls` (JPEG-LS lossless), "
+           "stored as sent, and retrieved by `storescp` / `getscu` as installed, which take "
+           "only uncompressed syntaxes: both servers decompress each instance.", "",
            "**Targets (issue 3)**", ""]
     out += [f"- {line}" for line in target_lines(summary)]
     nan = float("nan")

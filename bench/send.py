@@ -37,8 +37,9 @@ def split(files: tuple[Path, ...], parts: int) -> list[list[Path]]:
 
 
 def send(files: tuple[Path, ...], port: int, called: str, associations: int, logs: Path,
-         timeout: float = 1800, nodelay: bool = True) -> Sent:
-    """``nodelay=False``: ``storescu`` as Debian ships it, with Nagle's algorithm on."""
+         timeout: float = 1800, nodelay: bool = True, extra: tuple[str, ...] = ()) -> Sent:
+    """``nodelay=False``: ``storescu`` as Debian ships it, with Nagle's algorithm on.
+    ``extra``: more ``storescu`` options (``-xt`` to propose JPEG-LS lossless)."""
     env = nodelay_env() if nodelay else stock_env()
     logs.mkdir(parents=True, exist_ok=True)
     groups = split(files, associations)
@@ -49,7 +50,7 @@ def send(files: tuple[Path, ...], port: int, called: str, associations: int, log
         for group, out in zip(groups, outputs, strict=True):
             with out.open("wb") as sink:
                 procs.append(subprocess.Popen(
-                    [STORESCU, "-v", "-aet", "STORESCU", "-aec", called, "127.0.0.1",
+                    [STORESCU, "-v", *extra, "-aet", "STORESCU", "-aec", called, "127.0.0.1",
                      str(port), *map(str, group)],
                     stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
         codes = wait_exited(procs, timeout)

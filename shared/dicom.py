@@ -403,6 +403,9 @@ DECOMPRESSIBLE = frozenset({
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",     # RLE lossless
 })
+# A faster decoder where there is one: CharLS 2 (pyjpegls) decodes a 512x512 JPEG-LS image in
+# 7.7 ms of CPU, GDCM's bundled CharLS in 18 (``docs/benchmarks.md``, session 25).
+_PREFERRED_DECODER = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
 CONVERT_MAX = 64 * 1024 * 1024  # the conversion holds the dataset in memory, a few times over
 
 
@@ -481,7 +484,13 @@ def _decompress(ds: Dataset, source: str) -> None:
                             "converted in memory")
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(source)
-    ds.decompress(generate_instance_uid=False)
+    preferred = _PREFERRED_DECODER.get(source, "")
+    try:
+        ds.decompress(generate_instance_uid=False, decoding_plugin=preferred)
+    except Exception:
+        if not preferred:
+            raise
+        ds.decompress(generate_instance_uid=False)  # the others (GDCM) may still read it
 
 
 class Converted:
