@@ -630,12 +630,13 @@ def _context_for(assoc: Any, sop_class: str, syntax: str) -> tuple[int, str] | N
     """The accepted context (SCP role for the SCU) to send an instance stored in ``syntax``:
     (context ID, the transfer syntax to send it in), that one or the first the SCU takes of
     those it converts to (``shared.dicom.alternatives``); None if there is none."""
+    # our own look-up: pynetdicom's (``_get_valid_context``) logs an ERROR for every syntax the
+    # SCU did not accept, also when an alternative then serves the instance
+    ours = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
+            for cx in assoc.accepted_contexts if cx.as_scu is True and cx.transfer_syntax}
     for candidate in (syntax, *alternatives(syntax)):
-        try:
-            cx = assoc._get_valid_context(sop_class, candidate, "scu", allow_conversion=False)
-        except ValueError:
-            continue
-        return int(cx.context_id), candidate
+        if (sop_class, candidate) in ours:
+            return ours[(sop_class, candidate)], candidate
     return None
 
 
