@@ -131,9 +131,9 @@ class StoreAssociation:
               dataset: wire.Dataset, originator_aet: str = "",
               originator_id: int | None = None) -> int:
         """Send one C-STORE request; the response status. Raises ``LookupError`` when no
-        context was accepted for this SOP class and transfer syntax, nor for the other of
-        the syntaxes it converts to (``shared.dicom.alternatives``), or the instance cannot be
-        converted (nothing sent), and
+        context was accepted for this SOP class and transfer syntax, nor for any syntax it
+        converts to (``shared.dicom.alternatives``), or the instance cannot be converted
+        (nothing sent), and
         ``OSError`` (the association is then unusable) on network or protocol trouble."""
         found = self.accepted.get((sop_class, transfer_syntax))
         if found is None:

@@ -58,8 +58,9 @@ class Destination:
 
 def plan_contexts(refs: Sequence[Ref]) -> list[list[Ref]]:
     """Split ``refs`` (keeping their order) into groups whose distinct (SOP class, transfer
-    syntax) pairs fit in one association request (a pair stored in a little endian syntax
-    takes two presentation contexts, ``scu.offered``)."""
+    syntax) pairs fit in one association request (a pair takes one presentation context per
+    syntax it is offered in, ``scu.offered``: two for a little endian one, three for a
+    compressed or deflated one)."""
     groups: list[list[Ref]] = []
     used: list[int] = []  # presentation contexts each group's association proposes
     index: dict[tuple[str, str], int] = {}
