@@ -390,8 +390,9 @@ def index_record(header: dict[str, Any]) -> IndexRecord:
 # same bytes (little endian both), only the VR fields of their headers differ.
 LITTLE_ENDIAN_PAIR = {IMPLICIT_LE: EXPLICIT_LE, EXPLICIT_LE: IMPLICIT_LE}
 # Compressed syntaxes an instance is decompressed from for a destination that takes none of
-# them, as Orthanc transcodes: pydicom's decoders (GDCM for the JPEG family, its own for RLE).
-# A lossless one gives back the very pixel values that were compressed.
+# them, as Orthanc transcodes: pydicom's decoders (GDCM for the JPEG family, pyjpegls for
+# JPEG-LS, OpenJPEG through pylibjpeg for HTJ2K, its own for RLE). A lossless one gives back
+# the very pixel values that were compressed.
 DECOMPRESSIBLE = frozenset({
     "1.2.840.10008.1.2.4.50",  # JPEG baseline (lossy)
     "1.2.840.10008.1.2.4.51",  # JPEG extended (lossy)
@@ -401,6 +402,9 @@ DECOMPRESSIBLE = frozenset({
     "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless, RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.5",     # RLE lossless
 })
 # A faster decoder where there is one: CharLS 2 (pyjpegls) decodes a 512x512 JPEG-LS image in

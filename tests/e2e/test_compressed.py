@@ -1,9 +1,12 @@
 """Compressed studies, with the tools users have: a series compressed by DCMTK's own encoders
 (``dcmcjpeg`` JPEG lossless, ``dcmcjpls`` JPEG-LS, ``dcmcrle`` RLE) and sent by ``storescu``
-is stored as received; taken back by ``getscu`` and moved to ``storescp``, which both take
-only uncompressed syntaxes by default, it arrives decompressed with the very pixel values
+is stored as received; so are JPEG 2000 (sent by ``storescu``) and HTJ2K (by pynetdicom:
+``storescu`` 3.6.7 does not know the syntax), both encoded by imagecodecs, for which DCMTK
+3.6.7 has no encoder. Taken back by ``getscu`` and moved to ``storescp``, which both take only
+uncompressed syntaxes by default, the series arrives decompressed with the very pixel values
 that were compressed, under the same SOP Instance UIDs (as Orthanc transcodes). Moved to an
-Orthanc archive, which takes these syntaxes, it arrives as stored, not decompressed."""
+Orthanc archive, it arrives as stored, not decompressed, in each syntax Orthanc takes; in
+HTJ2K, which Orthanc 1.10 does not take, decompressed."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pydicom import dcmread
 
 from scripts.native import Stack, free_port, port_open
 from tests.conftest import TEST_NODES, dsn, make_stack, teardown
-from tests.dicomgen import Made, ct_series
+from tests.dicomgen import CT_IMAGE, HTJ2K_LOSSLESS, J2K_LOSSLESS, Made, ct_series, encode_j2k
 from tests.e2e.test_get import getscu, received
 from tests.e2e.test_ingest import assert_stored_byte_identical
 from tests.e2e.test_move import archive_instances, final_has, movescu
@@ -28,11 +31,14 @@ from tests.orthanc import Orthanc, start_orthanc
 
 pytestmark = pytest.mark.e2e
 
-# encoder, the storescu option proposing its syntax, the syntax
-CODECS = {
+# encoder (a DCMTK tool, or imagecodecs through tests.dicomgen.encode_j2k), the storescu
+# option proposing its syntax (None: pynetdicom sends it), the syntax
+CODECS: dict[str, tuple[str, str | None, str]] = {
     "jpeg-lossless": ("dcmcjpeg", "-xs", "1.2.840.10008.1.2.4.70"),
     "jpeg-ls": ("dcmcjpls", "-xt", "1.2.840.10008.1.2.4.80"),
     "rle": ("dcmcrle", "-xr", "1.2.840.10008.1.2.5"),
+    "jpeg-2000": ("imagecodecs", "-xv", J2K_LOSSLESS),
+    "htj2k": ("imagecodecs", None, HTJ2K_LOSSLESS),
 }
 PER_CODEC = 2
 UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
@@ -57,10 +63,31 @@ class World:
         return self.sent[0].study_uid
 
 
-def _encode(tool: str, source: Path, target: Path) -> None:
+def _encode(tool: str, source: Path, target: Path, syntax: str) -> None:
+    if tool == "imagecodecs":
+        encode_j2k(source, target, syntax)
+        return
     proc = subprocess.run([dcmtk(tool), str(source), str(target)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _send_as_is(port: int, paths: list[Path], syntax: str) -> None:
+    """pynetdicom sends each file's dataset bytes as they are (chunked), in ``syntax``."""
+    from pynetdicom import AE, _config
+
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT_IMAGE, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+    try:
+        assert assoc.is_established
+        for path in paths:
+            assert assoc.send_c_store(path).Status == 0x0000, path
+    finally:
+        assoc.release()
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +113,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             for m in group:
                 target = tmp / "sent" / name / m.path.name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                _encode(tool, m.path, target)
+                _encode(tool, m.path, target, ts)
                 assert dcmread(target, stop_before_pixels=True).file_meta.TransferSyntaxUID == ts
                 paths.append(target)
                 sent.append(Made(target, m.patient_id, m.study_uid, m.series_uid, m.sop_uid))
                 originals[m.sop_uid], syntax[m.sop_uid] = m.path, ts
+            if propose is None:
+                _send_as_is(stack.config.gateway_port, paths, ts)
+                continue
             result = storescu(stack.config.gateway_port, paths, extra=[propose])
             assert (result.successes, result.failures) == (len(paths), 0), result.output
         uids = list(syntax)
@@ -161,10 +191,10 @@ def test_c_move_to_a_default_storescp_decompresses(world: World) -> None:
     assert_decompressed(world, received(out))
 
 
-def test_c_move_to_an_archive_taking_the_stored_syntaxes_sends_them_as_stored(
-        world: World) -> None:
-    """Orthanc takes JPEG lossless, JPEG-LS and RLE: nothing is decompressed, each instance
-    arrives in the syntax it was stored in, with its pixel data as sent."""
+def test_c_move_to_an_archive_sends_what_it_takes_as_stored(world: World) -> None:
+    """Orthanc takes JPEG lossless, JPEG-LS, RLE and JPEG 2000: nothing of those is
+    decompressed, each instance arrives in the syntax it was stored in, with its pixel data as
+    sent. HTJ2K, which Orthanc 1.10 does not take, arrives decompressed."""
     result = movescu(world.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": world.study},
                      dest="ARCHIVE")
     assert final_has(result, "0000"), result.output[-3000:]
@@ -174,6 +204,11 @@ def test_c_move_to_an_archive_taking_the_stored_syntaxes_sends_them_as_stored(
     for sop, ts in world.syntax.items():
         got = world.archive.rest("GET", f"/instances/{held[sop]}/metadata/TransferSyntax")
         got = got.decode() if isinstance(got, bytes) else str(got)
-        assert got == ts, sop
         copy = dcmread(BytesIO(world.archive.rest("GET", f"/instances/{held[sop]}/file")))
-        assert copy.PixelData == dcmread(by_uid[sop].path).PixelData, sop
+        if ts == HTJ2K_LOSSLESS:
+            assert got == UNCOMPRESSED[0], sop
+            assert copy.PixelData == dcmread(world.originals[sop]).PixelData, sop
+        else:
+            assert got == ts, sop
+            assert copy.PixelData == dcmread(by_uid[sop].path).PixelData, sop
+    assert HTJ2K_LOSSLESS in world.syntax.values()

@@ -291,14 +291,15 @@ def store_as(w: World, syntax: str, tag: str) -> Made:
 
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
-HTJ2K = "1.2.840.10008.1.2.4.201"  # no decoder here, and Orthanc 1.10 does not take it
+# Orthanc 1.10 does not take HTJ2K; store_as's made-up fragments cannot be decoded either
+HTJ2K = "1.2.840.10008.1.2.4.201"
 
 
 def test_archive_refusing_some_instances_gives_b000_with_their_uids(world: World) -> None:
     """This Orthanc refuses the deflated transfer syntax and does not know HTJ2K. Of a mixed
-    move, the HTJ2K instance fails (minipacs cannot decode it either), the deflated one
-    arrives inflated (explicit VR little endian, the same values: Orthanc converts too), the
-    CT one byte-identical."""
+    move, the HTJ2K instance fails (its fragments are made up: minipacs cannot decompress it
+    for Orthanc), the deflated one arrives inflated (explicit VR little endian, the same
+    values: Orthanc converts too), the CT one byte-identical."""
     deflated, htj2k = store_as(world, DEFLATED, "deflated"), store_as(world, HTJ2K, "htj2k")
     archive2 = start_orthanc(world.tmp / "picky", "ARCHIVE2",
                              {"minipacs": ["MINIPACS", "127.0.0.1", world.port]},

@@ -1,7 +1,8 @@
 """Sending an instance to a peer that does not take its stored syntax. Explicit VR little
 endian to implicit (and back): the same elements, the same value bytes, only the VR fields
-differ. A compressed one (RLE here, encoded by pydicom; the JPEG family end to end with
-DCMTK's encoders in ``tests/e2e/test_compressed.py``): the very pixel values, decompressed."""
+differ. A compressed one (RLE encoded by pydicom, JPEG 2000 and HTJ2K by imagecodecs; the
+JPEG family end to end with DCMTK's encoders in ``tests/e2e/test_compressed.py``): the very
+pixel values, decompressed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from pydicom.filereader import read_dataset
 
 from shared import dicom
 from shared.dicom import EXPLICIT_LE, IMPLICIT_LE, CannotConvert, alternatives, reencode
-from tests.dicomgen import CT_IMAGE, dataset_bytes, make_instance
+from tests.dicomgen import (
+    CT_IMAGE,
+    HTJ2K_LOSSLESS,
+    J2K_LOSSLESS,
+    dataset_bytes,
+    encode_j2k,
+    make_instance,
+)
 
 
 def _instance(tmp: Path) -> bytes:
@@ -61,8 +69,10 @@ def test_what_each_stored_syntax_may_be_converted_to() -> None:
     for compressed in (JPEG_LOSSLESS, "1.2.840.10008.1.2.4.80", RLE, "1.2.840.10008.1.2.4.90"):
         assert alternatives(compressed) == (EXPLICIT_LE, IMPLICIT_LE)
     assert alternatives(dicom.DEFLATED) == (EXPLICIT_LE, IMPLICIT_LE)
+    for htj2k in ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                  "1.2.840.10008.1.2.4.203"):
+        assert alternatives(htj2k) == (EXPLICIT_LE, IMPLICIT_LE)
     assert alternatives(dicom.EXPLICIT_BE) == ()  # would need the pixel bytes swapped
-    assert alternatives("1.2.840.10008.1.2.4.201") == ()  # HTJ2K: no decoder here
     with pytest.raises(CannotConvert, match="no conversion"):
         reencode(b"", JPEG_LOSSLESS, dicom.EXPLICIT_BE)
     with pytest.raises(CannotConvert, match="no conversion"):
@@ -98,6 +108,25 @@ def test_a_compressed_instance_is_decompressed_to_the_same_pixels(tmp_path: Path
     assert ds.SOPInstanceUID == "1.2.3.9"  # the same instance, not a new one
     assert (ds.Rows, ds.Columns, ds.BitsAllocated) == (32, 24, 16)
     assert ds.PatientName == "RLE^TEST"
+
+
+@pytest.mark.parametrize("syntax", [HTJ2K_LOSSLESS, J2K_LOSSLESS])
+def test_a_jpeg_2000_instance_is_decompressed_to_the_same_pixels(tmp_path: Path,
+                                                                 syntax: str) -> None:
+    """HTJ2K (OpenJPEG through pylibjpeg; GDCM has no decoder for it) and JPEG 2000 (GDCM),
+    each encoded losslessly by another library (imagecodecs: OpenJPH, OpenJPEG)."""
+    from pydicom import dcmread
+
+    source = make_instance(tmp_path / "j.dcm", sop_class=CT_IMAGE, sop_uid="1.2.3.11",
+                           study_uid="1.2.3", series_uid="1.2.3.5", patient_id="P1",
+                           patient_name="J2K^TEST", rows=64, cols=48, modality="CT",
+                           instance_number=1, seed=7)
+    compressed = dataset_bytes(encode_j2k(source, tmp_path / "c.dcm", syntax))
+    assert len(compressed) < len(dataset_bytes(source))
+    out = reencode(compressed, syntax, EXPLICIT_LE)
+    ds = read_dataset(BytesIO(out), False, True)
+    assert bytes(ds.PixelData) == dcmread(source).PixelData
+    assert ds.SOPInstanceUID == "1.2.3.11" and ds.PatientName == "J2K^TEST"
 
 
 def test_a_compressed_instance_too_large_once_decompressed_is_refused(
