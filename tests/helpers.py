@@ -64,6 +64,26 @@ def storescu(port: int, paths: Sequence[Path | str], aet: str = "STORESCU",
     return StoreResult(proc.returncode, ok, bad, out)
 
 
+def send_as_is(port: int, paths: Sequence[Path], sop_class: str, syntax: str) -> None:
+    """pynetdicom sends each file's dataset bytes as they are (chunked, no re-encoding), on
+    one association proposing ``sop_class`` in ``syntax``; every one must get Success. For the
+    syntaxes DCMTK 3.6.7's ``storescu`` does not know (HTJ2K) or re-encodes (deflated)."""
+    from pynetdicom import AE, _config
+
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+    try:
+        assert assoc.is_established
+        for path in paths:
+            assert assoc.send_c_store(path).Status == 0x0000, path
+    finally:
+        assoc.release()
+        _config.STORE_SEND_CHUNKED_DATASET = before
+
+
 def storescu_at_once(port: int, groups: Sequence[Sequence[Path | str]]) -> list[StoreResult]:
     """One ``storescu`` per group, all running at once (several modalities, or associations)."""
     with ThreadPoolExecutor(max_workers=max(1, len(groups))) as pool:

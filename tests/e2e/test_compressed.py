@@ -26,7 +26,7 @@ from tests.dicomgen import CT_IMAGE, HTJ2K_LOSSLESS, J2K_LOSSLESS, Made, ct_seri
 from tests.e2e.test_get import getscu, received
 from tests.e2e.test_ingest import assert_stored_byte_identical
 from tests.e2e.test_move import archive_instances, final_has, movescu
-from tests.helpers import dcmtk, dcmtk_env, pg, storescu, wait_until
+from tests.helpers import dcmtk, dcmtk_env, pg, send_as_is, storescu, wait_until
 from tests.orthanc import Orthanc, start_orthanc
 
 pytestmark = pytest.mark.e2e
@@ -72,24 +72,6 @@ def _encode(tool: str, source: Path, target: Path, syntax: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _send_as_is(port: int, paths: list[Path], syntax: str) -> None:
-    """pynetdicom sends each file's dataset bytes as they are (chunked), in ``syntax``."""
-    from pynetdicom import AE, _config
-
-    chunked = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(CT_IMAGE, syntax)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
-    try:
-        assert assoc.is_established
-        for path in paths:
-            assert assoc.send_c_store(path).Status == 0x0000, path
-    finally:
-        assoc.release()
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("compressed")
@@ -119,7 +101,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 sent.append(Made(target, m.patient_id, m.study_uid, m.series_uid, m.sop_uid))
                 originals[m.sop_uid], syntax[m.sop_uid] = m.path, ts
             if propose is None:
-                _send_as_is(stack.config.gateway_port, paths, ts)
+                send_as_is(stack.config.gateway_port, paths, CT_IMAGE, ts)
                 continue
             result = storescu(stack.config.gateway_port, paths, extra=[propose])
             assert (result.successes, result.failures) == (len(paths), 0), result.output

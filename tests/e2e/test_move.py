@@ -29,7 +29,7 @@ from shared.dicom import EXPLICIT_LE
 from shared.messages import MoveRequested
 from tests.conftest import TEST_NODES, dsn, hot_copy, make_stack, teardown
 from tests.dicomgen import Made, ct_series, dataset_bytes, small_set
-from tests.helpers import dcmtk, dcmtk_env, pg, queue_counts, storescu, wait_until
+from tests.helpers import dcmtk, dcmtk_env, pg, queue_counts, send_as_is, storescu, wait_until
 from tests.orthanc import Orthanc, start_orthanc
 
 pytestmark = pytest.mark.e2e
@@ -265,8 +265,6 @@ def test_archive_down_fails_clearly_and_the_job_is_recorded_failed(world: World)
 def store_as(w: World, syntax: str, tag: str) -> Made:
     """One MR instance in ``syntax`` (compressed ones with made-up fragments), sent as is
     (pynetdicom, chunked: the file's bytes on the wire) so minipacs stores it in that syntax."""
-    from pynetdicom import AE, _config
-
     from tests.dicomgen import MR_IMAGE, make_instance, uid
     from tests.e2e.test_receive import encode_as
 
@@ -276,15 +274,7 @@ def store_as(w: World, syntax: str, tag: str) -> Made:
                          patient_id=f"MV-{tag.upper()}", patient_name="STORED^AS", rows=32,
                          cols=32, modality="MR", instance_number=1)
     path = encode_as(made, w.tmp / f"{tag}.dcm", syntax)
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(MR_IMAGE, syntax)
-    assoc = ae.associate("127.0.0.1", w.port, ae_title="MINIPACS")
-    assert assoc.is_established
-    try:
-        assert assoc.send_c_store(path).Status == 0x0000
-    finally:
-        assoc.release()
+    send_as_is(w.port, [path], MR_IMAGE, syntax)
     wait_until(lambda: indexed(w.stack, [sop]) == 1, 60, what=f"the {tag} instance indexed")
     return Made(path, f"MV-{tag.upper()}", uid("mv-as", tag, "st"), uid("mv-as", tag, "se"),
                 sop)
