@@ -17,6 +17,7 @@ from typing import Any, Self
 PREFIX = "MINIPACS_"
 _SECRET = re.compile(r"(password|secret|key|url|dsn)$", re.I)
 _AET = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5 AE VR: no backslash, no control
+_HOST = re.compile(r"[A-Za-z0-9_.:%-]{1,253}|\*")  # a name, IPv4 / IPv6 address, or any host
 
 OPERATIONS = frozenset({"echo", "store", "find", "move", "get"})
 
@@ -66,28 +67,33 @@ def parse_nodes(raw: str) -> dict[str, Node]:
         raise SettingsError(f"MINIPACS_NODES is not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise SettingsError("MINIPACS_NODES must be a JSON object of name -> node")
-    nodes: dict[str, Node] = {}
-    for name, spec in data.items():
-        allow = set(OPERATIONS)
-        if isinstance(spec, list) and len(spec) >= 3:
-            aet, host, port = spec[0], spec[1], spec[2]
-        elif isinstance(spec, dict) and {"AET", "Host", "Port"} <= spec.keys():
-            aet, host, port = spec["AET"], spec["Host"], spec["Port"]
-            for op in OPERATIONS:
-                key = "Allow" + op.capitalize()
-                if key in spec and not spec[key]:
-                    allow.discard(op)
-        else:
-            raise SettingsError(f"node {name!r}: expected [AET, host, port] or {{AET, Host, Port}}")
-        try:
-            port = int(port)
-        except (TypeError, ValueError) as exc:
-            raise SettingsError(f"node {name!r}: port {port!r} is not a number") from exc
-        if not 0 < port < 65536:
-            raise SettingsError(f"node {name!r}: port {port} out of range")
-        nodes[str(name)] = Node(str(name), validate_aet(str(aet)), str(host), port,
-                                frozenset(allow))
-    return nodes
+    return {str(name): parse_node(str(name), spec) for name, spec in data.items()}
+
+
+def parse_node(name: str, spec: object) -> Node:
+    """One entry of Orthanc's ``DicomModalities``: ``[AET, host, port]`` or
+    ``{"AET": ..., "Host": ..., "Port": ..., "AllowStore": false, ...}``."""
+    allow = set(OPERATIONS)
+    if isinstance(spec, list) and len(spec) >= 3:
+        aet, host, port = spec[0], spec[1], spec[2]
+    elif isinstance(spec, dict) and {"AET", "Host", "Port"} <= spec.keys():
+        aet, host, port = spec["AET"], spec["Host"], spec["Port"]
+        for op in OPERATIONS:
+            key = "Allow" + op.capitalize()
+            if key in spec and not spec[key]:
+                allow.discard(op)
+    else:
+        raise SettingsError(f"node {name!r}: expected [AET, host, port] or {{AET, Host, Port}}")
+    try:
+        port = int(port)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"node {name!r}: port {port!r} is not a number") from exc
+    if not 0 < port < 65536:
+        raise SettingsError(f"node {name!r}: port {port} out of range")
+    host = str(host).strip()
+    if not _HOST.fullmatch(host):
+        raise SettingsError(f"node {name!r}: host {host!r} is not a host name, an address or *")
+    return Node(name, validate_aet(str(aet)), host, port, frozenset(allow))
 
 
 def _convert(name: str, raw: str, kind: Any) -> Any:

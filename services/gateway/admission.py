@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from shared.settings import Node
@@ -38,7 +39,7 @@ def host_matches(node_host: str, peer_host: str,
 
 
 def permitted(operation: str, calling_aet: str, peer_host: str, allow_list: bool,
-              check_host: bool, nodes: dict[str, Node]) -> bool:
+              check_host: bool, nodes: Mapping[str, Node]) -> bool:
     """May this caller use ``operation`` (echo / store / find / move / get)? With the allow-list
     off every caller may; with it on, a node matching the caller must allow it (Orthanc's
     ``AllowEcho``, ``AllowStore``, ``AllowFind``, ``AllowMove``, ``AllowGet``)."""
@@ -51,7 +52,7 @@ def permitted(operation: str, calling_aet: str, peer_host: str, allow_list: bool
 
 def admit(calling_aet: str, called_aet: str, peer_host: str, our_aet: str,
           require_called_aet: bool, allow_list: bool, check_host: bool,
-          nodes: dict[str, Node], proposed: int = 1) -> Decision:
+          nodes: Mapping[str, Node], proposed: int = 1) -> Decision:
     """``proposed``: how many presentation contexts the A-ASSOCIATE-RQ carries."""
     calling = calling_aet.strip()
     if proposed < 1:

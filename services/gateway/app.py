@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import tempfile
@@ -19,7 +20,7 @@ from services.gateway.find import Finder
 from services.gateway.handlers import AssociationIds, Gateway
 from services.gateway.retrieve import install, open_retrieve
 from services.gateway.server import build_ae, start
-from shared import broker
+from shared import broker, nodes
 from shared.ingest import Ingest
 from shared.lifecycle import heartbeat, heartbeat_path, retry_until, stop_event
 from shared.messages import InstanceReceived
@@ -52,7 +53,9 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
         lambda body: publisher.publish_body(body, InstanceReceived.routing_key),
         settings.announce_batch, settings.confirm_timeout + 1,
         settings.announce_linger_ms / 1000, on_the_way)
-    gateway = Gateway(settings, Ingest(spool, announcer.announce), AssociationIds())
+    book = await open_nodes(settings, pool)
+    follow = asyncio.create_task(book.follow(settings.database_url))
+    gateway = Gateway(settings, Ingest(spool, announcer.announce), AssociationIds(), book)
     ae = build_ae(settings)
     receive.install(gateway.store_file)  # C-STORE requests read by the DUL threads
     finder = Finder(settings, pool, bridge, gateway.ids, gateway.may,
@@ -82,10 +85,25 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
         await asyncio.to_thread(_wait_associations, ae, settings.dimse_timeout)
         server.server_close()
         beat.cancel()
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
         await retrieve.close()
         await connection.close()
         await pool.close()
         log.info("gateway stopped")
+
+
+async def open_nodes(settings: GatewaySettings, pool: asyncpg.Pool) -> nodes.NodeBook:
+    """Seed ``MINIPACS_NODES`` into the index and read every node, run-time ones included."""
+    async with pool.acquire() as conn:
+        await nodes.seed(conn, settings.nodes)
+        book = nodes.NodeBook({})
+        await book.reload(conn)
+    log.info("remote nodes: %s (MINIPACS_NODES: %d, added at run time: %d)",
+             nodes.describe(book()), len(settings.nodes),
+             len(set(book()) - set(settings.nodes)))
+    return book
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -20,7 +21,7 @@ from services.gateway import statuses
 from services.gateway.admission import admit, permitted
 from shared.ingest import Caller, Ingest
 from shared.keys import InvalidUID, validate_uid
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, Node
 
 log = logging.getLogger("minipacs.gateway")
 
@@ -51,6 +52,7 @@ class Gateway:
     settings: GatewaySettings
     ingest: Ingest
     ids: AssociationIds
+    nodes: Callable[[], Mapping[str, Node]]  # the allow-list's nodes (``shared.nodes.NodeBook``)
 
     def caller(self, assoc: Association) -> Caller:
         return Caller(assoc.requestor.ae_title.strip(), str(assoc.requestor.address))
@@ -59,7 +61,7 @@ class Gateway:
         """Per-node permission for ``operation``; logs the refusal."""
         s = self.settings
         calling, host = assoc.requestor.ae_title.strip(), str(assoc.requestor.address)
-        if permitted(operation, calling, host, s.allow_list, s.check_host, s.nodes):
+        if permitted(operation, calling, host, s.allow_list, s.check_host, self.nodes()):
             return True
         log.warning("assoc=%d %s@%s may not %s (node settings) -> %s", self.ids(assoc), calling,
                     host, operation, statuses.describe(statuses.NOT_AUTHORIZED))
@@ -75,7 +77,7 @@ class Gateway:
         s = self.settings
         proposed = getattr(rq.primitive, "presentation_context_definition_list", None) or []
         decision = admit(calling, called, str(rq.address), s.gateway_aet,
-                         s.require_called_aet, s.allow_list, s.check_host, s.nodes,
+                         s.require_called_aet, s.allow_list, s.check_host, self.nodes(),
                          proposed=len(proposed))
         who = f"assoc={self.ids(assoc)} {calling.strip()}@{rq.address}:{rq.port}"
         if decision.accept:

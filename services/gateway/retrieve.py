@@ -655,12 +655,8 @@ class RetrieveResources:
 async def open_retrieve(settings: GatewaySettings, pool: asyncpg.Pool,
                         connection: AbstractRobustConnection, publisher: Publisher,
                         bridge: LoopBridge, ids: Callable[[Any], int]) -> RetrieveResources:
-    """Everything C-MOVE / C-GET need: the nodes seeded into the index, S3, and a listener
-    for move progress."""
-    async with pool.acquire() as conn:
-        await nodes.seed(conn, settings.nodes)
-    log.info("remote nodes seeded from settings: %s", ", ".join(
-        f"{n.name}={n.aet}@{n.host}:{n.port}" for n in settings.nodes.values()) or "none")
+    """Everything C-MOVE / C-GET need: S3, and a listener for move progress (the nodes are
+    read from the index at each C-MOVE)."""
     tmpdir = Path(settings.spool_dir) / "retrieve"
     tmpdir.mkdir(parents=True, exist_ok=True)
     board = ProgressBoard()

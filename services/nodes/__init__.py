@@ -1,0 +1,1 @@
+"""nodes: remote DICOM nodes changed at run time (``python -m services.nodes``)."""
