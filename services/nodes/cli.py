@@ -5,6 +5,9 @@
                         '["ARCHIVE", "10.0.0.9", 4242]' or
                         '{"AET": "CT1", "Host": "ct.local", "Port": 104, "AllowMove": false}'
     delete NAME         remove a node added here
+    send NAME STUDY...  send studies to the node, as Orthanc's ``POST /modalities/{id}/store``:
+                        one move job per study, run by the mover; waits for each and prints
+                        its counts
     echo NAME           C-ECHO the node as minipacs (calling AE: MINIPACS_GATEWAY_AET), as
                         Orthanc's ``POST /modalities/{id}/echo``: can we reach it, does it
                         take our AE title?
@@ -13,8 +16,9 @@ As Orthanc's ``PUT`` / ``DELETE /modalities/{id}``. The gateway's allow-list tak
 within a second (PostgreSQL ``NOTIFY``), C-MOVE destinations and move jobs at their next use;
 nothing restarts. Nodes from ``MINIPACS_NODES`` are changed there, not here.
 
-Exit status: 0 done, 1 refused (a node from the settings, no such node), PostgreSQL
-unreachable or the node did not answer the C-ECHO with Success, 2 a malformed command or SPEC.
+Exit status: 0 done, 1 refused (a node from the settings, no such node or study), PostgreSQL
+or RabbitMQ unreachable, the node did not answer the C-ECHO with Success, or a study was not
+sent whole, 2 a malformed command, SPEC or UID.
 """
 
 from __future__ import annotations
@@ -25,15 +29,19 @@ import json
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from shared import nodes
-from shared.lifecycle import settings_or_exit
+from shared import broker, nodes
+from shared.keys import InvalidUID, validate_uid
+from shared.lifecycle import StartupFailed, settings_or_exit
+from shared.messages import MoveRequested
 from shared.settings import Common, MoverSettings, Node, SettingsError, parse_node
 
 ORDER = ("echo", "store", "find", "move", "get")  # shared.settings.OPERATIONS, in order
@@ -56,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     put.add_argument("spec", help='["AET", "host", port] or {"AET":..., "Host":..., "Port":...}')
     delete = sub.add_parser("delete", help="remove a node added at run time")
     delete.add_argument("name")
+    send = sub.add_parser("send", help="send studies to a node (one move job each)")
+    send.add_argument("name")
+    send.add_argument("studies", nargs="+", metavar="STUDY_INSTANCE_UID")
+    send.add_argument("--timeout", type=float, default=3600.0,
+                      help="seconds to wait for each job (default 3600)")
     echo = sub.add_parser("echo", help="C-ECHO a node as minipacs")
     echo.add_argument("name")
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
@@ -133,6 +146,77 @@ async def echo(conn: asyncpg.Connection, name: str, seconds: float) -> int:
     return 0
 
 
+STUDY_SIZE = """
+SELECT count(*) FROM instance i JOIN series se ON se.id = i.series_fk
+JOIN study st ON st.id = se.study_fk WHERE st.study_instance_uid = $1"""
+
+JOB = "SELECT state, total, completed, failed, warning, error FROM move_job WHERE id = $1"
+TAKEN_WITHIN = 30.0  # s: no mover has taken the job by then: say so (it stays queued)
+
+
+def study_job(study_uid: str, destination: str) -> MoveRequested:
+    """The move job ``send`` puts on the broker for one study (pure)."""
+    return MoveRequested(job_id=str(uuid.uuid4()), level="STUDY",
+                         identifier={"0020000D": {"vr": "UI", "Value": [study_uid]}},
+                         destination=destination, origin="api", requested_by_aet="",
+                         requested_at=datetime.now(UTC).isoformat())
+
+
+def outcome(row: Mapping[str, Any]) -> str:
+    """One finished job in words (pure)."""
+    words = (f"{row['state']}: {row['completed']} of {row['total']} sent, {row['failed']} "
+             f"failed, {row['warning']} with a warning")
+    return f"{words} ({row['error']})" if row["error"] else words
+
+
+async def send(conn: asyncpg.Connection, name: str, studies: list[str], seconds: float) -> int:
+    if await nodes.by_name(conn, name) is None:
+        raise nodes.NodeRefused(f"there is no node {name!r}")
+    missing = [uid for uid in studies if not await conn.fetchval(STUDY_SIZE, uid)]
+    if missing:
+        raise nodes.NodeRefused("not in the index: study " + ", ".join(missing))
+    settings = settings_or_exit(Common, "nodes")
+    try:
+        connection = await broker.connect(settings.amqp_url, 10, name="minipacs-nodes-send")
+    except StartupFailed as exc:
+        print(f"nodes: {exc}", file=sys.stderr)
+        return 1
+    whole = True
+    try:
+        publisher = broker.Publisher(connection, settings.confirm_timeout)
+        await publisher.open()
+        for uid in studies:
+            job = study_job(uid, name)
+            await publisher.publish(job)
+            row = await finished(conn, job.job_id, seconds)
+            if row is None:
+                print(f"nodes: study {uid} -> {name}: job {job.job_id} not finished in time "
+                      "(no mover running? it stays queued: see move_job and the mover's log)",
+                      file=sys.stderr)
+                whole = False
+                continue
+            print(f"study {uid} -> {name}: {outcome(row)}")
+            whole = whole and row["state"] == "done" and row["failed"] == 0
+    finally:
+        await connection.close()
+    return 0 if whole else 1
+
+
+async def finished(conn: asyncpg.Connection, job_id: str,
+                   seconds: float) -> asyncpg.Record | None:
+    """The job's row once the mover has finished it; None if no mover took it within
+    ``TAKEN_WITHIN`` or it did not finish within ``seconds``."""
+    started = time.monotonic()
+    while True:
+        row = await conn.fetchrow(JOB, uuid.UUID(job_id))
+        if row is not None and row["state"] != "running":
+            return row
+        waited = time.monotonic() - started
+        if waited > seconds or (row is None and waited > min(seconds, TAKEN_WITHIN)):
+            return None
+        await asyncio.sleep(0.2)
+
+
 async def main(argv: list[str]) -> int:
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # echo says what went wrong
     try:
@@ -141,6 +225,11 @@ async def main(argv: list[str]) -> int:
         return int(exc.code or 0)
     try:
         wanted = node_from(args.name, args.spec) if args.command == "put" else None
+        for uid in getattr(args, "studies", []):
+            validate_uid(uid, f"Study Instance UID {uid!r}")
+    except InvalidUID as exc:
+        print(f"nodes: {exc}", file=sys.stderr)
+        return 2
     except Usage as exc:
         print(f"nodes: {exc}", file=sys.stderr)
         return 2
@@ -157,6 +246,8 @@ async def main(argv: list[str]) -> int:
                 print(json.dumps(as_modalities(found), indent=2))
             else:
                 print(table(found, await nodes.sources(conn)))
+        elif args.command == "send":
+            return await send(conn, args.name, args.studies, args.timeout)
         elif args.command == "echo":
             return await echo(conn, args.name, args.timeout)
         elif wanted is not None:

@@ -77,6 +77,19 @@ def test_a_node_added_at_run_time_is_admitted_moved_to_and_removed_without_a_res
         assert final_has(moved, "0000"), moved.output
         assert len(list(out.iterdir())) == 3
 
+        # Orthanc's "send to modality": a move job without a C-MOVE, from the command line
+        for f in out.iterdir():
+            f.unlink()
+        study = series[0].study_uid
+        pushed = nodes_cli(stack, "send", "newmod", study)
+        assert pushed.returncode == 0, pushed.stderr
+        assert f"study {study} -> newmod: done: 3 of 3 sent, 0 failed" in pushed.stdout
+        assert {p.name.split(".", 1)[1] for p in out.iterdir()} == {m.sop_uid for m in series}
+        unknown = nodes_cli(stack, "send", "newmod", "1.2.3.999")
+        assert unknown.returncode == 1 and "not in the index: study 1.2.3.999" in unknown.stderr
+        hostile = nodes_cli(stack, "send", "newmod", "../../etc")
+        assert hostile.returncode == 2 and "Study Instance UID" in hostile.stderr
+
         # Orthanc's "AllowStore": false, set at run time: echo still, store no more
         changed = nodes_cli(stack, "put", "newmod", json.dumps(
             {"AET": "NEWMOD", "Host": "127.0.0.1", "Port": scp_port, "AllowStore": False}))

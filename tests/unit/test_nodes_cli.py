@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from services.nodes.cli import ORDER, Usage, as_modalities, c_echo, node_from, table
+from services.nodes.cli import (
+    ORDER,
+    Usage,
+    as_modalities,
+    c_echo,
+    node_from,
+    outcome,
+    study_job,
+    table,
+)
 from shared.settings import OPERATIONS, Node, SettingsError, parse_nodes
 
 
@@ -69,3 +78,17 @@ def test_every_operation_is_listed() -> None:
 def test_echo_does_not_call_a_node_whose_host_is_any() -> None:
     problem = c_echo(Node("any", "ANY", "*", 104, OPERATIONS), "MINIPACS", 1.0)
     assert problem is not None and "no address" in problem
+
+
+def test_send_asks_the_mover_for_one_whole_study() -> None:
+    job = study_job("1.2.3.4", "archive")
+    assert (job.level, job.destination, job.origin) == ("STUDY", "archive", "api")
+    assert job.identifier == {"0020000D": {"vr": "UI", "Value": ["1.2.3.4"]}}
+    assert job.job_id != study_job("1.2.3.4", "archive").job_id
+
+
+def test_a_finished_job_in_words() -> None:
+    row = {"state": "failed", "total": 3, "completed": 1, "failed": 2, "warning": 0,
+           "error": "association rejected"}
+    assert outcome(row) == ("failed: 1 of 3 sent, 2 failed, 0 with a warning "
+                            "(association rejected)")
