@@ -1,32 +1,24 @@
 """Remote nodes changed at run time with ``python -m services.nodes``, as an admin would: the
-running gateway (allow-list on) admits a new modality, moves to it, applies its permissions
-and forgets it, with no restart; DCMTK's tools on the other side."""
+running gateway (allow-list on) admits a new modality, moves and sends to it, applies its
+permissions and forgets it, with no restart; DCMTK's tools on the other side. The session's
+stack (``tests/conftest.py``): the node this adds is removed by the test itself."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scripts.native import ROOT, Stack, free_port, port_open
-from tests.conftest import TEST_NODES, make_stack, teardown
+from tests.conftest import TEST_NODES
 from tests.dicomgen import ct_series
 from tests.e2e.test_move import final_has, indexed, movescu
 from tests.helpers import StoreResult, dcmtk, dcmtk_env, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = make_stack(tmp_path_factory.mktemp("nodes"), "nodes")
-    s.start()
-    yield s
-    teardown(s)
 
 
 def nodes_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
