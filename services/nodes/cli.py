@@ -169,13 +169,13 @@ def outcome(row: Mapping[str, Any]) -> str:
     return f"{words} ({row['error']})" if row["error"] else words
 
 
-async def send(conn: asyncpg.Connection, name: str, studies: list[str], seconds: float) -> int:
+async def send(conn: asyncpg.Connection, settings: Common, name: str, studies: list[str],
+               seconds: float) -> int:
     if await nodes.by_name(conn, name) is None:
         raise nodes.NodeRefused(f"there is no node {name!r}")
     missing = [uid for uid in studies if not await conn.fetchval(STUDY_SIZE, uid)]
     if missing:
         raise nodes.NodeRefused("not in the index: study " + ", ".join(missing))
-    settings = settings_or_exit(Common, "nodes")
     try:
         connection = await broker.connect(settings.amqp_url, 10, name="minipacs-nodes-send")
     except StartupFailed as exc:
@@ -188,24 +188,29 @@ async def send(conn: asyncpg.Connection, name: str, studies: list[str], seconds:
         for uid in studies:
             job = study_job(uid, name)
             await publisher.publish(job)
-            row = await finished(conn, job.job_id, seconds)
-            if row is None:
-                print(f"nodes: study {uid} -> {name}: job {job.job_id} not finished in time "
-                      "(no mover running? it stays queued: see move_job and the mover's log)",
-                      file=sys.stderr)
-                whole = False
+            row = await last_state(conn, job.job_id, seconds)
+            if row is not None and row["state"] != "running":
+                print(f"study {uid} -> {name}: {outcome(row)}")
+                whole = whole and row["state"] == "done" and row["failed"] == 0
                 continue
-            print(f"study {uid} -> {name}: {outcome(row)}")
-            whole = whole and row["state"] == "done" and row["failed"] == 0
+            whole = False
+            if row is None:
+                print(f"nodes: study {uid} -> {name}: no mover took job {job.job_id} within "
+                      f"{min(seconds, TAKEN_WITHIN):.0f} s (is the mover running?); it stays "
+                      "queued and runs when one does", file=sys.stderr)
+            else:
+                print(f"nodes: study {uid} -> {name}: job {job.job_id} still running after "
+                      f"{seconds:.0f} s ({row['completed']} of {row['total']} sent); it goes "
+                      "on: see move_job and the mover's log", file=sys.stderr)
     finally:
         await connection.close()
     return 0 if whole else 1
 
 
-async def finished(conn: asyncpg.Connection, job_id: str,
-                   seconds: float) -> asyncpg.Record | None:
-    """The job's row once the mover has finished it; None if no mover took it within
-    ``TAKEN_WITHIN`` or it did not finish within ``seconds``."""
+async def last_state(conn: asyncpg.Connection, job_id: str,
+                     seconds: float) -> asyncpg.Record | None:
+    """The job's row once the mover has finished it, or as it was after ``seconds``; None if
+    no mover took the job within ``TAKEN_WITHIN`` seconds."""
     started = time.monotonic()
     while True:
         row = await conn.fetchrow(JOB, uuid.UUID(job_id))
@@ -213,7 +218,7 @@ async def finished(conn: asyncpg.Connection, job_id: str,
             return row
         waited = time.monotonic() - started
         if waited > seconds or (row is None and waited > min(seconds, TAKEN_WITHIN)):
-            return None
+            return row
         await asyncio.sleep(0.2)
 
 
@@ -247,7 +252,7 @@ async def main(argv: list[str]) -> int:
             else:
                 print(table(found, await nodes.sources(conn)))
         elif args.command == "send":
-            return await send(conn, args.name, args.studies, args.timeout)
+            return await send(conn, settings, args.name, args.studies, args.timeout)
         elif args.command == "echo":
             return await echo(conn, args.name, args.timeout)
         elif wanted is not None:

@@ -6,6 +6,7 @@ stack (``tests/conftest.py``): the node this adds is removed by the test itself.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,19 @@ def test_a_node_added_at_run_time_is_admitted_moved_to_and_removed_without_a_res
         assert pushed.returncode == 0, pushed.stderr
         assert f"study {study} -> newmod: done: 3 of 3 sent, 0 failed" in pushed.stdout
         assert {p.name.split(".", 1)[1] for p in out.iterdir()} == {m.sop_uid for m in series}
+        # no mover running: said so, and the job waits on its queue for the next mover
+        stack.kill("mover", signal.SIGTERM)
+        try:
+            for f in out.iterdir():
+                f.unlink()
+            queued = nodes_cli(stack, "send", "newmod", study, "--timeout", "2")
+            assert queued.returncode == 1, queued.stdout
+            assert "no mover took job" in queued.stderr and "stays queued" in queued.stderr
+            assert not list(out.iterdir())
+        finally:
+            stack.start_service("mover")
+        wait_until(lambda: len(list(out.iterdir())) == 3, 60,
+                   what="the queued job run by the next mover")
         unknown = nodes_cli(stack, "send", "newmod", "1.2.3.999")
         assert unknown.returncode == 1 and "not in the index: study 1.2.3.999" in unknown.stderr
         hostile = nodes_cli(stack, "send", "newmod", "../../etc")
