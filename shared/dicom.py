@@ -16,6 +16,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -420,11 +421,12 @@ class CannotConvert(LookupError):
 def alternatives(source: str) -> tuple[str, ...]:
     """The other transfer syntaxes an instance stored in ``source`` may be sent in, in the
     order minipacs prefers them: the other of the little endian pair, or, for a compressed
-    syntax it can decompress, explicit then implicit VR little endian (which every DICOM
-    application accepts)."""
+    syntax it can decompress, for deflated and for explicit VR big endian (retired since 2017,
+    and refused by many applications), explicit then implicit VR little endian (which every
+    DICOM application accepts)."""
     if source in LITTLE_ENDIAN_PAIR:
         return (LITTLE_ENDIAN_PAIR[source],)
-    if source in DECOMPRESSIBLE or source == DEFLATED:
+    if source in DECOMPRESSIBLE or source in (DEFLATED, EXPLICIT_BE):
         return (EXPLICIT_LE, IMPLICIT_LE)
     return ()
 
@@ -435,7 +437,7 @@ def reencode(raw: bytes | bytearray | memoryview, source: str, target: str) -> b
     unknown private elements), and explicit VR resolves the ambiguous ones (US or SS, OB or
     OW) from the dataset, as pydicom writes them. Between the little endian pair pixel data is
     not decoded; a deflated dataset is inflated (``_inflate``), a compressed one decompressed
-    (``_decompress``)."""
+    (``_decompress``), a big endian one has its words swapped (``_swap_words``)."""
     if target not in alternatives(source):
         raise CannotConvert(f"no conversion from {source} to {target}")
     if len(raw) > CONVERT_MAX:
@@ -443,7 +445,9 @@ def reencode(raw: bytes | bytearray | memoryview, source: str, target: str) -> b
     try:
         if source == DEFLATED:  # Deflated Explicit VR Little Endian: the whole dataset
             raw = _inflate(raw)
-        ds = read_dataset(BytesIO(bytes(raw)), source == IMPLICIT_LE, True)
+        ds = read_dataset(BytesIO(bytes(raw)), source == IMPLICIT_LE, source != EXPLICIT_BE)
+        if source == EXPLICIT_BE:
+            _swap_words(ds)
         if source in DECOMPRESSIBLE:
             _decompress(ds, source)
         out = DicomBytesIO()
@@ -456,6 +460,25 @@ def reencode(raw: bytes | bytearray | memoryview, source: str, target: str) -> b
     except Exception as exc:  # pydicom reads lazily: a malformed element fails here
         raise CannotConvert(f"not convertible ({type(exc).__name__}: {exc})") from None
     return out.getvalue()
+
+
+# pydicom keeps the values of these VRs as bytes: words of this many bytes each, in the byte
+# order of the syntax they were read in. It re-encodes every other value (US, SS, UL, FL, AT
+# ...) in the byte order it writes; these it writes as they are.
+_WORD_BYTES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(ds: Dataset) -> None:
+    """Every OW / OF / OL / OD / OV value of ``ds`` (read as big endian), nested sequences
+    included, turned little endian in place. Pixel data sent as OB (8 bits allocated) is a
+    byte stream and stays; so do UN values, whose structure the dataset does not say."""
+    for elem in ds.iterall():
+        width = _WORD_BYTES.get(str(elem.VR))
+        if width and isinstance(elem.value, bytes | bytearray) and elem.value:
+            if len(elem.value) % width:
+                raise CannotConvert(f"{elem.tag} ({elem.VR}) has {len(elem.value)} bytes, not "
+                                    f"whole {width}-byte words")
+            elem.value = numpy.frombuffer(elem.value, f">u{width}").astype(f"<u{width}").tobytes()
 
 
 def _inflate(raw: bytes | bytearray | memoryview) -> bytes:

@@ -938,3 +938,68 @@ def test_a_destination_taking_only_implicit_vr_gets_the_series_converted(world: 
         assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"  # implicit VR LE
         assert sent.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
         assert [(e.tag, e.value) for e in got] == [(e.tag, e.value) for e in sent], m.sop_uid
+
+
+def test_a_big_endian_series_goes_out_little_endian_where_big_endian_is_refused(
+        world: World) -> None:
+    """Explicit VR big endian, retired from DICOM in 2017, still comes from old modalities,
+    and many applications no longer take it. A series converted by DCMTK's ``dcmconv +tb``
+    and sent by ``storescu -xb`` is stored as received (big endian). Moved to a
+    ``storescp +xi`` (implicit VR little endian only) and taken back by ``getscu +xi +B``
+    (DCMTK 3.6.7's ``getscu`` then proposes explicit VR little endian alone for its storage
+    contexts, as its ``-d`` output shows; ``+B`` writes what arrives), it arrives in that
+    syntax with every value of the original, pixel data included (its words swapped back), as
+    Orthanc transcodes. Both used to fail: no accepted presentation context."""
+    from tests.e2e.test_get import getscu, received
+
+    originals = ct_series(world.tmp / "be-source", count=4, tag="mvbe", size=64)
+    big = world.tmp / "be"
+    big.mkdir()
+    for m in originals:
+        subprocess.run([dcmtk("dcmconv"), "+tb", str(m.path), str(big / m.path.name)],
+                       check=True, env=dcmtk_env(), timeout=60)
+    assert dcmread(big / originals[0].path.name).file_meta.TransferSyntaxUID == \
+        "1.2.840.10008.1.2.2"
+    sent = storescu(world.port, sorted(big.iterdir()), extra=["-xb"])
+    assert sent.successes == len(originals), sent.output
+    sops = [m.sop_uid for m in originals]
+    wait_until(lambda: indexed(world.stack, sops) == len(sops), 60, what="indexed")
+    rows = pg(dsn(world.stack), "SELECT DISTINCT transfer_syntax FROM instance WHERE "
+              "sop_instance_uid = ANY($1::text[])", sops)
+    assert [r["transfer_syntax"] for r in rows] == ["1.2.840.10008.1.2.2"]  # as received
+
+    def assert_little_endian_originals(files: dict[str, Path], syntax: str) -> None:
+        assert set(files) == set(sops)
+        for m in originals:
+            got, original = dcmread(files[m.sop_uid]), dcmread(m.path)
+            assert got.file_meta.TransferSyntaxUID == syntax, m.sop_uid
+            assert [(e.tag, e.value) for e in got] == \
+                [(e.tag, e.value) for e in original], m.sop_uid
+            assert (got.pixel_array == original.pixel_array).all()
+
+    out = world.tmp / "be-moved"
+    out.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "+xi", "-aet", "IMPLICIT", "-od", str(out),
+                            str(world.implicit_port)], env=dcmtk_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(world.implicit_port), 30, what="storescp listening")
+        result = movescu(world.port, {"QueryRetrieveLevel": "SERIES",
+                                      "StudyInstanceUID": originals[0].study_uid,
+                                      "SeriesInstanceUID": originals[0].series_uid},
+                         dest="IMPLICIT")
+        assert final_has(result, "0000"), result.output
+    finally:
+        scp.terminate()
+        scp.wait(30)
+    assert_little_endian_originals({str(dcmread(p).SOPInstanceUID): p for p in out.iterdir()},
+                                   "1.2.840.10008.1.2")
+
+    got = getscu(world.port, {"QueryRetrieveLevel": "STUDY",
+                              "StudyInstanceUID": originals[0].study_uid},
+                 world.tmp / "be-got", extra=["+xi", "+B"])  # +B: as received
+    assert re.search(r"DIMSE Status\s*:\s*0x0000", got.final), got.output
+    proposed = re.search(r"=CTImageStorage\n.*\n.*Proposed Transfer Syntax\(es\):\n"
+                         r"((?:D:       =\w+\n)+)", got.output)
+    assert proposed and proposed.group(1).split() == ["D:", "=LittleEndianExplicit"]
+    assert_little_endian_originals(received(world.tmp / "be-got"), EXPLICIT_LE)

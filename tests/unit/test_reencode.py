@@ -10,9 +10,13 @@ import struct
 import zlib
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 
 from shared import dicom
 from shared.dicom import EXPLICIT_LE, IMPLICIT_LE, CannotConvert, alternatives, reencode
@@ -72,11 +76,76 @@ def test_what_each_stored_syntax_may_be_converted_to() -> None:
     for htj2k in ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
                   "1.2.840.10008.1.2.4.203"):
         assert alternatives(htj2k) == (EXPLICIT_LE, IMPLICIT_LE)
-    assert alternatives(dicom.EXPLICIT_BE) == ()  # would need the pixel bytes swapped
+    assert alternatives(dicom.EXPLICIT_BE) == (EXPLICIT_LE, IMPLICIT_LE)
     with pytest.raises(CannotConvert, match="no conversion"):
         reencode(b"", JPEG_LOSSLESS, dicom.EXPLICIT_BE)
     with pytest.raises(CannotConvert, match="no conversion"):
         reencode(b"", EXPLICIT_LE, JPEG_LOSSLESS)
+
+
+def _endian_pair() -> tuple[bytes, Dataset]:
+    """(a dataset encoded in explicit VR big endian, the same dataset to be expected once
+    little endian). The word values (OW pixel data and LUT data, OF, OL, OD) are packed by
+    hand in each byte order; the numbers (US, SS multi-valued, FL, FD, AT) pydicom encodes.
+    One of each sits in a sequence item too."""
+
+    def build(order: str) -> Dataset:
+        ds = Dataset()
+        ds.SOPInstanceUID = "1.2.3.77"
+        ds.PatientName = "Big^Endian"
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 2, 3, 16, 12, 11
+        ds.PixelRepresentation = 1
+        ds.add_new(0x00280106, "SS", -5)
+        ds.add_new(0x00281050, "DS", "40")
+        ds.add_new(0x00181310, "US", [0, 512, 512, 0])  # Acquisition Matrix, VM 4
+        ds.add_new(0x00209165, "AT", 0x00181310)
+        ds.add_new(0x00189087, "FD", 1.5)  # Diffusion b-value
+        ds.add_new(0x00720076, "FL", 2.25)
+        ds.add_new(0x7FE00010, "OW", struct.pack(f"{order}6H", 1, 2, 0x1234, 4095, 0, 300))
+        ds.add_new(0x00660016, "OF", struct.pack(f"{order}2f", 0.5, -3.0))
+        ds.add_new(0x00660040, "OL", struct.pack(f"{order}2L", 7, 0x01020304))
+        ds.add_new(0x00089459, "FL", 1.0)
+        lut = Dataset()
+        lut.add_new(0x00283002, "US", [3, 0, 16])
+        lut.add_new(0x00283006, "OW", struct.pack(f"{order}3H", 0, 0x0102, 0xFFFF))
+        lut.add_new(0x00660022, "OD", struct.pack(f"{order}d", 6.25))
+        ds.add_new(0x00283010, "SQ", [lut])
+        return ds
+
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = False, False
+    write_dataset(out, build(">"))
+    return out.getvalue(), build("<")
+
+
+def _elements(ds: Dataset) -> list[tuple[int, Any]]:
+    return [(int(e.tag), bytes(e.value) if isinstance(e.value, bytes) else e.value)
+            for e in ds.iterall() if e.VR != "SQ"]
+
+
+@pytest.mark.parametrize("target", [EXPLICIT_LE, IMPLICIT_LE])
+def test_a_big_endian_instance_goes_out_little_endian_with_the_same_values(target: str) -> None:
+    """Explicit VR big endian was retired in 2017 and many applications refuse it. Words
+    (OW, OF, OL, OD), which pydicom leaves as bytes, are swapped; numbers are re-encoded;
+    nested items too."""
+    big, expected = _endian_pair()
+    out = reencode(big, dicom.EXPLICIT_BE, target)
+    got = read_dataset(BytesIO(out), target == IMPLICIT_LE, True)
+    assert _elements(got) == _elements(expected)
+    assert got.PixelData == struct.pack("<6H", 1, 2, 0x1234, 4095, 0, 300)
+    assert got.SmallestImagePixelValue == -5 and got.AcquisitionMatrix == [0, 512, 512, 0]
+    if target == EXPLICIT_LE:
+        assert got["PixelData"].VR == "OW" and got[0x00660016].VR == "OF"
+
+
+def test_a_big_endian_value_not_made_of_whole_words_is_not_converted() -> None:
+    ds = Dataset()
+    ds.add_new(0x00660016, "OF", bytes(6))  # 1.5 floats
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = False, False
+    write_dataset(out, ds)
+    with pytest.raises(CannotConvert, match="not whole 4-byte words"):
+        reencode(out.getvalue(), dicom.EXPLICIT_BE, EXPLICIT_LE)
 
 
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"

@@ -158,8 +158,10 @@ def test_a_convertible_pair_takes_two_presentation_contexts() -> None:
                                         (("c", jpeg), "1.2.840.10008.1.2")]
     assert [len(g) for g in plan_contexts([Ref(str(i), f"class{i}", jpeg)
                                            for i in range(50)])] == [42, 8]
-    big_endian = "1.2.840.10008.1.2.2"  # never converted: one context
-    assert proposals([("c", big_endian)]) == [(("c", big_endian), big_endian)]
+    big_endian = "1.2.840.10008.1.2.2"  # also offered little endian, two ways
+    assert proposals([("c", big_endian)]) == [(("c", big_endian), big_endian),
+                                              (("c", big_endian), explicit),
+                                              (("c", big_endian), "1.2.840.10008.1.2")]
 
 
 # ---- tally and progress routing ------------------------------------------------------------------
