@@ -3,7 +3,8 @@ every service reads them.
 
 - Seeded from ``MINIPACS_NODES`` at gateway start (``source = 'settings'``).
 - Added, changed and removed at run time with ``python -m services.nodes`` (``source = 'api'``:
-  the seeding never overwrites them), without restarting anything.
+  the seeding never overwrites them), without restarting anything. A settings node of the same
+  name waits in ``settings_node`` and is back as soon as the run-time one is deleted.
 - Read by AE title (C-MOVE destination, storage commitment) or by name (move jobs) at each use,
   and by the gateway's allow-list through a ``NodeBook``: a copy of the table that every change
   refreshes (``NOTIFY`` on ``CHANNEL``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -41,6 +43,10 @@ ON CONFLICT (name) DO UPDATE SET aet = EXCLUDED.aet, host = EXCLUDED.host,
     port = EXCLUDED.port, allow = EXCLUDED.allow, updated_at = now()
 WHERE remote_node.source = 'api'
 RETURNING (xmax = 0) AS inserted"""
+
+# The settings' node of a name a run-time node holds, kept for when that one is deleted
+SHADOWED = """
+UPDATE remote_node SET settings_node = $2::jsonb WHERE name = $1 AND source = 'api'"""
 
 _COLUMNS = "name, aet, host, port, allow"
 
@@ -73,10 +79,16 @@ async def _notify(conn: asyncpg.Connection, name: str) -> None:
 async def seed(conn: asyncpg.Connection, nodes: Mapping[str, Node]) -> None:
     """Make the settings' nodes the ``source = 'settings'`` rows: added, updated, and removed
     when gone from the settings. Nodes added at run time (``source = 'api'``) are left as
-    they are, even when a settings node has the same name."""
+    they are, even when a settings node has the same name: that one is kept in their
+    ``settings_node`` (``delete`` puts it back)."""
     async with conn.transaction():
         await conn.executemany(SEED, [(n.name, n.aet, n.host, n.port, sorted(n.allow))
                                       for n in nodes.values()])
+        await conn.execute("UPDATE remote_node SET settings_node = NULL "
+                           "WHERE settings_node IS NOT NULL")
+        await conn.executemany(SHADOWED, [(n.name, json.dumps(
+            {"aet": n.aet, "host": n.host, "port": n.port, "allow": sorted(n.allow)}))
+            for n in nodes.values()])
         await conn.execute("DELETE FROM remote_node WHERE source = 'settings' "
                            "AND NOT (name = ANY($1::text[]))", list(nodes))
         await _notify(conn, "")
@@ -96,23 +108,38 @@ async def put(conn: asyncpg.Connection, node: Node) -> bool:
     return bool(row["inserted"])
 
 
-async def delete(conn: asyncpg.Connection, name: str) -> None:
-    """Remove a run-time node. A node from the settings, or none of that name, is refused."""
+async def delete(conn: asyncpg.Connection, name: str) -> Node | None:
+    """Remove a run-time node; the ``MINIPACS_NODES`` node of the same name it stood in front
+    of, if any, takes its place again and is returned. A node from the settings, or none of
+    that name, is refused."""
     async with conn.transaction():
-        source = await conn.fetchval("SELECT source FROM remote_node WHERE name = $1 "
-                                     "FOR UPDATE", name)
-        if source is None:
+        row = await conn.fetchrow("SELECT source, settings_node FROM remote_node "
+                                  "WHERE name = $1 FOR UPDATE", name)
+        if row is None:
             raise NodeRefused(f"there is no node {name!r}")
-        if source == "settings":
+        if row["source"] == "settings":
             raise NodeRefused(f"node {name!r} comes from MINIPACS_NODES: remove it there "
                               "(and restart the gateway)")
-        await conn.execute("DELETE FROM remote_node WHERE name = $1", name)
+        back = None
+        if row["settings_node"] is None:
+            await conn.execute("DELETE FROM remote_node WHERE name = $1", name)
+        else:
+            spec = json.loads(row["settings_node"])
+            back = Node(name, spec["aet"], spec["host"], int(spec["port"]),
+                        frozenset(spec["allow"]) & OPERATIONS)
+            await conn.execute(
+                "UPDATE remote_node SET aet = $2, host = $3, port = $4, allow = $5, "
+                "source = 'settings', settings_node = NULL, updated_at = now() "
+                "WHERE name = $1", name, back.aet, back.host, back.port, sorted(back.allow))
         await _notify(conn, name)
+    return back
 
 
 async def sources(conn: asyncpg.Connection) -> dict[str, str]:
-    """Each node's origin: ``settings`` (``MINIPACS_NODES``) or ``api`` (added at run time)."""
-    rows = await conn.fetch("SELECT name, source FROM remote_node")
+    """Each node's origin: ``settings`` (``MINIPACS_NODES``), ``api`` (added at run time), or
+    ``api-over-settings`` (added at run time, in front of a ``MINIPACS_NODES`` node)."""
+    rows = await conn.fetch("SELECT name, CASE WHEN settings_node IS NULL THEN source "
+                            "ELSE 'api-over-settings' END AS source FROM remote_node")
     return {r["name"]: r["source"] for r in rows}
 
 

@@ -45,7 +45,8 @@ from shared.messages import MoveRequested
 from shared.settings import Common, MoverSettings, Node, SettingsError, parse_node
 
 ORDER = ("echo", "store", "find", "move", "get")  # shared.settings.OPERATIONS, in order
-ORIGIN = {"settings": "MINIPACS_NODES", "api": "run time"}
+ORIGIN = {"settings": "MINIPACS_NODES", "api": "run time",
+          "api-over-settings": "run time, over MINIPACS_NODES"}
 
 
 class Usage(Exception):
@@ -260,8 +261,10 @@ async def main(argv: list[str]) -> int:
             print(f"{'added' if added else 'changed'} node {wanted.name}: {wanted.aet}@"
                   f"{wanted.host}:{wanted.port} ({allowed(wanted)})")
         else:
-            await nodes.delete(conn, args.name)
-            print(f"deleted node {args.name}")
+            back = await nodes.delete(conn, args.name)
+            print(f"deleted node {args.name}" if back is None else
+                  f"deleted node {args.name}; its MINIPACS_NODES entry applies again: "
+                  f"{back.aet}@{back.host}:{back.port} ({allowed(back)})")
     except nodes.NodeRefused as exc:
         print(f"nodes: {exc}", file=sys.stderr)
         return 1

@@ -68,6 +68,33 @@ async def test_a_gateway_start_keeps_the_run_time_nodes(conn: asyncpg.Connection
     assert await nodes.all_nodes(conn) == {}
 
 
+async def test_deleting_a_run_time_node_puts_back_the_settings_node_it_hid(
+        conn: asyncpg.Connection) -> None:
+    """A run-time node, then a settings node of the same name (the admin copied it into
+    MINIPACS_NODES, restarted): the run-time one stays in front; deleted, the settings one
+    applies at once, without another gateway start."""
+    mod = Node("ct", "CT1", "10.0.0.5", 104, frozenset({"echo", "store"}))
+    await nodes.put(conn, mod)
+    filed = Node("ct", "CT1", "10.0.0.7", 11112, OPERATIONS)
+    await nodes.seed(conn, {**SETTINGS, "ct": filed})  # gateway restarted
+    assert await nodes.by_name(conn, "ct") == mod
+    assert (await nodes.sources(conn))["ct"] == "api-over-settings"
+    changed = Node("ct", "CT1", "10.0.0.6", 104, OPERATIONS)
+    await nodes.put(conn, changed)  # still run time, still in front
+    assert await nodes.by_name(conn, "ct") == changed
+    assert await nodes.delete(conn, "ct") == filed
+    assert await nodes.all_nodes(conn) == {**SETTINGS, "ct": filed}
+    assert await nodes.sources(conn) == {"archive": "settings", "ct": "settings"}
+    with pytest.raises(nodes.NodeRefused, match="MINIPACS_NODES"):
+        await nodes.delete(conn, "ct")  # a settings node now
+    # gone from the settings before the run-time node is deleted: nothing comes back
+    await nodes.put(conn, Node("mr", "MR1", "10.0.0.8", 104, OPERATIONS))
+    await nodes.seed(conn, {**SETTINGS, "mr": Node("mr", "MR9", "10.0.0.9", 104, OPERATIONS)})
+    await nodes.seed(conn, SETTINGS)
+    assert await nodes.delete(conn, "mr") is None
+    assert await nodes.all_nodes(conn) == SETTINGS
+
+
 async def test_put_refuses_a_name_the_command_line_would(conn: asyncpg.Connection) -> None:
     with pytest.raises(nodes.NodeRefused, match="node name"):
         await nodes.put(conn, Node("a b", "AB", "10.0.0.5", 104, OPERATIONS))

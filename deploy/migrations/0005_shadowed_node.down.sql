@@ -1,0 +1,1 @@
+ALTER TABLE remote_node DROP COLUMN IF EXISTS settings_node;
