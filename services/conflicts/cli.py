@@ -5,7 +5,8 @@
     show ID                    one conflict: the two copies' headers compared, element by
                                element (the indexed copy and the other one)
     get ID FILE [--kept]       write the copy that is not indexed (with ``--kept``: the one
-                               that is) to FILE, as stored: a DICOM file to open in a viewer or
+                               that is) to FILE, as stored (the dataset as received, in the
+                               gateway's file meta): a DICOM file to open in a viewer or
                                send again (``storescu``; with ``MINIPACS_OVERWRITE_INSTANCES``
                                a copy sent again replaces the indexed one)
 
