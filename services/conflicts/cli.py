@@ -37,6 +37,7 @@ from minio.error import S3Error
 from pydicom.datadict import keyword_for_tag
 
 from shared import s3
+from shared.columns import aligned
 from shared.dicom import dataset_json, read_header
 from shared.keys import object_key
 from shared.lifecycle import settings_or_exit
@@ -76,19 +77,13 @@ def as_dict(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
 
 
-def table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
 def listing(rows: Sequence[Mapping[str, Any]]) -> str:
     """``list``: one aligned row per conflict; the copies by the start of their SHA-256."""
     out = [("ID", "RECORDED (UTC)", "FROM", "POLICY", "SOP INSTANCE UID", "INDEXED", "OTHER")]
     out += [(str(r["id"]), f"{r['recorded_at']:%Y-%m-%d %H:%M:%S}", r["calling_aet"] or "-",
              r["policy"], r["sop_instance_uid"], r["kept_sha256"][:12],
              r["rejected_sha256"][:12]) for r in rows]
-    return table(out)
+    return aligned(out)
 
 
 def render(element: Mapping[str, Any] | None) -> str:
@@ -142,7 +137,7 @@ def report(row: Mapping[str, Any], differences: Sequence[Difference]) -> str:
         lines.append("The headers are the same: the copies differ in pixel data or in binary "
                      "values.")
     else:
-        lines.append(table([("TAG", "KEYWORD", "INDEXED COPY", "OTHER COPY"),
+        lines.append(aligned([("TAG", "KEYWORD", "INDEXED COPY", "OTHER COPY"),
                             *[(d.label, d.keyword, d.kept, d.other) for d in differences]]))
     return "\n".join(lines)
 

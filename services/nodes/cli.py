@@ -39,6 +39,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from shared import broker, nodes
+from shared.columns import aligned
 from shared.keys import InvalidUID, validate_uid
 from shared.lifecycle import StartupFailed, settings_or_exit
 from shared.messages import MoveRequested
@@ -96,9 +97,7 @@ def table(found: Mapping[str, Node], origin: Mapping[str, str]) -> str:
     rows = [("NAME", "AET", "HOST", "PORT", "ALLOWS", "FROM")]
     rows += [(n.name, n.aet, n.host, str(n.port), allowed(n),
               ORIGIN.get(origin.get(n.name, ""), "?")) for n in found.values()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return aligned(rows)
 
 
 def as_modalities(found: Mapping[str, Node]) -> dict[str, Any]:

@@ -910,20 +910,16 @@ def test_mover_not_running_is_a_clear_failure_not_a_hang(world: World) -> None:
                what="the abandoned job recorded as expired")
 
 
-def test_a_destination_taking_only_implicit_vr_gets_the_series_converted(world: World) -> None:
-    """Some workstations and older archives accept implicit VR little endian only (DCMTK's
-    ``storescp +xi`` here). minipacs keeps instances as received, explicit VR here; like
-    Orthanc it now also offers the destination the other little endian syntax and converts
-    (element values and pixel data unchanged), where every sub-operation used to fail with
-    "no accepted presentation context"."""
-    out = world.tmp / "implicit-only"
+def move_series_to_implicit_only(world: World, first: Made, folder: str) -> Path:
+    """C-MOVE ``first``'s series to the node IMPLICIT, a ``storescp +xi`` started for it
+    (implicit VR little endian only) writing into ``world.tmp / folder``; Success expected."""
+    out = world.tmp / folder
     out.mkdir()
     scp = subprocess.Popen([dcmtk("storescp"), "+xi", "-aet", "IMPLICIT", "-od", str(out),
                             str(world.implicit_port)], env=dcmtk_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: port_open(world.implicit_port), 30, what="storescp listening")
-        first = world.ct[0]
         result = movescu(world.port, {"QueryRetrieveLevel": "SERIES",
                                       "StudyInstanceUID": first.study_uid,
                                       "SeriesInstanceUID": first.series_uid}, dest="IMPLICIT")
@@ -931,6 +927,16 @@ def test_a_destination_taking_only_implicit_vr_gets_the_series_converted(world: 
     finally:
         scp.terminate()
         scp.wait(30)
+    return out
+
+
+def test_a_destination_taking_only_implicit_vr_gets_the_series_converted(world: World) -> None:
+    """Some workstations and older archives accept implicit VR little endian only (DCMTK's
+    ``storescp +xi`` here). minipacs keeps instances as received, explicit VR here; like
+    Orthanc it now also offers the destination the other little endian syntax and converts
+    (element values and pixel data unchanged), where every sub-operation used to fail with
+    "no accepted presentation context"."""
+    out = move_series_to_implicit_only(world, world.ct[0], "implicit-only")
     received = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, out.iterdir())}
     assert set(received) == {m.sop_uid for m in world.ct}
     for m in world.ct:
@@ -977,21 +983,7 @@ def test_a_big_endian_series_goes_out_little_endian_where_big_endian_is_refused(
                 [(e.tag, e.value) for e in original], m.sop_uid
             assert (got.pixel_array == original.pixel_array).all()
 
-    out = world.tmp / "be-moved"
-    out.mkdir()
-    scp = subprocess.Popen([dcmtk("storescp"), "+xi", "-aet", "IMPLICIT", "-od", str(out),
-                            str(world.implicit_port)], env=dcmtk_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: port_open(world.implicit_port), 30, what="storescp listening")
-        result = movescu(world.port, {"QueryRetrieveLevel": "SERIES",
-                                      "StudyInstanceUID": originals[0].study_uid,
-                                      "SeriesInstanceUID": originals[0].series_uid},
-                         dest="IMPLICIT")
-        assert final_has(result, "0000"), result.output
-    finally:
-        scp.terminate()
-        scp.wait(30)
+    out = move_series_to_implicit_only(world, originals[0], "be-moved")
     assert_little_endian_originals({str(dcmread(p).SOPInstanceUID): p for p in out.iterdir()},
                                    "1.2.840.10008.1.2")
 
