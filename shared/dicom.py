@@ -470,15 +470,26 @@ _WORD_BYTES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 def _swap_words(ds: Dataset) -> None:
     """Every OW / OF / OL / OD / OV value of ``ds`` (read as big endian), nested sequences
-    included, turned little endian in place. Pixel data sent as OB (8 bits allocated) is a
-    byte stream and stays; so do UN values, whose structure the dataset does not say."""
-    for elem in ds.iterall():
+    included, turned little endian in place. OW is swapped in 16-bit words, except pixel data
+    of 32 or 64 bits allocated: one big endian value per pixel cell, as pydicom and GDCM read
+    it (DCMTK 3.6.7's ``dcmconv`` swaps those in 16-bit words too, and changes the values).
+    Pixel data sent as OB is a byte stream and stays; so do UN values, whose structure the
+    dataset does not say."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                _swap_words(item)
+            continue
         width = _WORD_BYTES.get(str(elem.VR))
-        if width and isinstance(elem.value, bytes | bytearray) and elem.value:
-            if len(elem.value) % width:
-                raise CannotConvert(f"{elem.tag} ({elem.VR}) has {len(elem.value)} bytes, not "
-                                    f"whole {width}-byte words")
-            elem.value = numpy.frombuffer(elem.value, f">u{width}").astype(f"<u{width}").tobytes()
+        if not width or not isinstance(elem.value, bytes | bytearray) or not elem.value:
+            continue
+        if elem.tag == PIXEL_DATA and elem.VR == "OW":
+            bits = ds.get("BitsAllocated")
+            width = int(bits) // 8 if bits in (32, 64) else width
+        if len(elem.value) % width:
+            raise CannotConvert(f"{elem.tag} ({elem.VR}) has {len(elem.value)} bytes, not "
+                                f"whole {width}-byte words")
+        elem.value = numpy.frombuffer(elem.value, f">u{width}").astype(f"<u{width}").tobytes()
 
 
 def _inflate(raw: bytes | bytearray | memoryview) -> bytes:

@@ -138,6 +138,38 @@ def test_a_big_endian_instance_goes_out_little_endian_with_the_same_values(targe
         assert got["PixelData"].VR == "OW" and got[0x00660016].VR == "OF"
 
 
+@pytest.mark.parametrize("bits", [32, 64])
+def test_big_endian_pixel_cells_over_16_bits_are_swapped_whole(bits: int) -> None:
+    """One big endian value per pixel cell of 32 or 64 bits (as pydicom reads it), not 16-bit
+    words: otherwise 1,249,000 would come out as 250,085,395."""
+    width = bits // 8
+    values = [1249000, 7, 2**31 + 5, 0]
+    ds = Dataset()
+    ds.BitsAllocated = bits
+    ds.add_new(0x7FE00010, "OW", b"".join(v.to_bytes(width, "big") for v in values))
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = False, False
+    write_dataset(out, ds)
+    got = read_dataset(BytesIO(reencode(out.getvalue(), dicom.EXPLICIT_BE, EXPLICIT_LE)),
+                       False, True)
+    assert got.PixelData == b"".join(v.to_bytes(width, "little") for v in values)
+
+
+def test_a_real_big_endian_dose_file_gives_its_little_endian_twins_values() -> None:
+    """pydicom's test files: an RT dose (32 bits allocated) in explicit VR big endian, and
+    the same dose in implicit VR little endian."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    big, little = (Path(str(get_testdata_file(name))) for name in ("rtdose_expb.dcm",
+                                                                    "rtdose.dcm"))
+    converted = reencode(dataset_bytes(big), dicom.EXPLICIT_BE, IMPLICIT_LE)
+    got = read_dataset(BytesIO(converted), True, True)
+    twin = dcmread(little)
+    assert got.PixelData == twin.PixelData
+    assert got.DoseGridScaling == twin.DoseGridScaling and got.Rows == twin.Rows
+
+
 def test_a_big_endian_value_not_made_of_whole_words_is_not_converted() -> None:
     ds = Dataset()
     ds.add_new(0x00660016, "OF", bytes(6))  # 1.5 floats
