@@ -120,17 +120,14 @@ async def delete(conn: asyncpg.Connection, name: str) -> Node | None:
         if row["source"] == "settings":
             raise NodeRefused(f"node {name!r} comes from MINIPACS_NODES: remove it there "
                               "(and restart the gateway)")
+        await conn.execute("DELETE FROM remote_node WHERE name = $1", name)
         back = None
-        if row["settings_node"] is None:
-            await conn.execute("DELETE FROM remote_node WHERE name = $1", name)
-        else:
+        if row["settings_node"] is not None:
             spec = json.loads(row["settings_node"])
             back = Node(name, spec["aet"], spec["host"], int(spec["port"]),
                         frozenset(spec["allow"]) & OPERATIONS)
-            await conn.execute(
-                "UPDATE remote_node SET aet = $2, host = $3, port = $4, allow = $5, "
-                "source = 'settings', settings_node = NULL, updated_at = now() "
-                "WHERE name = $1", name, back.aet, back.host, back.port, sorted(back.allow))
+            await conn.execute(SEED, back.name, back.aet, back.host, back.port,
+                               sorted(back.allow))
         await _notify(conn, name)
     return back
 
