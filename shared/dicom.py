@@ -409,7 +409,8 @@ DECOMPRESSIBLE = frozenset({
     "1.2.840.10008.1.2.5",     # RLE lossless
 })
 # A faster decoder where there is one: CharLS 2 (pyjpegls) decodes a 512x512 JPEG-LS image in
-# 7.7 ms of CPU, GDCM's bundled CharLS in 18 (``docs/benchmarks.md``, session 25).
+# 7.7 ms of CPU with pydicom around it, GDCM's bundled CharLS in 12.6 (10.8 to decode, 1.8 to
+# turn its string into bytes; ``docs/benchmarks-history.md``, session 25).
 _PREFERRED_DECODER = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
 CONVERT_MAX = 64 * 1024 * 1024  # the conversion holds the dataset in memory, a few times over
 

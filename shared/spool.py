@@ -15,8 +15,8 @@ calling AE title and host, not a tag value) in hexadecimal, so it cannot steer a
 Why the marker is a hard link and not a small file: it costs no inode, where a file marker
 was one more inode allocated and freed per instance. On ext4 without a journal (this project's
 test machines), creating a file skips, one by one, the inodes freed in the last minutes, so
-every freed inode makes the creates after it slower (``docs/benchmarks.md``, session 18). A
-filesystem that refuses hard links gets an empty marker file of the same name instead.
+every freed inode makes the creates after it slower (``docs/benchmarks-history.md``, session
+18). A filesystem that refuses hard links gets an empty marker file of the same name instead.
 
 A gateway that stops between ``commit`` and the broker's answer, or a publish that got no
 answer (no confirm in time, the connection lost), leaves a ``ready/`` file whose message may or

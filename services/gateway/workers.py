@@ -2,9 +2,9 @@
 
 One Python process uses one core at most (the GIL): a single gateway acknowledges about as
 many small instances per second as one core can receive, fsync and publish, however many cores
-the machine has (``docs/benchmarks.md``). With N processes, each a whole gateway with its own
-broker and database connections, all listening on the same port with ``SO_REUSEPORT``, the
-kernel spreads new associations over them.
+the machine has (``docs/benchmarks-history.md``, session 11). With N processes, each a whole
+gateway with its own broker and database connections, all listening on the same port with
+``SO_REUSEPORT``, the kernel spreads new associations over them.
 
 This parent process only supervises: it starts the workers (``python -m services.gateway``
 with ``MINIPACS_GATEWAY_WORKER=<i>``), starts again one that dies, passes SIGTERM / SIGINT on
