@@ -43,7 +43,7 @@ from pynetdicom.dul import DULServiceProvider
 
 from services.gateway.announce import on_the_way
 from services.gateway.fastpath import file_meta, store_response
-from services.gateway.statuses import OUT_OF_RESOURCES
+from services.gateway.statuses import INVALID_UID, OUT_OF_RESOURCES, describe
 from shared import dimse_wire as wire
 
 log = logging.getLogger("minipacs.gateway")
@@ -65,10 +65,12 @@ class _Store:
     sop_instance: str
     message_id: int
     transfer_syntax: str
-    path: Path
+    path: Path | None  # None for a refused request: its dataset is read and dropped
     file: IO[bytes] | None  # None after a write failed: the rest is read and dropped
     context_class: str = ""  # the context's abstract syntax: the handler checks the command's
     error: str = ""
+    refused: str = ""  # why the command was refused before any byte was spooled
+    response: bytes = b""  # the C-STORE-RSP of a refused request (echoing the command's UIDs)
 
 
 @dataclass
@@ -253,7 +255,8 @@ def _drop_partial(dul: DULServiceProvider) -> None:
     if store.file is not None:
         store.file.close()
         store.file = None
-    store.path.unlink(missing_ok=True)
+    if store.path is not None:
+        store.path.unlink(missing_ok=True)
     on_the_way.end()
     log.warning("assoc %s: connection ended inside C-STORE msg=%d: partial dataset dropped",
                 _who(dul), store.message_id)
@@ -340,8 +343,38 @@ def _kind(command: dict[int, bytes] | None) -> str:
     return _MESSAGE_TYPES.get(field_ or 0, ("DIMSE message",))[0]
 
 
+_COMMAND_UIDS = {0x0002: "Affected SOP Class UID", 0x1000: "Affected SOP Instance UID"}
+
+
 def _ui(command: dict[int, bytes], elem: int) -> str:
-    return command.get(elem, b"").decode("ascii", "replace").rstrip("\0 ")
+    """A UID of the command (raises ``UnicodeDecodeError`` for bytes outside ASCII)."""
+    return command.get(elem, b"").decode("ascii").rstrip("\0 ")
+
+
+def not_ascii(command: dict[int, bytes]) -> str:
+    """Why the command's UIDs cannot even be read as text (bytes outside ASCII, which no UID
+    holds), or "". Says where, never the value."""
+    for elem, name in _COMMAND_UIDS.items():
+        raw = command.get(elem, b"")
+        bad = next((n for n, byte in enumerate(raw) if byte > 0x7F), None)
+        if bad is not None:
+            return (f"the command's {name} holds a non-ASCII byte (0x{raw[bad]:02X} at "
+                    f"position {bad} of {len(raw)})")
+    return ""
+
+
+def refusal(command: dict[int, bytes], message_id: int, status: int) -> bytes:
+    """The C-STORE-RSP refusing a request whose UIDs are not text: they are echoed byte for
+    byte (PS3.7 9.3.1.2: the response's UIDs equal the request's)."""
+
+    def echoed(elem: int) -> bytes:
+        raw = command.get(elem, b"")
+        return raw + b"\0" if len(raw) % 2 else raw
+
+    return wire.command_set([
+        (0x0002, echoed(0x0002)), (0x0100, struct.pack("<H", wire.C_STORE_RSP)),
+        (0x0120, struct.pack("<H", message_id)), (0x0800, struct.pack("<H", NO_DATASET)),
+        (0x0900, struct.pack("<H", status)), (0x1000, echoed(0x1000))])
 
 
 def _take(dul: DULServiceProvider, command: dict[int, bytes], cx: int) -> _Store | None:
@@ -350,7 +383,6 @@ def _take(dul: DULServiceProvider, command: dict[int, bytes], cx: int) -> _Store
         return None
     assoc = dul.assoc
     context = assoc._accepted_cx.get(cx)
-    sop_class, sop_instance = _ui(command, 0x0002), _ui(command, 0x1000)
     message_id = wire.us_value(command, 0x0110)
     if context is None:  # pynetdicom would abort too, after spooling the dataset
         raise ProtocolError(f"C-STORE on presentation context {cx}, which was not accepted")
@@ -359,6 +391,10 @@ def _take(dul: DULServiceProvider, command: dict[int, bytes], cx: int) -> _Store
     if message_id is None:
         return None
     transfer_syntax = str(context.transfer_syntax[0])
+    if why := not_ascii(command):  # 0xC001: the dataset is read and dropped, nothing spooled
+        return _Store(cx, "", "", message_id, transfer_syntax, None, None, refused=why,
+                      response=refusal(command, message_id, INVALID_UID))
+    sop_class, sop_instance = _ui(command, 0x0002), _ui(command, 0x1000)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("assoc %s: C-STORE msg=%d read by the gateway's reader", _who(dul), message_id)
     fd, name = tempfile.mkstemp(suffix=".dcm")
@@ -383,9 +419,14 @@ def _write(store: _Store, data: memoryview | bytes) -> None:
 
 def _finish(dul: DULServiceProvider, store: _Store) -> None:
     """The dataset is complete: decide and answer."""
+    if store.refused:
+        log.warning("msg=%d C-STORE from %s refused -> %s: %s", store.message_id, _who(dul),
+                    describe(INVALID_UID), store.refused)
+        _send_response(dul, store.context_id, store.response)
+        return
     status = OUT_OF_RESOURCES
     try:
-        if store.file is not None:
+        if store.file is not None and store.path is not None:
             store.file.close()
             store.file = None
             assert _handler is not None
@@ -399,9 +440,14 @@ def _finish(dul: DULServiceProvider, store: _Store) -> None:
         status = 0xC211  # what pynetdicom answers for an exception in the handler
     finally:
         on_the_way.end()  # if it was not announced (refused, or the handler failed)
-        store.path.unlink(missing_ok=True)  # moved into the spool if it was accepted
-    command = store_response(store.sop_class, store.sop_instance, store.message_id, status)
-    pdu = _encode_pdvs([(store.context_id, 0x03, memoryview(command))])
+        if store.path is not None:
+            store.path.unlink(missing_ok=True)  # moved into the spool if it was accepted
+    _send_response(dul, store.context_id, store_response(store.sop_class, store.sop_instance,
+                                                         store.message_id, status))
+
+
+def _send_response(dul: DULServiceProvider, context_id: int, command: bytes) -> None:
+    pdu = _encode_pdvs([(context_id, 0x03, memoryview(command))])
     cast(Any, dul.socket).send(pdu)
 
 

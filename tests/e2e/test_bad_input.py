@@ -107,14 +107,21 @@ def store_raw(stack: Stack, sop_class: str, sop_instance: str, dataset: bytes,
 
 def _c_store(assoc: Association, context_id: int, sop_class: str, sop_instance: str,
              dataset: bytes) -> int | None:
+    return send_command(assoc, context_id, wire.c_store_rq(1, sop_class, sop_instance),
+                        dataset)
+
+
+def send_command(assoc: Association, context_id: int, command: bytes,
+                 dataset: bytes) -> int | None:
+    """``command`` (an encoded C-STORE-RQ, as it is) and ``dataset`` on the association; the
+    response's status, None if none came."""
     # pynetdicom's own send_* pause its reactor so the response is left for them: so do we.
     assoc._reactor_checkpoint.clear()
     wait_until(lambda: assoc._is_paused, 10, every=0.001, what="the client reactor paused")
     try:
         sock = assoc.dul.socket.socket  # type: ignore[union-attr]
         assert sock is not None
-        sock.sendall(pdv(context_id, 0x03, wire.c_store_rq(1, sop_class, sop_instance))
-                     + pdv(context_id, 0x02, dataset))
+        sock.sendall(pdv(context_id, 0x03, command) + pdv(context_id, 0x02, dataset))
         _cx, rsp = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
@@ -482,6 +489,55 @@ def test_an_odd_element_length_is_stored_as_received(stack: Stack, tmp_path: Pat
     assert rows[0]["patient_id"] == "ODD"
     assert dataset_of_bytes(s3_read(s3_client(stack), "minipacs", rows[0]["object_key"])) \
         == dataset
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # our client reads the echo
+@pytest.mark.parametrize("where", ["instance", "class"])
+def test_a_non_ascii_uid_in_the_command_is_refused_and_the_association_serves_on(
+        stack: Stack, tmp_path: Path, where: str) -> None:
+    """Bytes outside ASCII in the command's Affected SOP Instance (or Class) UID: 0xC001, the
+    UIDs echoed as sent, a WARNING naming the caller, no spool file left; the next C-STORE on
+    the same association succeeds. (It used to abort the association with a traceback, its
+    empty spool file left in incoming/ for the sweeper.)"""
+    sop = uid("bad", "latin", where)
+    path = instance(tmp_path, f"latin-{where}", sop_uid=sop)
+    bad = sop.encode("ascii") + b".\xc3\xa9"  # "é" in UTF-8
+    sop_class = CT_IMAGE.encode("ascii")
+    if where == "class":
+        sop_class, bad = sop_class + b".\xe9", sop.encode("ascii")  # "é" in Latin-1
+    command = wire.command_set([
+        (0x0002, sop_class + b"\0" * (len(sop_class) % 2)),
+        (0x0100, struct.pack("<H", wire.C_STORE_RQ)), (0x0110, struct.pack("<H", 7)),
+        (0x0700, struct.pack("<H", 2)), (0x0800, struct.pack("<H", 1)),
+        (0x1000, bad + b"\0" * (len(bad) % 2))])
+    incoming = Path(stack.config.base_dir) / "spool" / "incoming"
+    log_before = len(stack.log_text("gateway"))
+    ok = instance(tmp_path, f"latin-{where}-after", sop_uid=uid("bad", "latin", where, "after"))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CT_IMAGE, TS)
+    ae.dimse_timeout = 30
+    assoc = ae.associate("127.0.0.1", stack.config.gateway_port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(_config.VALIDATORS, "UI", lambda _uid: (True, ""))
+            cx = assoc.accepted_contexts[0].context_id
+            assert cx is not None
+            status = send_command(assoc, cx, command, dataset_of(path))
+        assert status == statuses.INVALID_UID, status
+        assert not list(incoming.iterdir())  # nothing spooled for it, nothing left behind
+        assert assoc.is_established
+        assert int(assoc.send_c_store(ok).Status) == statuses.SUCCESS
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    text = stack.log_text("gateway")[log_before:]
+    name = "Instance" if where == "instance" else "Class"
+    assert re.search(rf"WARNING .*C-STORE from TESTSCU@127\.0\.0\.1 refused -> 0xC001 "
+                     rf"invalid uid: the command's Affected SOP {name} UID holds a non-ASCII "
+                     rf"byte \(0x(C3|E9) at position \d+ of \d+\)", text), text
+    assert "Traceback" not in text and "aborted" not in text, text
+    assert nothing_stored(stack, sop)
 
 
 # ---- 3. SOP classes ----------------------------------------------------------------------------
