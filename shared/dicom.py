@@ -40,6 +40,15 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT",
              b"SV", b"UV"}
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+FLOAT_PIXEL_DATA = 0x7FE00008  # then Double Float Pixel Data (7FE0,0009), then Pixel Data
+# A header element longer than this is not read (pydicom's ``defer_size``): its JSON is an empty
+# ``BulkDataURI``, so a large Encapsulated Document or private blob before the pixel data costs
+# no memory. Binary values over the JSON's bulk threshold (4 KiB) are left out of it anyway.
+HEADER_VALUE_MAX = 1 << 20
+# A deflated dataset is inflated as a stream; the header is read from its first bytes, this many
+# at most (a small deflated file can claim gigabytes).
+DEFLATED_HEAD_MAX = 16 << 20
+_INFLATE_CHUNK = 1 << 20
 
 # Every service that handles DICOM imports this module. The values we rely on are validated
 # here and in shared.keys; pydicom's own per-element checks (a regex per value, on reading and
@@ -68,7 +77,8 @@ class InstanceInfo:
 
 
 def _stop_at_pixels(tag: Any, vr: Any, length: Any) -> bool:
-    return bool(tag >= PIXEL_DATA)
+    """The header ends at the first pixel data element: float, double float or plain."""
+    return bool(tag >= FLOAT_PIXEL_DATA)
 
 
 def check_tail(fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
@@ -174,7 +184,14 @@ def _inspect_with_pydicom(path: Path, transfer_syntax: str) -> InstanceInfo:
     size = path.stat().st_size
     try:
         with path.open("rb") as fp:
-            ds = dcmread(fp, stop_before_pixels=True, force=False)
+            if transfer_syntax == DEFLATED:
+                ds = _read_deflated(fp, whole=True)
+            else:
+                ds = dcmread(fp, stop_before_pixels=True, force=False,
+                             defer_size=HEADER_VALUE_MAX)
+                if fp.tell() > size:  # a value not read (deferred) runs past the end
+                    raise InvalidInstance("unreadable", "dataset truncated: an element is "
+                                          "longer than the data received")
             _check_short_values(ds)
             if transfer_syntax != DEFLATED:
                 check_tail(fp, size, implicit=transfer_syntax == IMPLICIT_LE,
@@ -191,15 +208,53 @@ def _inspect_with_pydicom(path: Path, transfer_syntax: str) -> InstanceInfo:
     except InvalidInstance:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
-            struct.error, NotImplementedError) as exc:
+            struct.error, NotImplementedError, zlib.error) as exc:
         raise InvalidInstance("unreadable", f"dataset cannot be parsed: {type(exc).__name__}"
                               ) from exc
+
+
+def _read_deflated(fp: BinaryIO, whole: bool) -> Dataset:
+    """The header of a Part-10 file in Deflated Explicit VR Little Endian at ``fp``, read from
+    at most ``DEFLATED_HEAD_MAX`` inflated bytes. ``whole``: inflate to the end of the stream
+    (in chunks, keeping none of it) and refuse a stream cut short, as the gateway's check does;
+    otherwise stop inflating once the head is in hand. Raises ``InvalidInstance``,
+    ``zlib.error`` or pydicom's errors."""
+    try:
+        start = meta_end(fp.read(64 * 1024))
+    except Malformed as exc:
+        raise InvalidInstance("unreadable", str(exc)) from exc
+    fp.seek(start)
+    head = inflate_head(fp, DEFLATED_HEAD_MAX, whole)
+    return read_dataset(BytesIO(head), False, True, stop_when=_stop_at_pixels,
+                        defer_size=HEADER_VALUE_MAX)
+
+
+def inflate_head(fp: BinaryIO, keep: int, whole: bool) -> bytes:
+    """The first ``keep`` bytes of the raw deflate stream (PS3.5 A.5) read from ``fp``, inflated
+    a chunk at a time, so memory stays bounded whatever the stream inflates to. ``whole``: go on
+    to the end of the stream and raise ``InvalidInstance`` if it is cut short."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = bytearray()
+    while not inflater.eof:
+        data = inflater.unconsumed_tail or fp.read(_INFLATE_CHUNK)
+        out = inflater.decompress(data, _INFLATE_CHUNK)  # with no data: what zlib holds back
+        if not data and not out:
+            break
+        if len(head) < keep:
+            head += out[:keep - len(head)]
+        elif not whole:
+            return bytes(head)
+    if whole and not inflater.eof:
+        raise InvalidInstance("unreadable", "deflated dataset cut short: the deflate stream "
+                              "does not end")
+    return bytes(head)
 
 
 def _check_short_values(ds: Dataset) -> None:
     """pydicom reads a value whose length runs past the end of the data as the bytes there are,
     silently: refuse it, as the walk does."""
-    for elem in ds.elements():
+    for tag in ds.keys():
+        elem = ds.get_item(tag, keep_deferred=True)  # a value not read (deferred) stays so
         if (isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF
                 and isinstance(elem.value, bytes) and len(elem.value) < elem.length):
             raise InvalidInstance("unreadable", "dataset truncated: an element is longer than "
@@ -240,8 +295,8 @@ def dataset_start(head: bytes) -> tuple[int, str] | None:
     """Where the dataset of a Part-10 file begins and its transfer syntax, read from the first
     bytes of the file (``head``, at least up to the end of the file meta), or None where the file
     meta is not the plain kind this reads (no group length, a length that disagrees with its
-    elements, more meta elements past it, a command group or a deflated dataset after it):
-    ``dcmread`` reads those."""
+    elements, more meta elements past it, a command group after it): ``dcmread`` reads those.
+    A deflated dataset's start is given too; it is read inflated (``inflate_head``)."""
     try:
         end = meta_end(head)
     except Malformed:
@@ -261,31 +316,39 @@ def dataset_start(head: bytes) -> tuple[int, str] | None:
         if element == 0x0010:
             syntax = head[pos:pos + length].decode("ascii", "replace").strip(" \x00")
         pos += length
-    if pos != end or not syntax or syntax == DEFLATED:
+    if pos != end or not syntax:
         return None
+    if syntax == DEFLATED:
+        return end, syntax
     if head[end:end + 2] in (b"\x00\x00", b"\x02\x00"):  # a command group, or more meta
         return None
     return end, syntax
 
 
 def read_header(fp: BinaryIO) -> Dataset:
-    """The dataset before Pixel Data. A plain file meta (``dataset_start``) is skipped, and the
-    dataset read from its first byte: pydicom's parse of the file meta is more than half of
-    ``dcmread``'s cost for a small instance. Anything else, or anything the direct read cannot
-    read, goes to ``dcmread`` (which gives the same dataset, or the error)."""
+    """The dataset before the pixel data, values over ``HEADER_VALUE_MAX`` not read. A plain
+    file meta (``dataset_start``) is skipped, and the dataset read from its first byte:
+    pydicom's parse of the file meta is more than half of ``dcmread``'s cost for a small
+    instance. A deflated dataset is read from its first ``DEFLATED_HEAD_MAX`` bytes, inflated
+    as a stream. Anything else, or anything the direct read cannot read, goes to ``dcmread``
+    (which gives the same dataset, or the error)."""
     start = fp.tell()
     head = fp.read(4096)
     found = dataset_start(head)
     if found is not None:
         offset, syntax = found
+        fp.seek(start + offset)
+        if syntax == DEFLATED:  # dcmread would inflate all of it in memory: never fall back
+            return read_dataset(BytesIO(inflate_head(fp, DEFLATED_HEAD_MAX, whole=False)),
+                                False, True, stop_when=_stop_at_pixels,
+                                defer_size=HEADER_VALUE_MAX)
         try:
-            fp.seek(start + offset)
             return read_dataset(fp, syntax == IMPLICIT_LE, syntax != EXPLICIT_BE,
-                                stop_when=_stop_at_pixels)
+                                stop_when=_stop_at_pixels, defer_size=HEADER_VALUE_MAX)
         except Exception:  # noqa: S110 - dcmread below reads it again, or raises the error
             pass
     fp.seek(start)
-    return dcmread(fp, stop_before_pixels=True)
+    return dcmread(fp, stop_before_pixels=True, defer_size=HEADER_VALUE_MAX)
 
 
 def dataset_json(ds: Dataset, bulk_threshold: int = 4096) -> dict[str, Any]:

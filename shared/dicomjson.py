@@ -52,7 +52,10 @@ def to_json(ds: Dataset, bulk_threshold: int = 4096, charset: str | None = None
         charset = "latin_1"
     out: dict[str, Any] = {}
     for tag in ds.keys():
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+            out[f"{tag:08X}"] = {"vr": _deferred_vr(elem), "BulkDataURI": ""}
+            continue  # not read (``defer_size``): left out like any bulk value
         try:
             if not isinstance(elem, RawDataElement) or not elem.is_little_endian:
                 raise _Defer
@@ -64,6 +67,17 @@ def to_json(ds: Dataset, bulk_threshold: int = 4096, charset: str | None = None
 
 def _no_uri(_elem: Any) -> str:
     return ""
+
+
+def _deferred_vr(elem: RawDataElement) -> str:
+    """The VR of an element whose value was not read: its own (explicit VR), else the data
+    dictionary's (the last choice where it has several, as for OB or OW), else UN."""
+    if elem.VR:
+        return str(elem.VR)
+    try:
+        return str(dictionary_VR(elem.tag)).split(" or ")[-1]
+    except KeyError:
+        return "UN"
 
 
 def _charset(elem: Any) -> str:

@@ -7,6 +7,9 @@ over patients x studies x series. Everything is deterministic for a given seed.
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 ROOT = "1.2.826.0.1.3680043.10.1471."
 
 
@@ -155,3 +160,62 @@ def encode_j2k(source: Path, target: Path, syntax: str = HTJ2K_LOSSLESS) -> Path
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=True)
     return target
+
+
+# ---- datasets written by hand, as a stream: values larger than memory, odd bytes --------------
+
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"}
+
+
+def element(group: int, elem: int, vr: str, value: bytes) -> bytes:
+    """One explicit VR little endian element, its value padded to an even length."""
+    if len(value) % 2:
+        value += b"\x00" if vr in ("UI", "OB") else b" "
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", group, elem, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr.encode(), len(value)) + value
+
+
+def long_header(group: int, elem: int, vr: str, length: int) -> bytes:
+    """The header of a long-form explicit VR little endian element whose value follows."""
+    return struct.pack("<HH2sHI", group, elem, vr.encode(), 0, length)
+
+
+def zeros(size: int, chunk: int = 4 << 20) -> Iterator[bytes]:
+    block = bytes(chunk)
+    while size > 0:
+        yield block[:min(size, chunk)]
+        size -= chunk
+
+
+def write_part10(path: Path, sop_class: str, sop_uid: str, syntax: str,
+                 parts: Iterable[bytes]) -> Path:
+    """A Part-10 file with the gateway's own file meta and the explicit VR little endian
+    dataset ``parts`` (deflated as a stream for the deflated syntax): never held in memory."""
+    from services.gateway.fastpath import file_meta
+
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS) if syntax == DEFLATED else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fp:
+        fp.write(b"\x00" * 128 + b"DICM" + file_meta(sop_class, sop_uid, syntax))
+        for part in parts:
+            fp.write(deflater.compress(part) if deflater else part)
+        if deflater:
+            fp.write(deflater.flush())
+    return path
+
+
+def document_parts(made: Made, patient_name: bytes, size: int) -> Iterator[bytes]:
+    """An Encapsulated PDF Storage dataset for ``made`` whose document is ``size`` zero bytes."""
+    yield b"".join([
+        element(0x0008, 0x0016, "UI", ENCAPSULATED_PDF.encode()),
+        element(0x0008, 0x0018, "UI", made.sop_uid.encode()),
+        element(0x0008, 0x0060, "CS", b"DOC"),
+        element(0x0010, 0x0010, "PN", patient_name),
+        element(0x0010, 0x0020, "LO", made.patient_id.encode()),
+        element(0x0020, 0x000D, "UI", made.study_uid.encode()),
+        element(0x0020, 0x000E, "UI", made.series_uid.encode()),
+    ])
+    yield long_header(0x0042, 0x0011, "OB", size)  # Encapsulated Document
+    yield from zeros(size)
+    yield element(0x0042, 0x0012, "LO", b"application/pdf")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -162,6 +162,7 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored],
     studies: dict[str, int] = {}
     series_ids: dict[str, tuple[int, int]] = {}
     touched = _Touched()
+    batch, texts = _storable(batch)
     chosen, extras = _one_copy_per_uid(batch, overwrite)
     ordered = sorted(chosen, key=lambda m: (m.study_instance_uid, m.series_instance_uid,
                                             m.sop_instance_uid))
@@ -204,7 +205,7 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored],
                     touched.series.add(row["id"])
             fks[msg.sop_instance_uid] = series_ids[msg.series_instance_uid]
             rows.append(_instance_row(series_ids[msg.series_instance_uid][0], msg,
-                                      rec.instance["instance_number"]))
+                                      rec.instance["instance_number"], texts[id(msg)]))
         inserted = {r["sop_instance_uid"] for r in await conn.fetch(
             INSERT_INSTANCES, *(list(column) for column in zip(*rows, strict=True)))}
         for uid in inserted:
@@ -224,7 +225,8 @@ async def write_batch(conn: asyncpg.Connection, batch: list[InstanceStored],
                     continue
                 result.conflicts += 1
                 if overwrite and parsed is not None:  # the batch's newest copy of its UID
-                    new = await _overwrite(conn, msg, parsed, series_ids, patients, touched)
+                    new = await _overwrite(conn, msg, parsed, texts[id(msg)], series_ids,
+                                           patients, touched)
                     if new:
                         result.replaced += 1
                         kept[msg.sop_instance_uid] = msg.sha256
@@ -263,22 +265,55 @@ def _one_copy_per_uid(batch: list[InstanceStored], overwrite: bool
     return list(chosen.values()), [m for m in batch if id(m) not in keep]
 
 
-def _instance_row(series_fk: int, msg: InstanceStored, number: int | None) -> tuple[object, ...]:
+def _storable(batch: list[InstanceStored]
+              ) -> tuple[list[InstanceStored], dict[int, str]]:
+    """The batch with every NUL character taken out of its headers' text, and each header's
+    JSON text (by ``id`` of its message). PostgreSQL's text and jsonb cannot hold U+0000,
+    which DICOM allows in no text value but which senders put there: one such value would
+    refuse the whole instance for ever (dead-lettered at each replay), once acknowledged."""
+    out: list[InstanceStored] = []
+    texts: dict[int, str] = {}
+    for msg in batch:
+        text = json.dumps(msg.header, ensure_ascii=False)
+        if "\\u0000" in text:  # json writes U+0000 so: cheap to look for, rare to find
+            msg = replace(msg, header=without_nul(msg.header))
+            text = json.dumps(msg.header, ensure_ascii=False)
+            log.warning("instance from %s: NUL characters dropped from its header's text "
+                        "values to index it", msg.calling_aet)
+        out.append(msg)
+        texts[id(msg)] = text
+    return out, texts
+
+
+def without_nul(value: Any) -> Any:
+    """``value`` (DICOM JSON) with every U+0000 removed from its strings, keys included."""
+    if isinstance(value, str):
+        return value.replace("\0", "")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
+
+
+def _instance_row(series_fk: int, msg: InstanceStored, number: int | None,
+                  header_text: str) -> tuple[object, ...]:
     """The columns of ``INSERT_INSTANCES`` (and ``REPLACE_INSTANCE``) for one instance."""
     return (series_fk, msg.sop_instance_uid, msg.sop_class_uid, number, msg.transfer_syntax,
             msg.object_key, msg.size, msg.sha256, msg.calling_aet, _time(msg.received_at),
-            json.dumps(msg.header, ensure_ascii=False))
+            header_text)
 
 
 async def _overwrite(conn: asyncpg.Connection, msg: InstanceStored, rec: IndexRecord,
-                     series_ids: dict[str, tuple[int, int]],
+                     header_text: str, series_ids: dict[str, tuple[int, int]],
                      patients: dict[tuple[str, str], int], touched: _Touched) -> bool:
     """Replace the indexed copy of ``msg``'s instance if ``msg`` was received later: move the
     instance (and its study) where the new copy says, record the replaced copy. False when
     the indexed copy is the newer one (copies indexed out of order, a late redelivery)."""
     series_fk, study_fk = series_ids[msg.series_instance_uid]
     old = await conn.fetchrow(REPLACE_INSTANCE,
-                              *_instance_row(series_fk, msg, rec.instance["instance_number"]))
+                              *_instance_row(series_fk, msg, rec.instance["instance_number"],
+                                             header_text))
     if old is None:
         return False
     if old["series_fk"] != series_fk:

@@ -219,3 +219,29 @@ async def test_two_indexers_meeting_the_same_patients_in_opposite_order_do_not_d
             [(f"A{r}", 2) for r in range(10)] + [(f"B{r}", 2) for r in range(10)])
     finally:
         await other.close()
+
+
+async def test_nul_characters_in_text_values_are_dropped_not_a_refusal(
+        conn: asyncpg.Connection) -> None:
+    """PostgreSQL's text and jsonb hold no U+0000; a sender's NUL inside a value once made the
+    whole instance unindexable, for ever, after its Success."""
+    first = stored("1.9.1", patient="P\x001")
+    first.header["00100010"] = {"vr": "PN", "Value": [{"Alphabetic": "DOE\x00^JANE"}]}
+    first.header["00091010"] = {"vr": "LO", "Value": ["private\x00value"]}
+    result = await write_batch(conn, [first, stored("1.9.2")])
+    assert result.inserted == 2
+    row = await conn.fetchrow(
+        "SELECT p.patient_id, p.patient_name, i.header->'00091010'->'Value'->>0 AS private "
+        "FROM instance i JOIN series se ON se.id = i.series_fk JOIN study st "
+        "ON st.id = se.study_fk JOIN patient p ON p.id = st.patient_fk "
+        "WHERE i.sop_instance_uid = '1.9.1'")
+    assert (row["patient_id"], row["patient_name"], row["private"]) == (
+        "P1", "DOE^JANE", "privatevalue")
+
+    # the overwrite policy's replacement path writes the header too
+    newer = stored("1.9.2", sha="b", received="2026-11-26T11:00:00+00:00")
+    newer.header["00081030"] = {"vr": "LO", "Value": ["HEAD\x00CT"]}
+    replaced = await write_batch(conn, [newer], overwrite=True)
+    assert replaced.replaced == 1
+    assert await conn.fetchval("SELECT header->'00081030'->'Value'->>0 FROM instance "
+                               "WHERE sop_instance_uid = '1.9.2'") == "HEADCT"

@@ -82,15 +82,19 @@ def test_dataset_start_finds_the_dataset_after_the_meta() -> None:
     assert dataset_start(data) == (144 + len(meta), EXPLICIT_LE)
 
 
+def test_dataset_start_gives_a_deflated_datasets_start_for_the_streamed_read() -> None:
+    meta = syntax_element(DEFLATED)
+    assert dataset_start(part10(meta)) == (144 + len(meta), DEFLATED)
+
+
 @pytest.mark.parametrize("data", [
-    part10(syntax_element(DEFLATED)),                                 # deflated dataset
     part10(version_element()),                                        # no transfer syntax
     part10(syntax_element(EXPLICIT_LE), b"\x00\x00\x00\x00UL\x04\x00\x00\x00\x00\x00"),  # cmd
     b"\x00" * 128 + b"DICM" + syntax_element(EXPLICIT_LE) + b"\x08\x00\x16\x00",  # no length
     part10(syntax_element(EXPLICIT_LE), version_element()),           # meta past its length
     part10(syntax_element(EXPLICIT_LE))[:150],                        # cut short
     part10(syntax_element(EXPLICIT_LE)).replace(b"DICM", b"NOPE"),    # no Part-10 preamble
-], ids=["deflated", "no-syntax", "command-group", "meta-past-length", "no-group-length", "short",
+], ids=["no-syntax", "command-group", "meta-past-length", "no-group-length", "short",
         "no-dicm"])
 def test_dataset_start_leaves_other_files_to_dcmread(data: bytes) -> None:
     assert dataset_start(data) is None
