@@ -4,7 +4,9 @@ A second copy of a SOP Instance UID with different bytes is a conflict, logged a
 ``ingest_conflict``. What the index keeps is the policy's choice:
 
 - keep-first (the default, Orthanc's ``"OverwriteInstances": false``): the instance row is never
-  overwritten; the later copy is the one recorded.
+  overwritten; the later copy is the one recorded. "First" is the copy indexed first: the one
+  received first, but for copies received within the same instant, which storage (several
+  instances at once) may finish in either order; within one batch the earlier received wins.
 - overwrite (``MINIPACS_OVERWRITE_INSTANCES=true``, Orthanc's ``true``): the copy the gateway
   received last wins, whatever order the copies are indexed in (``received_at``, then the
   SHA-256 to break a tie); the copy it replaces is the one recorded. The instance moves to the
