@@ -9,13 +9,14 @@ one at most ``budget`` bytes, are fetched ahead (one 1 GiB instance ahead, not s
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import BinaryIO, Generic, Protocol, TypeVar
 
 from minio import Minio
 
@@ -40,20 +41,32 @@ R = TypeVar("R", bound=Stored)
 
 class Blob:
     """The dataset of one stored file (its meta group skipped), in memory or in a file (a temp
-    file, deleted by ``close()``, unless ``owned`` is False: a hot-cache entry)."""
+    file, deleted by ``close()``, unless ``owned`` is False: a hot-cache entry).
+
+    A file is opened here and read through that descriptor until ``close()``: once fetched it
+    stays readable whole even if its name goes meanwhile (a hot-cache entry evicted by any
+    process's trim, a temp file removed by a sweeper). Opened by name at send time instead, a
+    C-GET lost such an instance half-way (the gateway took it for a lost association) and a
+    C-MOVE aborted its association."""
 
     def __init__(self, data: bytes | bytearray | None = None, path: Path | None = None,
                  owned: bool = True) -> None:
         self.data = data
         self.path = path
         self.owned = owned
+        self._file: BinaryIO | None = None
         if data is not None:
             self.offset = dataset_offset(memoryview(data)[:_HEAD])
             self.length = len(data) - self.offset
         elif path is not None:
-            with path.open("rb") as f:
-                self.offset = dataset_offset(f.read(_HEAD))
-                self.length = f.seek(0, 2) - self.offset
+            f = path.open("rb", buffering=0)
+            try:
+                self.offset = dataset_offset(os.pread(f.fileno(), _HEAD, 0))
+                self.length = os.fstat(f.fileno()).st_size - self.offset
+            except BaseException:
+                f.close()
+                raise
+            self._file = f
         else:
             raise ValueError("a Blob needs data or a path")
 
@@ -63,14 +76,22 @@ class Blob:
             for start in range(self.offset, len(view), size):
                 yield view[start:start + size]
             return
-        assert self.path is not None
+        if self._file is None:
+            raise ValueError("the blob is closed")
+        fd = self._file.fileno()
         buffer = bytearray(size)
-        with self.path.open("rb", buffering=0) as f:
-            f.seek(self.offset)
-            while n := f.readinto(buffer):
-                yield memoryview(buffer)[:n]
+        position, end = self.offset, self.offset + self.length
+        while position < end:  # positional reads: the descriptor's offset is never moved
+            n = os.preadv(fd, [memoryview(buffer)[:min(size, end - position)]], position)
+            if not n:
+                return  # shorter than it was: the sender finds the dataset ended early
+            position += n
+            yield memoryview(buffer)[:n]
 
     def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self.path is not None and self.owned:
             self.path.unlink(missing_ok=True)
 
@@ -90,9 +111,13 @@ def fetcher(s3: Minio, bucket: str, tmpdir: Path, raw: RawS3 | None,
                     return Blob(data=hot)
             elif (path := cache.path(ref.object_key, ref.size)) is not None:
                 try:
-                    return Blob(path=path, owned=False)
+                    blob = Blob(path=path, owned=False)  # open from now on, evicted or not
                 except OSError:  # evicted meanwhile: read it from S3
                     pass
+                else:
+                    if blob.offset + blob.length == ref.size:
+                        return blob
+                    blob.close()  # replaced meanwhile by something else: read it from S3
         if 0 < ref.size <= in_memory:
             data = (raw.get(ref.object_key, in_memory) if raw is not None
                     else read_object(s3, bucket, ref.object_key, in_memory))

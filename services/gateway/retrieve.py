@@ -112,7 +112,7 @@ def final_response(state: str, remaining: int, completed: int, failed: int, warn
         return Response(statuses.CANCEL, remaining, completed, failed, warning, uids, error)
     if state == "expired":
         return Response(statuses.SUBOPERATIONS_UNABLE, None, 0, 0, 0, None, error)
-    if state == "done" and not failed and not warning:
+    if state == "done" and not failed and not warning and not remaining:
         return Response(statuses.SUCCESS, None, completed, 0, 0)
     if not completed and not warning:  # nothing arrived: a failure, not a warning
         return Response(statuses.SUBOPERATIONS_UNABLE, None, 0, failed + remaining, 0, uids,
@@ -280,7 +280,16 @@ class SocketTakeover:
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "C-STORE-RQ msg=%d cx=%d %s (%d bytes)", msg_id, cx_id,
                     ref.sop_instance_uid, blob.length)
-        self._send(cx_id, command, blob)
+        source = _Reading(blob)
+        try:
+            self._send(cx_id, command, source)
+        except Unreadable:
+            if source.started:  # the request is out, its dataset cut short: nothing to save
+                self.lost = True
+                self.dul.event_queue.put("Evt19")  # pynetdicom aborts once it has the socket
+                raise OSError("a dataset became unreadable while it was being sent: "
+                              "aborting") from None
+            raise  # nothing was sent: that sub-operation failed, the association goes on
         status = self._response(msg_id)
         log.log(TRACE, "C-STORE-RSP msg=%d status=0x%04X", msg_id, status)
         return status
@@ -348,6 +357,34 @@ class SocketTakeover:
                 continue
             self.dul.event_queue.put(event)
             self.dul._recv_pdu.put(pdu)
+
+
+class Unreadable(Exception):
+    """A C-GET sub-operation's dataset could not be read (not an ``OSError``: those mean the
+    association is gone)."""
+
+
+class _Reading:
+    """The dataset of a sub-operation as ``wire.send_message`` reads it, its read errors told
+    apart from the socket's. ``started``: a block was handed out, so the C-STORE request went
+    out with it."""
+
+    def __init__(self, blob: wire.Dataset) -> None:
+        self.blob = blob
+        self.length = blob.length
+        self.started = False
+
+    def blocks(self, size: int) -> Iterator[memoryview]:
+        blocks = self.blob.blocks(size)
+        while True:
+            try:
+                block = next(blocks)
+            except StopIteration:
+                return
+            except OSError as exc:
+                raise Unreadable(f"{type(exc).__name__}: {exc}") from exc
+            self.started = True
+            yield block
 
 
 # ---- progress from the movers -------------------------------------------------------------------
@@ -588,6 +625,9 @@ class Retriever:
             msg_id = msg_id % 65535 + 1
             try:
                 status = self._store(event.assoc, taken, contexts, item, msg_id, who)
+            except Unreadable as exc:  # nothing was sent: this one failed, the rest go on
+                log.warning("%s C-GET sub-operation failed: not read: %s", who, exc)
+                status = None
             except OSError as exc:  # the association is gone: no more responses
                 log.warning("%s C-GET sub-operation failed: %s: %s", who,
                             type(exc).__name__, exc)
@@ -623,6 +663,8 @@ class Retriever:
             except CannotConvert as exc:
                 log.warning("%s C-GET sub-operation failed: %s", who, exc)
                 return None
+            except OSError as exc:  # the stored bytes could not be read: nothing was sent
+                raise Unreadable(f"{type(exc).__name__}: {exc}") from exc
         return taken.store(cx_id, msg_id, ref, blob)
 
 

@@ -7,6 +7,7 @@ import hashlib
 import re
 import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,6 +322,14 @@ def get_ct_series(world: World, on_store: Callable[[Any], int],
     """A C-GET of the CT series from our pynetdicom client (a CT storage context, SCP role,
     with ``syntaxes`` or pynetdicom's default ones), ``on_store`` handling its
     sub-operations; the association once the C-GET is over."""
+    return get_series(world, world.ct[0], on_store, syntaxes)[0]
+
+
+def get_series(world: World, of: Made, on_store: Callable[[Any], int],
+               syntaxes: Sequence[str] | None = None, timeout: float = 30
+               ) -> tuple[Any, list[tuple[Any, Any]]]:
+    """``get_ct_series`` for the series of ``of``: the association and the C-GET responses
+    (status dataset, identifier); the client waits ``timeout`` s at most for each."""
     from pynetdicom import AE, build_role, evt
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         CTImageStorage,
@@ -328,6 +337,7 @@ def get_ct_series(world: World, on_store: Callable[[Any], int],
     )
 
     ae = AE(ae_title="TESTSCU")
+    ae.dimse_timeout = timeout
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     if syntaxes:
         ae.add_requested_context(CTImageStorage, list(syntaxes))
@@ -339,10 +349,9 @@ def get_ct_series(world: World, on_store: Callable[[Any], int],
     assert assoc.is_established
     ident = Dataset()
     ident.QueryRetrieveLevel = "SERIES"
-    ident.StudyInstanceUID = world.ct[0].study_uid
-    ident.SeriesInstanceUID = world.ct[0].series_uid
-    list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
-    return assoc
+    ident.StudyInstanceUID = of.study_uid
+    ident.SeriesInstanceUID = of.series_uid
+    return assoc, list(assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet))
 
 
 def assert_next_get_served(world: World, out: Path) -> None:
@@ -420,3 +429,48 @@ def test_an_scu_taking_only_implicit_vr_gets_the_series_converted(world: World) 
     for m in world.ct:
         sent = dcmread(m.path)
         assert [(e.tag, e.value) for e in got[m.sop_uid]] == [(e.tag, e.value) for e in sent]
+
+
+@pytest.mark.parametrize("syntax", ["as stored", "converted"])
+def test_hot_copies_evicted_mid_get_are_still_sent_and_the_get_answered(
+        world: World, tmp_path: Path, syntax: str) -> None:
+    """Instances over the 4 MiB held in memory are sent from their hot-cache file. A trim (any
+    process's) may evict those files after they were fetched ahead and before they are sent:
+    here the SCU removes them from its handler of the first sub-operation, once the gateway
+    has fetched the next ones. Every instance still arrives and the final response says so.
+    (The file used to be opened only at send time: as stored, the gateway took the missing
+    file for a lost association and sent no final response, the SCU waiting for its timeout;
+    converted, the C-GET ended early with Success, three instances unsent.)"""
+    made = ct_series(tmp_path / "evict", count=4, tag=f"gtevict{syntax[0]}", size=1500)
+    assert all(m.path.stat().st_size > 4 * 1024 * 1024 for m in made)
+    uids = store_and_index(world, made)
+    keys = [r["object_key"] for r in pg(dsn(world.stack), "SELECT object_key FROM instance "
+                                        "WHERE sop_instance_uid = ANY($1::text[])", uids)]
+    for key in keys:
+        def copied(key: str = key) -> bool:
+            return hot_copy(world.stack, key).exists()
+
+        wait_until(copied, 30, what="hot copies")
+    got: dict[str, Any] = {}
+
+    def on_store(event: Any) -> int:
+        if not got:
+            time.sleep(1.0)  # the gateway fetches the next instances meanwhile (local files)
+            for key in keys:
+                hot_copy(world.stack, key).unlink(missing_ok=True)
+        got[str(event.request.AffectedSOPInstanceUID)] = event.dataset
+        return 0x0000
+
+    syntaxes = ["1.2.840.10008.1.2"] if syntax == "converted" else None
+    assoc, responses = get_series(world, made[0], on_store, syntaxes, timeout=20)
+    if assoc.is_established:
+        assoc.release()
+    assert not any(hot_copy(world.stack, key).exists() for key in keys)  # really evicted
+    status = responses[-1][0]
+    assert status is not None and "Status" in status, "no final C-GET response"
+    assert (status.Status, status.NumberOfCompletedSuboperations,
+            status.get("NumberOfFailedSuboperations", 0)) == (0x0000, len(made), 0)
+    assert set(got) == set(uids)
+    for m in made:
+        sent = dcmread(m.path)
+        assert got[m.sop_uid].PixelData == sent.PixelData, m.sop_uid

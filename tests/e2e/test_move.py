@@ -995,3 +995,75 @@ def test_a_big_endian_series_goes_out_little_endian_where_big_endian_is_refused(
                          r"((?:D:       =\w+\n)+)", got.output)
     assert proposed and proposed.group(1).split() == ["D:", "=LittleEndianExplicit"]
     assert_little_endian_originals(received(world.tmp / "be-got"), EXPLICIT_LE)
+
+
+class EvictingArchive:
+    """A Storage SCP (pynetdicom) that, at its first C-STORE, waits a second (the mover has
+    fetched the next instances from the hot cache meanwhile) and removes the hot copies of
+    ``keys``, as a trim would; every C-STORE is answered once that is done. It keeps the
+    SHA-256 of the dataset bytes of every instance."""
+
+    def __init__(self, aet: str, stack: Stack, keys: Sequence[str]) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+
+        self.stack, self.keys = stack, keys
+        self.stored: dict[str, str] = {}
+        self._evicted = threading.Event()
+        self._first = threading.Lock()
+        ae = AE(ae_title=aet)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        server = ae.start_server(("127.0.0.1", 0), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        assert server is not None
+        self._server = server
+        self.port = int(self._server.server_address[1])
+
+    def _on_store(self, event: Any) -> int:
+        if self._first.acquire(blocking=False):
+            time.sleep(1.0)
+            for key in self.keys:
+                hot_copy(self.stack, key).unlink(missing_ok=True)
+            self._evicted.set()
+        self._evicted.wait(30)
+        self.stored[str(event.request.AffectedSOPInstanceUID)] = sha(
+            event.request.DataSet.getvalue())
+        return 0x0000
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def test_hot_copies_evicted_mid_move_are_still_sent(world: World) -> None:
+    """Instances over the 4 MiB held in memory go out from their hot-cache file; a trim that
+    evicts the files the mover has fetched ahead takes nothing away: every instance arrives,
+    byte-identical, and the C-MOVE is Success. (The file used to be opened only at send time:
+    each such instance aborted its association and was counted failed.)"""
+    made = ct_series(world.tmp / "mvevict", count=12, tag="mvevict", size=1500)
+    assert all(m.path.stat().st_size > 4 * 1024 * 1024 for m in made)
+    sent = storescu(world.port, [m.path for m in made])
+    assert sent.successes == len(made), sent.output
+    uids = [m.sop_uid for m in made]
+    wait_until(lambda: indexed(world.stack, uids) == len(made), 60, what="the series indexed")
+    keys = [r["object_key"] for r in pg(dsn(world.stack), "SELECT object_key FROM instance "
+                                        "WHERE sop_instance_uid = ANY($1::text[])", uids)]
+    for key in keys:
+        def copied(key: str = key) -> bool:
+            return hot_copy(world.stack, key).exists()
+
+        wait_until(copied, 30, what="hot copies")
+    archive = EvictingArchive("EVICTOR", world.stack, keys)
+    try:
+        pg(dsn(world.stack), "INSERT INTO remote_node (name, aet, host, port) VALUES "
+           "('evictor', 'EVICTOR', '127.0.0.1', $1)", archive.port)
+        result = movescu(world.port, {"QueryRetrieveLevel": "SERIES",
+                                      "StudyInstanceUID": made[0].study_uid,
+                                      "SeriesInstanceUID": made[0].series_uid},
+                         dest="EVICTOR")
+        assert not any(hot_copy(world.stack, key).exists() for key in keys)  # really evicted
+        assert final_has(result, "0000"), result.output
+        assert re.search(rf"Completed Suboperations\s*:\s*{len(made)}\b", result.final)
+        assert archive.stored == {m.sop_uid: sha(dataset_bytes(m.path)) for m in made}
+    finally:
+        archive.stop()
+        pg(dsn(world.stack), "DELETE FROM remote_node WHERE name = 'evictor'")

@@ -173,3 +173,49 @@ def test_a_large_cached_object_is_streamed_from_the_cache_and_stays_there(
     assert b"".join(bytes(b) for b in blob.blocks(777)) == data[blob.offset:]
     blob.close()
     assert hot.read(_key(data), len(data)) == data
+
+
+def test_a_large_cached_object_evicted_after_the_fetch_is_still_sent_whole(
+        tmp_path: Path) -> None:
+    """The fetch opens the cache file and the blob reads through that descriptor: a trim (of
+    any process) evicting the entry between the prefetch and the send takes nothing away.
+    (The blob used to open the file by name at send time: FileNotFoundError, which the C-GET
+    took for a lost association.)"""
+    from minio import Minio
+
+    from shared.s3http import RawS3
+
+    hot = HotCache(tmp_path / "cache", 64 * 1024 * 1024).create()
+    data = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00" + os.urandom(5000)
+    hot.keep(_key(data), data)
+    raw = RawS3("127.0.0.1", 9, "bucket", "a", "b", "us-east-1", timeout=2)
+    fetch = fetcher(Minio("127.0.0.1:9", access_key="a", secret_key="b", secure=False),
+                    "bucket", tmp_path, raw, in_memory=1024, cache=hot)
+
+    class Ref:
+        object_key, size = _key(data), len(data)
+
+    blob = fetch(Ref())
+    assert blob.path is not None
+    hot.max_bytes = 1
+    assert hot.trim() == 1 and not blob.path.exists()  # evicted by the trim
+    assert b"".join(bytes(b) for b in blob.blocks(777)) == data[blob.offset:]
+    assert b"".join(bytes(b) for b in blob.blocks(4096)) == data[blob.offset:]  # again
+    blob.close()
+    with pytest.raises(ValueError):
+        next(blob.blocks(777))
+
+
+def test_a_temp_file_blob_removed_after_the_fetch_is_read_whole_and_close_forgets_it(
+        tmp_path: Path) -> None:
+    from shared.prefetch import Blob
+
+    data = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00" + os.urandom(3000)
+    path = tmp_path / "retrieve-x.dcm"
+    path.write_bytes(data)
+    blob = Blob(path=path)
+    path.unlink()  # a sweeper, say
+    assert blob.length == len(data) - blob.offset
+    assert b"".join(bytes(b) for b in blob.blocks(1000)) == data[blob.offset:]
+    blob.close()
+    blob.close()  # twice: nothing left to close or remove

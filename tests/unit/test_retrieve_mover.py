@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from pydicom.dataset import Dataset
@@ -54,6 +55,14 @@ def test_some_failed_is_b000_with_the_failed_uids() -> None:
     r = final_response("done", 0, 3, 2, 0, ["1.2.3", "1.2.4"])
     assert r.status == statuses.SUBOPERATIONS_WARNING == 0xB000
     assert r.failed_uids == ("1.2.3", "1.2.4") and r.remaining is None
+
+
+def test_done_with_sub_operations_left_is_never_success() -> None:
+    """A C-GET whose sub-operations stopped short (the association still up) once answered
+    Success for instances it never sent: the ones left count as failed."""
+    r = final_response("done", 3, 1, 0, 0, [])
+    assert (r.status, r.completed, r.failed) == (statuses.SUBOPERATIONS_WARNING, 1, 3)
+    assert final_response("done", 2, 0, 0, 0, []).status == statuses.SUBOPERATIONS_UNABLE
 
 
 def test_warnings_alone_are_b000() -> None:
@@ -502,3 +511,68 @@ def test_store_association_refuses_an_endless_command_from_the_destination() -> 
     ours.close()
     peer.join(10)
     theirs.close()
+
+
+# ---- a C-GET sub-operation whose dataset cannot be read ----------------------------------------
+
+class _Breaking:
+    """A dataset whose reads fail after ``good`` blocks."""
+
+    def __init__(self, good: int) -> None:
+        self.good = good
+        self.length = 10 * 1000
+
+    def blocks(self, size: int) -> Iterator[memoryview]:
+        for _ in range(self.good):
+            yield memoryview(bytes(100))
+        raise OSError(5, "Input/output error")
+
+
+def _takeover(sock: socket.socket) -> Any:
+    """A ``SocketTakeover`` over ``sock`` for an association of nothing but what it uses."""
+    import queue
+    from types import SimpleNamespace
+
+    from services.gateway.retrieve import SocketTakeover
+
+    dul = SimpleNamespace(socket=SimpleNamespace(socket=sock), event_queue=queue.Queue(),
+                          _idle_timer=SimpleNamespace(restart=lambda: None))
+    assoc = SimpleNamespace(dul=dul, dimse=SimpleNamespace(maximum_pdu_size=4096),
+                            acceptor=SimpleNamespace(maximum_length=4096), __dict__={})
+    return SocketTakeover(assoc, 9, timeout=5)
+
+
+def test_a_dataset_unreadable_before_sending_fails_that_sub_operation_only() -> None:
+    """Nothing went out: the association is not lost (it once was, with no final response)."""
+    from services.gateway.retrieve import Unreadable
+
+    ours, theirs = socket.socketpair()
+    try:
+        taken = _takeover(ours)
+        ref = Ref("1.2.3", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        with taken, pytest.raises(Unreadable):
+            taken.store(1, 1, ref, _Breaking(good=0))
+        assert not taken.lost and taken.dul.event_queue.empty()
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(1)  # not a byte of the request
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_dataset_unreadable_half_sent_aborts_the_association() -> None:
+    from services.gateway.retrieve import Unreadable
+
+    ours, theirs = socket.socketpair()
+    try:
+        taken = _takeover(ours)
+        ref = Ref("1.2.3", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        with taken, pytest.raises(OSError) as raised:
+            taken.store(1, 1, ref, _Breaking(good=1))
+        assert not isinstance(raised.value, Unreadable)
+        assert taken.lost and taken.dul.event_queue.get_nowait() == "Evt19"
+        assert theirs.recv(65536)  # the request and part of its dataset went out
+    finally:
+        ours.close()
+        theirs.close()
