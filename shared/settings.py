@@ -253,6 +253,10 @@ class MoverSettings(Common):
     # the gateway's setting of the same name: a C-MOVE job interrupted (its mover stopped) for
     # longer than this has lost its requester, so it is recorded failed, not resumed
     move_idle_timeout: float = 60.0
+    # s a mover told to stop (SIGTERM) lets its running jobs go on; then each stops after the
+    # instance in flight and goes back to its queue, resumed by the next mover (compose's
+    # stop_grace_period for the mover, 60 s, leaves room for this and that last instance)
+    stop_grace: float = 30.0
 
     def finish(self, env: Mapping[str, str]) -> Self:
         return replace(self, gateway_aet=validate_aet(self.gateway_aet))

@@ -19,6 +19,7 @@ from shared.settings import MoverSettings
 log = logging.getLogger("minipacs.mover")
 
 REPORTS_AT_ONCE = 64  # storage commitment requests waiting for the index, or being reported
+HAND_BACK_WAIT = 30.0  # s for jobs handed back to stop after the instance in flight, at most
 
 
 async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> None:
@@ -61,7 +62,8 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
     try:
         await stop.wait()
     finally:
-        log.info("mover stopping: no new jobs, finishing %d running", len(tasks))
+        log.info("mover stopping: no new jobs; %d running may finish within %gs", len(tasks),
+                 settings.stop_grace)
         worker.stopping.set()  # jobs waiting for another run's lock go back to the queue
         await broker.cancel_consumer(queue, tag)
         # reports not acked go back to mover.commitments with the connection, for the next mover
@@ -69,12 +71,17 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
         for report in list(reports):
             report.cancel()
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=30)
+            _, late = await asyncio.wait(tasks, timeout=settings.stop_grace)
             if late:
-                log.warning("cancelling %d jobs still running", len(late))
-                for event in worker.running.values():
-                    event.set()
-                await asyncio.wait(tasks, timeout=30)
+                # not cancelled: they stop after the instance in flight and go back to the
+                # queue, as if this mover had been killed, and the next mover resumes them
+                worker.hand_back()
+                log.warning("handing back %d jobs still running after %gs: the next mover "
+                            "resumes them", len(late), settings.stop_grace)
+                _, late = await asyncio.wait(tasks, timeout=HAND_BACK_WAIT)
+                if late:  # their messages go back with the connection
+                    log.warning("%d jobs still in a sub-operation: leaving them to the "
+                                "connection's close", len(late))
         await broker.cancel_consumer(cancels, cancel_tag)
         beat.cancel()
         await connection.close()

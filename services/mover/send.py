@@ -84,11 +84,13 @@ class DestinationRefused(RuntimeError):
 class Sender:
     def __init__(self, settings: MoverSettings, s3: Minio, destination: Destination,
                  tally: Tally, cancelled: threading.Event, originator_aet: str = "",
-                 originator_message_id: int = 0, prefetch_threads: int = 3) -> None:
+                 originator_message_id: int = 0, prefetch_threads: int = 3,
+                 stopping: threading.Event | None = None) -> None:
         self.settings = settings
         self.destination = destination
         self.tally = tally
-        self.cancelled = cancelled
+        self.cancelled = cancelled  # a C-CANCEL
+        self.stopping = stopping or threading.Event()  # the mover hands its jobs back
         self.originator_aet = originator_aet
         self.originator_id = originator_message_id or None
         self.fetch = fetcher(s3, settings.s3_bucket, Path(tempfile.gettempdir()),
@@ -100,10 +102,11 @@ class Sender:
 
     def run(self, refs: Sequence[Ref]) -> str:
         """Send ``refs``; returns "" or the reason the job failed as a whole (destination
-        unreachable). Every instance ends up in the tally, or stays remaining on cancel."""
+        unreachable). Every instance ends up in the tally, or stays remaining when ``cancelled``
+        or ``stopping`` stops it between two instances."""
         groups = plan_contexts(refs)
         for n, group in enumerate(groups):
-            if self.cancelled.is_set():
+            if self.halted():
                 return ""
             try:
                 self._send_group(group)
@@ -137,11 +140,15 @@ class Sender:
             item = orphans.get()
             if item.blob is not None:
                 item.blob.close()
-            if not self.cancelled.is_set():
+            if not self.halted():
                 self.tally.record(item.ref.sop_instance_uid, "failed")
-        if not self.cancelled.is_set():
+        if not self.halted():
             for ref in left:
                 self.tally.record(ref.sop_instance_uid, "failed")
+
+    def halted(self) -> bool:
+        """Cancelled, or the mover is stopping: no more instances are sent."""
+        return self.cancelled.is_set() or self.stopping.is_set()
 
     def _associate(self, contexts: list[tuple[str, str]]) -> StoreAssociation:
         d = self.destination
@@ -163,7 +170,7 @@ class Sender:
                     log.warning("extra association not opened: %s", exc)
                     return
             msg_id = 0
-            while not self.cancelled.is_set():
+            while not self.halted():
                 item = _take(orphans) or work.next()
                 if item is None:
                     return

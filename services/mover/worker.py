@@ -5,10 +5,18 @@ query module, send it with ``send.Sender`` in worker threads, publish ``move.pro
 runs (at most one per ``PROGRESS_INTERVAL``, carrying the counts of that moment; at least every
 ``keepalive_every`` seconds),
 record the outcome, then ack. A job taken after its ``start_by`` is recorded as expired and not
-run; a cancel (``move.cancel``) stops it between two instances. A job whose mover stopped during
-it (killed, restarted) is resumed, except on the queue's last delivery: a job that stopped its
-mover on every earlier one is recorded failed there and dead-lettered, not tried again until
-an admin moves it back to the job queue, which runs it again from the start.
+run; a cancel (``move.cancel``) stops it between two instances. A mover told to stop hands its
+running jobs back (``hand_back``, after the grace ``app.py`` gives them): each stops between two
+instances as on cancel, but is recorded neither canceled nor failed, no final progress goes to
+its requester, and its message goes back to the queue. A job whose mover stopped during
+it (handed back, killed, restarted) is resumed, except on the queue's last delivery: a job that
+stopped its mover on every earlier one is recorded failed there and dead-lettered, not tried
+again until an admin moves it back to the job queue, which runs it again from the start.
+
+The job row's running counts are advisory (for a resume and the gateway's failure list): a
+write of them that fails (PostgreSQL restarting, connection lost) is logged and skipped, and
+the progress messages go on. The final record is not: if it cannot be written, nothing final
+is published and the job goes back to the queue, so no Success is answered without it.
 """
 
 from __future__ import annotations
@@ -39,10 +47,15 @@ log = logging.getLogger("minipacs.mover")
 
 PROGRESS_INTERVAL = 0.1  # seconds between two progress messages of a running job, at least
 CLAIM_EVERY = 1.0  # seconds between two tries for the lock of a job that runs elsewhere
+PROGRESS_WRITE_TIMEOUT = 5.0  # seconds for one write of a running job's counts, at most
+
+# what a lost or restarting PostgreSQL raises (refused, reset, terminated, too slow)
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 class Stopping(Exception):
-    """The mover is stopping while this job waits for its lock: the job goes back to the queue."""
+    """The mover is stopping while this job waits for its lock, or runs past the grace it was
+    given: the job goes back to the queue, for the next mover."""
 
 
 @dataclass
@@ -54,6 +67,13 @@ class MoverWorker:
     running: dict[str, threading.Event] = field(default_factory=dict)
     cancelled_early: OrderedDict[str, None] = field(default_factory=OrderedDict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set on SIGTERM
+    # set once the grace after SIGTERM is over: running jobs stop and go back to the queue
+    handing_back: threading.Event = field(default_factory=threading.Event)
+
+    def hand_back(self) -> None:
+        """Stop every running job after the instance in flight, for the next mover to resume
+        (not a cancel: nothing is recorded or answered for them)."""
+        self.handing_back.set()
 
     # -- cancel requests (every mover gets them) --------------------------------------------
     async def on_cancel(self, message: AbstractIncomingMessage) -> None:
@@ -85,7 +105,7 @@ class MoverWorker:
             log.info("job=%s back to the queue: this mover is stopping", job.job_id[:8])
             await message.nack(requeue=True)
             return
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DATABASE_ERRORS as exc:
             log.error("job=%s could not run (%s: %s); returning it to the queue",
                       job.job_id[:8], type(exc).__name__, exc)
             await asyncio.sleep(1.0)
@@ -132,6 +152,9 @@ class MoverWorker:
         finally:
             try:
                 await jobs.unclaim(owner, job.job_id)
+            except DATABASE_ERRORS as exc:  # its session is gone, and the lock with it
+                log.warning("job=%s lock not released by hand (%s: %s): it went with its "
+                            "database session", job.job_id[:8], type(exc).__name__, exc)
             finally:
                 await self.pool.release(owner)
 
@@ -235,7 +258,8 @@ class MoverWorker:
         tally = Tally(len(refs), on_change=notify)
         await self.publish(MoveProgress(job.job_id, "running", remaining=len(refs)))
         sender = Sender(self.settings, self.s3, Destination(node.aet, node.host, node.port),
-                        tally, cancelled, job.requested_by_aet, job.move_originator_message_id)
+                        tally, cancelled, job.requested_by_aet, job.move_originator_message_id,
+                        stopping=self.handing_back)
         started = time.perf_counter()
         sending = asyncio.create_task(asyncio.to_thread(sender.run, refs) if refs
                                       else _nothing())
@@ -246,6 +270,15 @@ class MoverWorker:
         finally:
             await reporter
         remaining, completed, failed, warning, failed_uids = tally.snapshot()
+        if self.handing_back.is_set() and remaining and not cancelled.is_set():
+            # left running, as by a mover killed: the next mover resumes it (and its requester,
+            # still waiting, hears from that one); the row's counts and time are brought up to
+            # date for it
+            await self._record_progress(job.job_id, remaining, completed, failed, warning,
+                                        failed_uids)
+            log.info("job=%s stopped with %d of %d instances answered: this mover is stopping",
+                     short, len(refs) - remaining, len(refs))
+            raise Stopping(job.job_id)
         if cancelled.is_set() and remaining:
             state = "canceled"
         elif error:
@@ -283,12 +316,24 @@ class MoverWorker:
                 await self.publish(MoveProgress(job_id, "running", *counts))
             if time.monotonic() - last_db > 1.0:
                 last_db = time.monotonic()
-                async with self.pool.acquire() as conn:
-                    await jobs.progress(conn, job_id, *counts, failed_uids)
+                await self._record_progress(job_id, *counts, failed_uids)
             # at most one progress message per interval: each one is a broker round trip and
             # a pending response; the counts they carry are exact, the final message too
             await asyncio.wait({sending},
                                timeout=max(self.settings.progress_every, PROGRESS_INTERVAL))
+
+    async def _record_progress(self, job_id: str, remaining: int, completed: int, failed: int,
+                               warning: int, failed_uids: list[str]) -> None:
+        """Write a running job's counts to its row; a failure is logged and skipped (the next
+        write, or the final one, brings the row up to date)."""
+        try:
+            async with asyncio.timeout(PROGRESS_WRITE_TIMEOUT), self.pool.acquire() as conn:
+                await jobs.progress(conn, job_id, remaining, completed, failed, warning,
+                                    failed_uids)
+        except DATABASE_ERRORS as exc:
+            log.warning("job=%s progress not recorded in move_job (%d completed, %d failed, "
+                        "%d remaining): %s: %s; sending goes on", job_id[:8], completed, failed,
+                        remaining, type(exc).__name__, str(exc) or "timed out")
 
 
 def dead_lettered(headers: Mapping[str, object] | None) -> bool:
