@@ -7,6 +7,8 @@
     rejected/   files set aside: ready files that no longer read as the instance the gateway
                 checked (and, from older versions, files whose publish was not confirmed);
                 the sweeper removes them
+    retrieve/   C-GET's temp files, one folder per gateway process (``shared.scratch``: the
+                gateways remove a dead process's folder)
 
 Durability of ``ready/`` is that of the disk under it (a named volume in compose). File names
 are random UUIDs: never derived from a tag value. A marker's name adds the gateway's note (the

@@ -19,6 +19,8 @@ responses that our handlers yield.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import socket
@@ -65,6 +67,8 @@ from shared.query import (
 )
 from shared.query import query_level as _query_level
 from shared.s3http import RawS3
+from shared.scratch import Scratch
+from shared.scratch import sweep as sweep_scratch
 from shared.settings import GatewaySettings, Node
 from shared.suboperations import Tally, classify
 
@@ -684,27 +688,54 @@ def _context_for(assoc: Any, sop_class: str, syntax: str) -> tuple[int, str] | N
 
 # ---- wiring ----------------------------------------------------------------------------------
 
+SWEEP_EVERY = 60.0  # s between two sweeps of <spool>/retrieve for dead processes' files
+
+
 @dataclass
 class RetrieveResources:
     retriever: Retriever
     listener: AbstractQueue
     tag: str
+    scratch: Scratch
+    sweeper: asyncio.Task[None]
 
     async def close(self) -> None:
+        self.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.sweeper
         await self.listener.cancel(self.tag)
+        self.scratch.close()  # after the associations: no C-GET uses its files any more
 
 
 async def open_retrieve(settings: GatewaySettings, pool: asyncpg.Pool,
                         connection: AbstractRobustConnection, publisher: Publisher,
                         bridge: LoopBridge, ids: Callable[[Any], int]) -> RetrieveResources:
-    """Everything C-MOVE / C-GET need: S3, and a listener for move progress (the nodes are
-    read from the index at each C-MOVE)."""
-    tmpdir = Path(settings.spool_dir) / "retrieve"
-    tmpdir.mkdir(parents=True, exist_ok=True)
+    """Everything C-MOVE / C-GET need: S3, a listener for move progress (the nodes are read
+    from the index at each C-MOVE), and this process's folder for C-GET temp files, after
+    removing those of gateways that ended without removing theirs (``shared.scratch``)."""
+    root = Path(settings.spool_dir) / "retrieve"
+    await asyncio.to_thread(_sweep_retrieve, root)
+    scratch = Scratch(root).open()
     board = ProgressBoard()
     channel = await connection.channel()
     listener = await topology.declare_listener(channel, topology.MOVE_PROGRESS)
     tag = await listener.consume(board.on_message, no_ack=True)
     retriever = Retriever(settings, bridge, publisher, pool, s3.client(settings), board, ids,
-                          tmpdir)
-    return RetrieveResources(retriever, listener, tag)
+                          scratch.path)
+    sweeper = asyncio.create_task(_sweep_forever(root))
+    return RetrieveResources(retriever, listener, tag, scratch, sweeper)
+
+
+def _sweep_retrieve(root: Path) -> None:
+    removed = sweep_scratch(root)
+    if removed:
+        log.info("removed %d C-GET temp files left by gateways that ended mid-C-GET", removed)
+
+
+async def _sweep_forever(root: Path) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_EVERY)
+        try:
+            await asyncio.to_thread(_sweep_retrieve, root)
+        except Exception:  # the next round tries again; a dead sweeper would be silent
+            log.exception("sweeping %s failed; trying again in %.0f s", root, SWEEP_EVERY)

@@ -7,6 +7,7 @@ import hashlib
 import re
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -474,3 +475,79 @@ def test_hot_copies_evicted_mid_get_are_still_sent_and_the_get_answered(
     for m in made:
         sent = dcmread(m.path)
         assert got[m.sop_uid].PixelData == sent.PixelData, m.sop_uid
+
+
+def test_temp_files_of_a_gateway_killed_mid_get_are_removed_when_it_starts_again(
+        tmp_path: Path) -> None:
+    """Instances over 4 MiB read from S3 (no hot cache here) wait for their sub-operation in
+    temp files under ``<spool>/retrieve``. A gateway SIGKILLed mid-C-GET left them there for
+    ever; now each process keeps them in a folder of its own that the next gateway to start
+    (or any running one, every minute) removes once its owner is gone."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    from scripts.native import port_open
+
+    stack = make_stack(tmp_path, "getkill", MINIPACS_CACHE_MB="0")
+    try:
+        stack.start()
+        port = stack.config.gateway_port
+        made = ct_series(tmp_path / "big", count=4, tag="gtkill", size=1500)
+        sent = storescu(port, [m.path for m in made])
+        assert sent.successes == len(made), sent.output
+        uids = [m.sop_uid for m in made]
+        wait_until(lambda: int(pg(dsn(stack), "SELECT count(*) AS n FROM instance WHERE "
+                                  "sop_instance_uid = ANY($1::text[])", uids)[0]["n"])
+                   == len(made), 60, what="the series indexed")
+        retrieve = Path(stack.config.base_dir) / "spool" / "retrieve"
+
+        def temp_files() -> list[Path]:
+            return [p for p in retrieve.rglob("*.dcm") if p.is_file()]
+
+        held = threading.Event()
+
+        def on_store(event: Any) -> int:
+            held.wait(60)  # the gateway fetches the next ones meanwhile, then is killed
+            return 0x0000
+
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS",
+                             ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        ident.StudyInstanceUID = made[0].study_uid
+        ident.SeriesInstanceUID = made[0].series_uid
+        getter = threading.Thread(target=lambda: list(assoc.send_c_get(
+            ident, StudyRootQueryRetrieveInformationModelGet)), daemon=True)
+        getter.start()
+        wait_until(lambda: len(temp_files()) >= 2, 30,
+                   what="temp files of the instances fetched ahead")
+        left = temp_files()
+        stack.kill("gateway")  # SIGKILL: no clean-up of its own
+        held.set()
+        getter.join(30)
+        assert all(p.exists() for p in left)  # what the bug left for ever
+
+        log_before = len(stack.log_text("gateway"))
+        stack.start_service("gateway")
+        wait_until(lambda: port_open(port), 60, what="the gateway back")
+        assert not any(p.exists() for p in left)
+        assert temp_files() == []
+        assert re.search(r"removed \d+ C-GET temp files left by gateways that ended mid-C-GET",
+                         stack.log_text("gateway")[log_before:])
+        # the gateway's own folder, and a C-GET through it that leaves nothing behind
+        result = getscu(port, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID":
+                               made[0].study_uid, "SeriesInstanceUID": made[0].series_uid},
+                        tmp_path / "out")
+        assert re.search(r"DIMSE Status\s*:\s*0x0000", result.final), result.output
+        assert set(received(tmp_path / "out")) == set(uids)
+        assert temp_files() == []
+    finally:
+        teardown(stack)
