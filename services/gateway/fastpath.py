@@ -125,7 +125,19 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -
 
 def _create_file_meta(*, sop_class_uid: str, sop_instance_uid: str,
                       transfer_syntax: str) -> bytes:
-    return file_meta(sop_class_uid, sop_instance_uid, transfer_syntax)
+    """pynetdicom's path (TRACE). A command UID holding bytes outside ASCII reaches here as
+    pydicom decoded it (Latin-1): written back as those bytes, where ASCII could not encode
+    it and the association was aborted. The handler then refuses it (0xC001)."""
+    try:
+        return file_meta(sop_class_uid, sop_instance_uid, transfer_syntax)
+    except UnicodeEncodeError:
+        return file_meta(_as_ascii(sop_class_uid), _as_ascii(sop_instance_uid),
+                         transfer_syntax)
+
+
+def _as_ascii(uid: str) -> str:
+    """``uid`` with anything outside ASCII as "?": still no valid UID, now encodable."""
+    return uid.encode("ascii", "replace").decode("ascii")
 
 
 def _write_file_meta_info(fp: IO[bytes], meta: bytes) -> None:
@@ -167,9 +179,13 @@ def _fast_send_msg(original: Callable[..., None]) -> Callable[..., None]:
             if primitive.AffectedSOPInstanceUID is None:
                 original(self, primitive, context_id)
                 return
-            command = store_response(primitive.AffectedSOPClassUID,
-                                     primitive.AffectedSOPInstanceUID,
-                                     primitive.MessageIDBeingRespondedTo, primitive.Status)
+            try:
+                command = store_response(primitive.AffectedSOPClassUID,
+                                         primitive.AffectedSOPInstanceUID,
+                                         primitive.MessageIDBeingRespondedTo, primitive.Status)
+            except UnicodeEncodeError:  # UIDs echoed from a request that was not ASCII
+                original(self, primitive, context_id)
+                return
         else:
             if primitive.Identifier is not None:
                 identifier = primitive.Identifier.getvalue()

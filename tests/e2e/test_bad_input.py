@@ -499,6 +499,27 @@ def test_a_non_ascii_uid_in_the_command_is_refused_and_the_association_serves_on
     UIDs echoed as sent, a WARNING naming the caller, no spool file left; the next C-STORE on
     the same association succeeds. (It used to abort the association with a traceback, its
     empty spool file left in incoming/ for the sweeper.)"""
+    text = assert_non_ascii_uid_refused(stack, tmp_path, where)
+    name = "Instance" if where == "instance" else "Class"
+    assert re.search(rf"WARNING .*C-STORE from TESTSCU@127\.0\.0\.1 refused -> 0xC001 "
+                     rf"invalid uid: the command's Affected SOP {name} UID holds a non-ASCII "
+                     rf"byte \(0x(C3|E9) at position \d+ of \d+\)", text), text
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_non_ascii_uid_in_the_command_is_refused_at_trace_level_too(tmp_path: Path) -> None:
+    """At TRACE pynetdicom receives every C-STORE (to dump it): the same request failed there
+    too, encoding the file meta group and then the response."""
+    stack = make_stack(tmp_path, "latin_trace", MINIPACS_LOG_LEVEL="TRACE")
+    try:
+        stack.start()
+        assert_non_ascii_uid_refused(stack, tmp_path, "instance")
+    finally:
+        teardown(stack)
+
+
+def assert_non_ascii_uid_refused(stack: Stack, tmp_path: Path, where: str) -> str:
+    """The checks of the two tests above; the gateway's log meanwhile."""
     sop = uid("bad", "latin", where)
     path = instance(tmp_path, f"latin-{where}", sop_uid=sop)
     bad = sop.encode("ascii") + b".\xc3\xa9"  # "é" in UTF-8
@@ -532,12 +553,10 @@ def test_a_non_ascii_uid_in_the_command_is_refused_and_the_association_serves_on
         if assoc.is_established:
             assoc.release()
     text = stack.log_text("gateway")[log_before:]
-    name = "Instance" if where == "instance" else "Class"
-    assert re.search(rf"WARNING .*C-STORE from TESTSCU@127\.0\.0\.1 refused -> 0xC001 "
-                     rf"invalid uid: the command's Affected SOP {name} UID holds a non-ASCII "
-                     rf"byte \(0x(C3|E9) at position \d+ of \d+\)", text), text
+    assert re.search(r"WARNING .*C-STORE from TESTSCU@127\.0\.0\.1 refused -> 0xC001", text)
     assert "Traceback" not in text and "aborted" not in text, text
     assert nothing_stored(stack, sop)
+    return text
 
 
 # ---- 3. SOP classes ----------------------------------------------------------------------------
