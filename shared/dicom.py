@@ -21,6 +21,7 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -584,6 +585,8 @@ def _decompress(ds: Dataset, source: str) -> None:
     if size > CONVERT_MAX:
         raise CannotConvert(f"{size} bytes once decompressed, over the {CONVERT_MAX} "
                             "converted in memory")
+    if source != RLE_LOSSLESS:  # RLE has no size of its own: decoded as the dataset says
+        _check_codestreams(ds)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(source)
     preferred = _PREFERRED_DECODER.get(source, "")
@@ -593,6 +596,55 @@ def _decompress(ds: Dataset, source: str) -> None:
         if not preferred:
             raise
         ds.decompress(generate_instance_uid=False)  # the others (GDCM) may still read it
+
+
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+# JPEG start-of-frame markers (ITU T.81 B.1.1.3: C0-CF but DHT C4, JPG C8, DAC CC) and JPEG-LS's
+# SOF55 (ITU T.87): length, precision, lines, samples per line, components.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_J2K_START = b"\xff\x4f\xff\x51"  # SOC then SIZ (ITU T.800 A.5.1)
+
+
+def codestream_shape(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) a JPEG, JPEG-LS, JPEG 2000 or HTJ2K codestream declares
+    in its header, or None where ``frame`` holds no header this reads."""
+    at = frame.find(_J2K_START, 0, 4096)  # at 0, or inside JP2 boxes some writers add
+    if at >= 0 and len(frame) >= at + 42:
+        xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", frame, at + 8)
+        (components,) = struct.unpack_from(">H", frame, at + 40)
+        return ysiz - yo, xsiz - xo, components
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 10 <= len(frame):
+        if frame[pos] != 0xFF:
+            return None
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+            continue
+        if marker in _SOF:
+            lines, per_line, components = struct.unpack_from(">HHB", frame, pos + 5)
+            return lines, per_line, components
+        pos += 2 + struct.unpack_from(">H", frame, pos + 2)[0]
+    return None
+
+
+def _check_codestreams(ds: Dataset) -> None:
+    """Refuse compressed pixel data whose frames declare another size than the dataset's
+    Rows, Columns and Samples per Pixel: the decoders size their buffers from the codestream,
+    so a small instance claiming 60000 x 60000 in its codestream made CharLS fail to allocate
+    and GDCM, tried next, abort the process (``std::length_error``)."""
+    expected = (int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1))
+    frames = int(ds.get("NumberOfFrames") or 1)
+    for n, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
+        shape = codestream_shape(frame)
+        if shape is None:
+            raise CannotConvert(f"frame {n}: no codestream header found")
+        if shape != expected:
+            raise CannotConvert(f"frame {n}: the codestream declares {shape[0]} x {shape[1]} x "
+                                f"{shape[2]}, the dataset {expected[0]} x {expected[1]} x "
+                                f"{expected[2]} (rows x columns x samples)")
 
 
 class Converted:

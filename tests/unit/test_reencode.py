@@ -12,8 +12,11 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
@@ -332,3 +335,63 @@ def test_a_deflated_dataset_inflating_past_the_limit_is_refused(
         reencode(bomb, dicom.DEFLATED, EXPLICIT_LE)
     with pytest.raises(CannotConvert, match="not convertible"):
         reencode(b"not deflate data", dicom.DEFLATED, EXPLICIT_LE)
+
+
+def _lying(codec: str, claim: int) -> tuple[bytes, str]:
+    """A 16 x 16 8-bit dataset compressed by ``codec`` whose codestream header declares
+    ``claim`` x ``claim``, and its transfer syntax."""
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    if codec == "jpeg":
+        syntax, stream = "1.2.840.10008.1.2.4.50", bytearray(imagecodecs.jpeg8_encode(image))
+        struct.pack_into(">HH", stream, stream.find(b"\xff\xc0") + 5, claim, claim)
+    elif codec == "jpeg-ls":
+        syntax, stream = "1.2.840.10008.1.2.4.80", bytearray(imagecodecs.jpegls_encode(image))
+        struct.pack_into(">HH", stream, stream.find(b"\xff\xf7") + 5, claim, claim)
+    else:
+        syntax = "1.2.840.10008.1.2.4.90"
+        stream = bytearray(imagecodecs.jpeg2k_encode(image, level=0, codecformat="J2K",
+                                                     reversible=True))
+        struct.pack_into(">II", stream, stream.find(b"\xff\x51") + 6, claim, claim)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([bytes(stream)])
+    ds["PixelData"].VR = "OB"
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = False, True
+    write_dataset(out, ds)
+    return out.getvalue(), syntax
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpeg-ls", "jpeg-2000"])
+def test_the_codestream_header_is_read_as_the_decoders_read_it(codec: str) -> None:
+    raw, _ = _lying(codec, 16)
+    ds = read_dataset(BytesIO(raw), False, True)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert dicom.codestream_shape(frame) == (16, 16, 1)
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpeg-ls", "jpeg-2000"])
+def test_a_codestream_declaring_another_size_than_the_dataset_is_refused_before_decoding(
+        codec: str) -> None:
+    """The decoders size their buffers from the codestream: 20000 x 20000 made CharLS take
+    800 MB, and 60000 x 60000 made GDCM abort the process."""
+    raw, syntax = _lying(codec, 20000)
+    with pytest.raises(CannotConvert, match="the codestream declares 20000 x 20000 x 1, the "
+                                            "dataset 16 x 16 x 1"):
+        reencode(raw, syntax, EXPLICIT_LE)
+    honest, _ = _lying(codec, 16)
+    assert len(reencode(honest, syntax, EXPLICIT_LE)) > 256  # the same image, true to size
+
+
+def test_compressed_pixel_data_without_a_codestream_header_is_refused() -> None:
+    raw, syntax = _lying("jpeg-ls", 16)
+    ds = read_dataset(BytesIO(raw), False, True)
+    ds.PixelData = encapsulate([b"\x00" * 64])
+    out = DicomBytesIO()
+    out.is_implicit_VR, out.is_little_endian = False, True
+    write_dataset(out, ds)
+    with pytest.raises(CannotConvert, match="no codestream header"):
+        reencode(out.getvalue(), syntax, EXPLICIT_LE)
