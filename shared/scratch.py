@@ -11,6 +11,10 @@ folders whose lock it can take, never one in use. Every gateway sweeps at start-
 every minute, so with several gateway processes (``MINIPACS_GATEWAY_PROCESSES``) or replicas
 on one spool, the leftovers of one that died go within a minute, whichever are left.
 
+The mover does the same under ``<spool>/move/`` for the instances of a C-MOVE waiting for
+their C-STORE (``services/mover/app.py``): every mover sweeps that folder at start-up and
+every minute.
+
 Files directly in ``retrieve/`` (the layout before these folders) are removed once an hour
 old; names the gateway does not write are left alone.
 """
@@ -94,7 +98,7 @@ def sweep(parent: Path) -> int:
         try:
             removed += _sweep_one(parent, stem)
         except OSError as exc:  # one we may not remove must not stop the rest
-            log.warning("retrieve sweeper could not remove %s: %s", parent / stem,
+            log.warning("scratch sweeper could not remove %s: %s", parent / stem,
                         exc.strerror or exc)
     return removed
 

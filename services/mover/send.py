@@ -6,14 +6,16 @@ stored SOP class and transfer syntax (or, for a destination that takes only the 
 explicit / implicit VR little endian, converted to it: ``scu.offered``), on associations of our own
 (``scu.StoreAssociation``: no pynetdicom reactor threads). Several associations to the
 destination run in parallel, sharing one ``Prefetcher`` that GETs the next objects from S3
-while they send. Memory stays bounded whatever the instance size (``shared.prefetch``).
+while they send. Memory stays bounded whatever the instance size (``shared.prefetch``): an
+instance over 4 MiB not in the hot cache waits for its C-STORE in a temp file under ``tmpdir``,
+this mover process's scratch folder (``<spool>/move/<random>/``, ``app.py``), which the
+next mover to start removes if this one is killed mid-job.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,9 +85,9 @@ class DestinationRefused(RuntimeError):
 
 class Sender:
     def __init__(self, settings: MoverSettings, s3: Minio, destination: Destination,
-                 tally: Tally, cancelled: threading.Event, originator_aet: str = "",
-                 originator_message_id: int = 0, prefetch_threads: int = 3,
-                 stopping: threading.Event | None = None) -> None:
+                 tally: Tally, cancelled: threading.Event, tmpdir: Path,
+                 originator_aet: str = "", originator_message_id: int = 0,
+                 prefetch_threads: int = 3, stopping: threading.Event | None = None) -> None:
         self.settings = settings
         self.destination = destination
         self.tally = tally
@@ -93,7 +95,7 @@ class Sender:
         self.stopping = stopping or threading.Event()  # the mover hands its jobs back
         self.originator_aet = originator_aet
         self.originator_id = originator_message_id or None
-        self.fetch = fetcher(s3, settings.s3_bucket, Path(tempfile.gettempdir()),
+        self.fetch = fetcher(s3, settings.s3_bucket, tmpdir,
                              RawS3.from_settings(settings),
                              cache=hot_cache(settings.spool_dir, settings.cache_mb))
         self.prefetch_threads = prefetch_threads

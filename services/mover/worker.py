@@ -13,10 +13,22 @@ it (handed back, killed, restarted) is resumed, except on the queue's last deliv
 stopped its mover on every earlier one is recorded failed there and dead-lettered, not tried
 again until an admin moves it back to the job queue, which runs it again from the start.
 
+PostgreSQL unavailable (restarting, stopped, connection lost: ``TRANSIENT_ERRORS``) does not
+cost a job a delivery: the mover holds its message and tries again, after 0.5 s, then twice
+as long each time up to ``RETRY_MAX``, for as long as it runs, telling the requester it has
+the job (a "running" progress message at least every ``keepalive_every`` seconds: no counts
+before the job has started, its final ones before its end is recorded). Only when the mover
+is told to stop does a held job go back to the queue: at once if it had not started, after
+the grace if its end was not recorded yet. (A nack per failed try counted as a delivery on the
+quorum queue: a PostgreSQL outage of a few seconds dead-lettered the jobs that arrived
+meanwhile.) Other PostgreSQL errors return the job to the queue after a second, a bounded
+number of times (the queue's delivery limit), then it is dead-lettered.
+
 The job row's running counts are advisory (for a resume and the gateway's failure list): a
 write of them that fails (PostgreSQL restarting, connection lost) is logged and skipped, and
-the progress messages go on. The final record is not: if it cannot be written, nothing final
-is published and the job goes back to the queue, so no Success is answered without it.
+the progress messages go on. The final record is not: until it is written, nothing final is
+published and the message is neither acked nor returned, so no Success is answered without it
+and the instances are not sent a second time.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aio_pika
 import asyncpg
@@ -49,13 +62,33 @@ PROGRESS_INTERVAL = 0.1  # seconds between two progress messages of a running jo
 CLAIM_EVERY = 1.0  # seconds between two tries for the lock of a job that runs elsewhere
 PROGRESS_WRITE_TIMEOUT = 5.0  # seconds for one write of a running job's counts, at most
 
+RETRY_FIRST = 0.5  # s before the next try of a job held while PostgreSQL is unavailable
+RETRY_MAX = 10.0  # s: the pause doubles after each failed try, up to this
+
 # what a lost or restarting PostgreSQL raises (refused, reset, terminated, too slow)
 DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# those of them that pass by themselves: the job is held and tried again, not returned (as the
+# indexer's ``_TRANSIENT_ERRORS``, with the whole connection class and crash shutdowns)
+TRANSIENT_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError,
+                    asyncpg.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError,
+                    asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
+                    asyncpg.exceptions.TooManyConnectionsError,
+                    asyncpg.exceptions.TransactionRollbackError)
 
 
 class Stopping(Exception):
-    """The mover is stopping while this job waits for its lock, or runs past the grace it was
-    given: the job goes back to the queue, for the next mover."""
+    """The mover is stopping while this job waits for its lock or for PostgreSQL, or runs past
+    the grace it was given: the job goes back to the queue, for the next mover."""
+
+
+@dataclass
+class Held:
+    """A job held by this mover while PostgreSQL is unavailable: when it first and last told
+    the requester that it has the job (epoch seconds, 0: not yet), and the next pause."""
+
+    since: float = 0.0
+    last: float = 0.0
+    pause: float = RETRY_FIRST
 
 
 @dataclass
@@ -64,16 +97,19 @@ class MoverWorker:
     pool: asyncpg.Pool
     s3: Minio
     exchange: AbstractExchange  # on a channel with publisher confirms, for progress
+    tmpdir: Path  # this process's scratch folder: instances over 4 MiB wait there to be sent
     running: dict[str, threading.Event] = field(default_factory=dict)
     cancelled_early: OrderedDict[str, None] = field(default_factory=OrderedDict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set on SIGTERM
     # set once the grace after SIGTERM is over: running jobs stop and go back to the queue
     handing_back: threading.Event = field(default_factory=threading.Event)
+    handed_back: asyncio.Event = field(default_factory=asyncio.Event)  # the same, for the loop
 
     def hand_back(self) -> None:
         """Stop every running job after the instance in flight, for the next mover to resume
         (not a cancel: nothing is recorded or answered for them)."""
         self.handing_back.set()
+        self.handed_back.set()
 
     # -- cancel requests (every mover gets them) --------------------------------------------
     async def on_cancel(self, message: AbstractIncomingMessage) -> None:
@@ -98,23 +134,62 @@ class MoverWorker:
             log.error("dead-lettering unreadable move job: %s", exc)
             await message.reject(requeue=False)
             return
-        try:
-            parked = await self.run_job(job, deliveries(message.headers),
-                                        moved_back=dead_lettered(message.headers))
-        except Stopping:
-            log.info("job=%s back to the queue: this mover is stopping", job.job_id[:8])
-            await message.nack(requeue=True)
-            return
-        except DATABASE_ERRORS as exc:
-            log.error("job=%s could not run (%s: %s); returning it to the queue",
-                      job.job_id[:8], type(exc).__name__, exc)
-            await asyncio.sleep(1.0)
-            await message.nack(requeue=True)
-            return
+        held = Held()
+        while True:
+            try:
+                parked = await self.run_job(job, deliveries(message.headers),
+                                            moved_back=dead_lettered(message.headers),
+                                            held=held)
+            except Stopping:
+                log.info("job=%s back to the queue: this mover is stopping", job.job_id[:8])
+                await message.nack(requeue=True)
+                return
+            except TRANSIENT_ERRORS as exc:
+                if not self.stopping.is_set():
+                    log.warning("job=%s held: PostgreSQL unavailable (%s: %s); trying again "
+                                "in %.1fs", job.job_id[:8], type(exc).__name__,
+                                str(exc) or "timed out", held.pause)
+                    if not await self._hold(held, self.stopping,
+                                            MoveProgress(job.job_id, "running")):
+                        continue
+                log.info("job=%s back to the queue: PostgreSQL unavailable and this mover is "
+                         "stopping", job.job_id[:8])
+                await message.nack(requeue=True)
+                return
+            except DATABASE_ERRORS as exc:
+                log.error("job=%s could not run (%s: %s); returning it to the queue",
+                          job.job_id[:8], type(exc).__name__, exc)
+                await asyncio.sleep(1.0)
+                await message.nack(requeue=True)
+                return
+            break
         if parked:
             await message.reject(requeue=False)  # to mover.jobs.dead, where an admin sees it
         else:
             await message.ack()
+
+    async def _hold(self, held: Held, until: asyncio.Event, notice: MoveProgress) -> bool:
+        """Wait ``held.pause`` before the next try of a held job (and double the pause after,
+        up to ``RETRY_MAX``), publishing ``notice`` now and then so that the requester knows
+        the job is taken (not after a cancel: the requester no longer waits for it). True when
+        ``until`` is set meanwhile: stop trying."""
+        deadline = time.monotonic() + held.pause
+        held.pause = min(held.pause * 2, RETRY_MAX)
+        every = max(self.settings.keepalive_every, PROGRESS_INTERVAL)
+        while True:
+            now = time.time()
+            if now - held.last >= every and notice.job_id not in self.cancelled_early:
+                await self.publish(notice)
+                held.since = held.since or now
+                held.last = now
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(until.wait(), min(left, every))
+            except TimeoutError:
+                continue
+            return True
 
     async def publish(self, progress: MoveProgress) -> None:
         body = aio_pika.Message(progress.to_bytes(), content_type="application/json")
@@ -142,13 +217,15 @@ class MoverWorker:
                                         before.completed, before.failed, before.warning,
                                         before.failed_uids, error))
 
-    async def run_job(self, job: MoveRequested, delivery: int = 1,
-                      moved_back: bool = False) -> bool:
+    async def run_job(self, job: MoveRequested, delivery: int = 1, moved_back: bool = False,
+                      held: Held | None = None) -> bool:
         """Run (or resume, or end) one job. True when the message is to be dead-lettered.
-        ``moved_back``: the message was dead-lettered before, and an admin put it back."""
+        ``moved_back``: the message was dead-lettered before, and an admin put it back.
+        ``held``: how long this mover has held the job, PostgreSQL unavailable, telling its
+        requester so (then the requester still waits, past ``start_by`` too)."""
         owner = await self._claim(job.job_id)
         try:
-            return await self._run_claimed(job, delivery, moved_back)
+            return await self._run_claimed(job, delivery, moved_back, held or Held())
         finally:
             try:
                 await jobs.unclaim(owner, job.job_id)
@@ -184,7 +261,8 @@ class MoverWorker:
                 continue
             raise Stopping(job_id)
 
-    async def _run_claimed(self, job: MoveRequested, delivery: int, moved_back: bool) -> bool:
+    async def _run_claimed(self, job: MoveRequested, delivery: int, moved_back: bool,
+                           held: Held) -> bool:
         short = job.job_id[:8]
         async with self.pool.acquire() as conn:
             before = await jobs.recorded(conn, job.job_id)
@@ -212,15 +290,19 @@ class MoverWorker:
                         f"attempt; not tried again, dead-lettered to "
                         f"{topology.MOVER.dead_letter_queue}"))
                     return True
-                if job.origin == "c-move" and before.quiet > self.settings.move_idle_timeout:
+                # the requester's last news of the job: the row's last write, or what this
+                # mover published while it held the job
+                quiet = min(before.quiet, time.time() - held.last)
+                if job.origin == "c-move" and quiet > self.settings.move_idle_timeout:
                     await self._interrupted(job, before, (
                         f"interrupted: its mover stopped during the job and it was not resumed "
                         f"within {self.settings.move_idle_timeout:g}s, when the requester "
                         f"gives up"))
                     return False
                 log.info("job=%s resumed: interrupted %.1fs ago with %d completed; sending "
-                         "it again", short, before.quiet, before.completed)
-            elif job.start_by and time.time() > job.start_by and not resubmitted:
+                         "it again", short, quiet, before.completed)
+            elif (job.start_by and time.time() > job.start_by and not resubmitted
+                  and not 0 < held.since <= job.start_by):
                 await self._end(job, "expired", "taken after its requester gave up")
                 return False
             node = await nodes.by_name(conn, job.destination)
@@ -258,8 +340,8 @@ class MoverWorker:
         tally = Tally(len(refs), on_change=notify)
         await self.publish(MoveProgress(job.job_id, "running", remaining=len(refs)))
         sender = Sender(self.settings, self.s3, Destination(node.aet, node.host, node.port),
-                        tally, cancelled, job.requested_by_aet, job.move_originator_message_id,
-                        stopping=self.handing_back)
+                        tally, cancelled, self.tmpdir, job.requested_by_aet,
+                        job.move_originator_message_id, stopping=self.handing_back)
         started = time.perf_counter()
         sending = asyncio.create_task(asyncio.to_thread(sender.run, refs) if refs
                                       else _nothing())
@@ -285,9 +367,8 @@ class MoverWorker:
             state = "failed"
         else:
             state = "done"
-        async with self.pool.acquire() as conn:
-            await jobs.finish(conn, job.job_id, state, remaining, completed, failed, warning,
-                              failed_uids, error)
+        await self._finish(job.job_id, state, remaining, completed, failed, warning,
+                           failed_uids, error)
         seconds = time.perf_counter() - started
         log.info("job=%s %s: %d completed, %d failed, %d warning, %d remaining in %.2fs "
                  "(%.0f instances/s)%s", short, state, completed, failed, warning, remaining,
@@ -295,6 +376,28 @@ class MoverWorker:
                  f": {error}" if error else "")
         await self.publish(MoveProgress(job.job_id, state, remaining, completed, failed,
                                         warning, failed_uids, error))
+
+    async def _finish(self, job_id: str, state: str, remaining: int, completed: int,
+                      failed: int, warning: int, failed_uids: list[str], error: str) -> None:
+        """Record a job's outcome, holding it while PostgreSQL is unavailable (its requester
+        hears its final counts, still "running", meanwhile): sending it again would duplicate
+        every instance. ``Stopping`` when the mover hands its jobs back meanwhile."""
+        held = Held()
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    await jobs.finish(conn, job_id, state, remaining, completed, failed,
+                                      warning, failed_uids, error)
+                return
+            except TRANSIENT_ERRORS as exc:
+                if self.handed_back.is_set():
+                    raise Stopping(job_id) from exc
+                log.warning("job=%s %s, not recorded yet: PostgreSQL unavailable (%s: %s); "
+                            "trying again in %.1fs", job_id[:8], state, type(exc).__name__,
+                            str(exc) or "timed out", held.pause)
+            notice = MoveProgress(job_id, "running", remaining, completed, failed, warning)
+            if await self._hold(held, self.handed_back, notice):
+                raise Stopping(job_id)
 
     async def _report(self, job_id: str, tally: Tally, changed: asyncio.Event,
                       sending: asyncio.Task[str]) -> None:
