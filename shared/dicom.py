@@ -32,7 +32,7 @@ from pydicom.uid import UID
 from shared import dimse_wire as wire
 from shared.dicomjson import to_json
 from shared.keys import InvalidUID, validate_uid
-from shared.walk import Malformed, meta_end, walk_file
+from shared.walk import Malformed, Overrun, meta_end, walk_file
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -145,7 +145,9 @@ def inspect_instance(path: Path, command_sop_class: str, command_sop_instance: s
 
     Never decodes pixel data; memory stays bounded whatever the instance size. The fast path
     is a structural walk (``shared.walk``); files it refuses, and deflated ones, get pydicom's
-    verdict, so the walk can only ever save time, never refuse what pydicom reads."""
+    verdict, so the walk can only ever save time, never refuse what pydicom reads. Except an
+    item or element longer than the defined-length sequence or item around it (``Overrun``):
+    pydicom reads it without a word, DCMTK refuses it or reads on past the sequence."""
     try:
         cmd_iuid = validate_uid(command_sop_instance, "Affected SOP Instance UID")
         cmd_cuid = validate_uid(command_sop_class, "Affected SOP Class UID")
@@ -156,6 +158,8 @@ def inspect_instance(path: Path, command_sop_class: str, command_sop_instance: s
         try:
             raw = walk_file(path, implicit=transfer_syntax == IMPLICIT_LE,
                             little=transfer_syntax != EXPLICIT_BE, wanted=_WANTED)
+        except Overrun as exc:
+            raise InvalidInstance("unreadable", str(exc)) from exc
         except (Malformed, OSError, ValueError):
             pass
         else:
