@@ -19,6 +19,7 @@ from pynetdicom.events import Event
 
 from services.gateway import statuses
 from services.gateway.admission import admit, permitted
+from services.gateway.receive import closed_by_peer
 from shared.ingest import Caller, Ingest
 from shared.keys import InvalidUID, validate_uid
 from shared.settings import GatewaySettings, Node
@@ -102,7 +103,14 @@ class Gateway:
         log.info("assoc=%d released", self.ids(event.assoc))
 
     def on_aborted(self, event: Event) -> None:
-        log.warning("assoc=%d aborted", self.ids(event.assoc))
+        assoc = event.assoc
+        how = closed_by_peer(assoc.dul)
+        if how:
+            rq = assoc.requestor
+            log.warning("assoc=%d %s@%s:%s aborted: connection closed by peer (%s)",
+                        self.ids(assoc), rq.ae_title.strip(), rq.address, rq.port, how)
+        else:
+            log.warning("assoc=%d aborted", self.ids(assoc))
 
     # -- DIMSE -------------------------------------------------------------------------------
     def on_echo(self, event: Event) -> int:

@@ -15,8 +15,11 @@ and at most ``MAX_WAIT``: an association that stays open without traffic (a moda
 its association) wakes each of its threads about once a second (pynetdicom's own loops: a
 thousand times).
 Setting the DUL's kill flag wakes it too (``kill_dul``, ``stop_dul``), so tearing an
-association down does not wait for a timeout. Nothing else in pynetdicom changes: the shims
-only replace ``time.sleep`` on those two threads; every other caller sleeps as before.
+association down does not wait for a timeout. And when the DUL thread ends, whatever waits on
+its queue for the association (an acceptor waiting for its A-ASSOCIATE-RQ) stops waiting:
+a connection closed before it associates frees its association slot at once (``_UserQueue``).
+Nothing else in pynetdicom changes: the shims replace ``time.sleep`` on those two threads only
+(every other caller sleeps as before), and the DUL's queues.
 """
 
 from __future__ import annotations
@@ -76,6 +79,40 @@ class _WakingQueue(queue.Queue[Any]):
         self._wake()
 
 
+class _UserQueue(_WakingQueue):
+    """The DUL's queue of primitives for the association (``to_user_queue``), which stops
+    waiting once the DUL thread has ended: nothing will be put on it any more.
+
+    pynetdicom's acceptor waits on it for the A-ASSOCIATE-RQ for the whole ACSE timeout
+    (``receive_pdu(wait=True, timeout=acse_timeout)``). A connection closed (FIN or RST)
+    before sending one ends the DUL thread at once (PS3.8 AA-5 puts nothing on the queue), but
+    the association thread, which pynetdicom counts against ``maximum_associations``, waited
+    on: a TCP health check held an association slot for 30 s. Once ended, a ``get`` that
+    would wait raises ``queue.Empty`` as a timeout would, so the thread ends and closes the
+    socket now. A silent connection that stays open still waits for the ACSE timeout."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__(wake)
+        self.ended = False
+
+    def end(self) -> None:
+        with self.not_empty:
+            self.ended = True
+            self.not_empty.notify_all()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else _time.monotonic() + timeout
+        with self.not_empty:
+            while not self._qsize():
+                left = None if deadline is None else deadline - _time.monotonic()
+                if not block or self.ended or (left is not None and left <= 0):
+                    raise queue.Empty
+                self.not_empty.wait(left)
+            item = self._get()
+            self.not_full.notify()
+            return item
+
+
 class _Wakers:
     """Per association: the DUL's wake-up socket pair and the association thread's Event."""
 
@@ -107,6 +144,14 @@ def wake_dul(assoc: Association) -> None:
     wakers = assoc.__dict__.get("_minipacs_wakers")
     if isinstance(wakers, _Wakers):
         wakers.wake_dul()
+
+
+def connection_lost(assoc: Association) -> bool:
+    """The association's DUL thread has ended: its connection is gone (closed or reset by the
+    peer, aborted). pynetdicom's ``is_established`` says so only once the association thread is
+    back in its loop, which it is not while a handler runs on it (a C-MOVE relaying the mover's
+    progress): such a handler asks this instead, so the slot is not held until it ends."""
+    return assoc.dul.ident is not None and not assoc.dul.is_alive()
 
 
 def until_due(*timers: Timer) -> float:
@@ -162,8 +207,7 @@ def _new_dul_init(self: DULServiceProvider, assoc: Association) -> None:
     wakers = _wakers(assoc)
     self.event_queue = _WakingQueue(wakers.wake_dul)
     self.to_provider_queue = _WakingQueue(wakers.wake_dul)
-
-    self.to_user_queue = _WakingQueue(wakers.wake_assoc)
+    self.to_user_queue = _UserQueue(wakers.wake_assoc)
 
 
 def _new_dul_run(self: DULServiceProvider) -> None:
@@ -174,6 +218,8 @@ def _new_dul_run(self: DULServiceProvider) -> None:
     finally:
         _local.wait = None
         on_the_way.end()  # a C-STORE this thread was reading, if the thread ends inside it
+        if isinstance(self.to_user_queue, _UserQueue):
+            self.to_user_queue.end()  # an acceptor still waiting for its A-ASSOCIATE-RQ stops
         wakers.wake_assoc()  # the association thread checks whether the DUL is still alive
         wakers.close()
 

@@ -182,7 +182,8 @@ def _read_pdu(dul: DULServiceProvider, raw: socket.socket, state: str
     try:
         head: bytearray = sock.recv(6)
         pdu_type, _, length = struct.unpack(">BBL", head)
-    except (OSError, TimeoutError, struct.error):
+    except (OSError, TimeoutError, struct.error) as exc:
+        _peer_closed(dul, state, exc)
         _drop_partial(dul)
         dul.event_queue.put("Evt17")
         return None
@@ -203,13 +204,48 @@ def _read_pdu(dul: DULServiceProvider, raw: socket.socket, state: str
         return None
     try:
         body: bytearray = sock.recv(length) if length else bytearray()
-    except (OSError, TimeoutError):
-        body = bytearray()
-    if len(body) != length:
+        cut: BaseException | None = None
+    except (OSError, TimeoutError) as exc:
+        body, cut = bytearray(), exc
+    if len(body) != length:  # fewer bytes: the peer closed (or reset) the connection
+        _peer_closed(dul, state, cut)
         _drop_partial(dul)
         dul.event_queue.put("Evt17")
         return None
     return head, body
+
+
+# Set on a DUL whose peer closed or reset the connection: "FIN" or "RST" (``closed_by_peer``)
+PEER_CLOSED = "_minipacs_peer_closed"
+
+
+def _peer_closed(dul: DULServiceProvider, state: str, exc: BaseException | None) -> None:
+    """A read ended: by the peer closing (``exc`` None or ``struct.error``: fewer bytes than
+    asked for) or resetting the connection, or by our side (the ARTIM timer's timeout, the
+    socket closed under us), which is not the peer's doing and says nothing here.
+
+    Before an association (a TCP health check, a port scanner, a modality giving up) this is
+    the connection's one log line, with where it came from: the slot it held is free again
+    once the DUL thread ends (``reactor._UserQueue``). In an association it is remembered for
+    the line that reports the abort (``handlers.Gateway.on_aborted``)."""
+    if isinstance(exc, ConnectionResetError):
+        how = "RST"
+    elif exc is None or isinstance(exc, struct.error):
+        how = "FIN"
+    else:
+        return
+    if dul.__dict__.get(PEER_CLOSED):
+        return
+    dul.__dict__[PEER_CLOSED] = how
+    if state in ("Sta1", "Sta2"):
+        peer = dul.assoc.requestor
+        log.info("connection from %s:%s closed by peer before associating (%s)", peer.address,
+                 peer.port, how)
+
+
+def closed_by_peer(dul: DULServiceProvider) -> str:
+    """"FIN" or "RST" if the peer closed or reset the connection, else ""."""
+    return str(dul.__dict__.get(PEER_CLOSED) or "")
 
 
 def _discard(dul: DULServiceProvider, raw: socket.socket) -> None:

@@ -160,7 +160,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):  # type: ignore[misc]
             responses = evt.trigger(self.assoc, event, {
                 "request": req, "context": context.as_tuple, "_is_cancelled": self.is_cancelled})
             for response in responses or ():
-                if not self.assoc.is_established:
+                if not self.assoc.is_established or reactor.connection_lost(self.assoc):
                     return
                 taken = SocketTakeover.of(self.assoc)
                 if taken is not None and kind is C_GET and not response.final:
@@ -540,7 +540,8 @@ class Retriever:
                 self._publish(MoveCancel(job_id))
                 deadline = time.monotonic() + 10.0
                 why = "the mover did not confirm the cancel"
-            if not event.assoc.is_established:
+            if not event.assoc.is_established or reactor.connection_lost(event.assoc):
+                log.info("%s job=%s: the association is gone: cancelling", who, job_id[:8])
                 self._publish(MoveCancel(job_id))
                 return
             try:
