@@ -21,6 +21,7 @@ old; names the gateway does not write are left alone.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -37,6 +38,7 @@ _OWNED = re.compile(r"[0-9a-f]{32}")  # a scratch folder's name (and its lock fi
 _OLD_LAYOUT = re.compile(r"retrieve-.*\.dcm")  # temp files written straight into retrieve/
 STARTING = 60.0  # s: a lock file younger than this may be its process's, before its flock
 OLD_AFTER = 3600.0  # s: a file of the old layout this old is no C-GET's any more
+SWEEP_EVERY = 60.0  # s between two sweeps by a running process
 
 
 class Scratch:
@@ -101,6 +103,24 @@ def sweep(parent: Path) -> int:
             log.warning("scratch sweeper could not remove %s: %s", parent / stem,
                         exc.strerror or exc)
     return removed
+
+
+def sweep_and_say(parent: Path, what: str) -> None:
+    """``sweep``, and one INFO line "removed N <what>" when it removed anything."""
+    removed = sweep(parent)
+    if removed:
+        log.info("removed %d %s", removed, what)
+
+
+async def sweep_forever(parent: Path, what: str) -> None:
+    """``sweep_and_say`` every ``SWEEP_EVERY`` s, until cancelled: with several processes on
+    one spool, the others remove a killed one's files without waiting for its restart."""
+    while True:
+        await asyncio.sleep(SWEEP_EVERY)
+        try:
+            await asyncio.to_thread(sweep_and_say, parent, what)
+        except Exception:  # the next round tries again; a dead sweeper would be silent
+            log.exception("sweeping %s failed; trying again in %.0f s", parent, SWEEP_EVERY)
 
 
 def _sweep_one(parent: Path, stem: str) -> int:

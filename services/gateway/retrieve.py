@@ -67,8 +67,7 @@ from shared.query import (
 )
 from shared.query import query_level as _query_level
 from shared.s3http import RawS3
-from shared.scratch import Scratch
-from shared.scratch import sweep as sweep_scratch
+from shared.scratch import Scratch, sweep_and_say, sweep_forever
 from shared.settings import GatewaySettings, Node
 from shared.suboperations import Tally, classify
 
@@ -689,7 +688,7 @@ def _context_for(assoc: Any, sop_class: str, syntax: str) -> tuple[int, str] | N
 
 # ---- wiring ----------------------------------------------------------------------------------
 
-SWEEP_EVERY = 60.0  # s between two sweeps of <spool>/retrieve for dead processes' files
+LEFT_BY_GATEWAYS = "C-GET temp files left by gateways that ended mid-C-GET"
 
 
 @dataclass
@@ -715,7 +714,7 @@ async def open_retrieve(settings: GatewaySettings, pool: asyncpg.Pool,
     from the index at each C-MOVE), and this process's folder for C-GET temp files, after
     removing those of gateways that ended without removing theirs (``shared.scratch``)."""
     root = Path(settings.spool_dir) / "retrieve"
-    await asyncio.to_thread(_sweep_retrieve, root)
+    await asyncio.to_thread(sweep_and_say, root, LEFT_BY_GATEWAYS)
     scratch = Scratch(root).open()
     board = ProgressBoard()
     channel = await connection.channel()
@@ -723,20 +722,5 @@ async def open_retrieve(settings: GatewaySettings, pool: asyncpg.Pool,
     tag = await listener.consume(board.on_message, no_ack=True)
     retriever = Retriever(settings, bridge, publisher, pool, s3.client(settings), board, ids,
                           scratch.path)
-    sweeper = asyncio.create_task(_sweep_forever(root))
+    sweeper = asyncio.create_task(sweep_forever(root, LEFT_BY_GATEWAYS))
     return RetrieveResources(retriever, listener, tag, scratch, sweeper)
-
-
-def _sweep_retrieve(root: Path) -> None:
-    removed = sweep_scratch(root)
-    if removed:
-        log.info("removed %d C-GET temp files left by gateways that ended mid-C-GET", removed)
-
-
-async def _sweep_forever(root: Path) -> None:
-    while True:
-        await asyncio.sleep(SWEEP_EVERY)
-        try:
-            await asyncio.to_thread(_sweep_retrieve, root)
-        except Exception:  # the next round tries again; a dead sweeper would be silent
-            log.exception("sweeping %s failed; trying again in %.0f s", root, SWEEP_EVERY)

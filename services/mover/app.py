@@ -16,15 +16,14 @@ from services.mover.commitment import Reporter
 from services.mover.worker import MoverWorker
 from shared import broker, s3, topology
 from shared.lifecycle import heartbeat, heartbeat_path, retry_until, stop_event
-from shared.scratch import Scratch
-from shared.scratch import sweep as sweep_scratch
+from shared.scratch import Scratch, sweep_and_say, sweep_forever
 from shared.settings import MoverSettings
 
 log = logging.getLogger("minipacs.mover")
 
 REPORTS_AT_ONCE = 64  # storage commitment requests waiting for the index, or being reported
 HAND_BACK_WAIT = 30.0  # s for jobs handed back to stop after the instance in flight, at most
-SWEEP_EVERY = 60.0  # s between two sweeps of <spool>/move for the files of movers that ended
+LEFT_BY_MOVERS = "C-MOVE temp files left by movers that ended mid-job"
 
 
 async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> None:
@@ -47,9 +46,9 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
     # temp files of instances on their way out: in a folder of this process's own, after
     # removing those of movers that ended without removing theirs (``shared.scratch``)
     root = Path(settings.spool_dir) / "move"
-    await asyncio.to_thread(_sweep_move, root)
+    await asyncio.to_thread(sweep_and_say, root, LEFT_BY_MOVERS)
     scratch = Scratch(root).open()
-    sweeper = asyncio.create_task(_sweep_forever(root))
+    sweeper = asyncio.create_task(sweep_forever(root, LEFT_BY_MOVERS))
     worker = MoverWorker(settings, pool, client, exchange, scratch.path)
     cancels = await topology.declare_listener(channel, topology.MOVE_CANCEL)
     cancel_tag = await cancels.consume(worker.on_cancel, no_ack=True)
@@ -102,23 +101,6 @@ async def run(settings: MoverSettings, stop: asyncio.Event | None = None) -> Non
         await pool.close()
         scratch.close()  # after the jobs: no sending thread reads its files any more
         log.info("mover stopped")
-
-
-def _sweep_move(root: Path) -> None:
-    removed = sweep_scratch(root)
-    if removed:
-        log.info("removed %d C-MOVE temp files left by movers that ended mid-job", removed)
-
-
-async def _sweep_forever(root: Path) -> None:
-    """Every ``SWEEP_EVERY``: the folders of movers that ended since (with ``--scale
-    mover=N``, the others remove a killed one's files without waiting for its restart)."""
-    while True:
-        await asyncio.sleep(SWEEP_EVERY)
-        try:
-            await asyncio.to_thread(_sweep_move, root)
-        except Exception:  # the next round tries again; a dead sweeper would be silent
-            log.exception("sweeping %s failed; trying again in %.0f s", root, SWEEP_EVERY)
 
 
 def _in_tasks(handle: Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]],
