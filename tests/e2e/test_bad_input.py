@@ -12,6 +12,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ from services.gateway import receive, statuses
 from services.gateway.admission import REJECT_NO_CONTEXT
 from shared import broker, topology
 from shared import dimse_wire as wire
+from shared.keys import object_key
 from shared.messages import InstanceStored, batch_body
 from tests.conftest import dsn, make_stack, s3_client, teardown
 from tests.dicomgen import CT_IMAGE, MR_IMAGE, make_instance, uid
-from tests.helpers import dcmtk, dcmtk_env, pg, s3_read, storescu, wait_until
+from tests.helpers import dcmtk, dcmtk_env, pg, s3_objects, s3_read, storescu, wait_until
 
 pytestmark = pytest.mark.e2e
 TS = "1.2.840.10008.1.2.1"
@@ -175,7 +177,28 @@ def nothing_stored(stack: Stack, *sop_uids: str) -> bool:
     wait_until(lambda: not _queue_busy(stack), 60, what="indexer idle")
     rows = pg(dsn(stack), "SELECT count(*) AS n FROM instance WHERE sop_instance_uid = "
               "ANY($1::text[])", list(sop_uids))
-    return bool(rows[0]["n"] == 0)
+    return bool(rows[0]["n"] == 0) and not unindexed_objects_holding(stack, sop_uids)
+
+
+def unindexed_objects_holding(stack: Stack, sop_uids: tuple[str, ...]) -> list[str]:
+    """Keys of S3 objects that no instance or conflict row points at and whose head holds one
+    of these UIDs (ones long enough not to occur by chance): what storage put in the bucket
+    for an instance the index never took. Keys are content hashes, so look inside."""
+    needles = [u.encode() for u in sop_uids if len(u) >= 10]
+    rows = pg(dsn(stack), "SELECT object_key AS k FROM instance UNION "
+              "SELECT rejected_key FROM ingest_conflict")
+    client = s3_client(stack)
+    found = []
+    for key in set(s3_objects(client, "minipacs")) - {r["k"] for r in rows}:
+        obj = client.get_object("minipacs", key, 0, 64 * 1024)
+        try:
+            head = obj.read()
+        finally:
+            obj.close()
+            obj.release_conn()
+        if any(n in head for n in needles):
+            found.append(key)
+    return found
 
 
 def _queue_busy(stack: Stack) -> bool:
@@ -253,6 +276,21 @@ def test_bad_instance_gets_a_failure_status_and_nothing_is_stored(
     # ...and the gateway keeps serving.
     ok = instance(tmp_path, case + "-after", sop_uid=uid("bad", case, "after"))
     assert send_file(stack, ok) == statuses.SUCCESS
+
+
+def test_nothing_stored_also_looks_in_s3(stack: Stack, tmp_path: Path) -> None:
+    """The check the tests here end with sees an object that holds the UID but that no row
+    points at (what storage would leave if the index refused the instance after the upload)."""
+    sop = uid("bad", "unindexed-object")
+    data = instance(tmp_path, "unindexed-object", sop_uid=sop).read_bytes()
+    key = object_key(hashlib.sha256(data).hexdigest())
+    client = s3_client(stack)
+    client.put_object("minipacs", key, BytesIO(data), len(data))
+    try:
+        assert not nothing_stored(stack, sop)
+    finally:
+        client.remove_object("minipacs", key)
+    assert nothing_stored(stack, sop)
 
 
 def echo(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -158,6 +158,12 @@ def final_has(result: MoveResult, status_hex: str) -> bool:
     return re.search(rf"DIMSE Status\s*:\s*0x{status_hex}", result.final, re.I) is not None
 
 
+def identifier_of(final: str) -> str:
+    """The Failed SOP Instance UID List line of a final response's dump, or ""."""
+    found = re.search(r"\(0008,0058\) UI \[([^\]]*)\]", final)
+    return found.group(1) if found else ""
+
+
 def job_rows(w: World, requested_by: str = "MOVESCU") -> list[dict[str, Any]]:
     return [dict(r) for r in pg(dsn(w.stack), "SELECT * FROM move_job WHERE requested_by_aet "
                                 "= $1 ORDER BY started_at", requested_by)]
@@ -257,6 +263,9 @@ def test_archive_down_fails_clearly_and_the_job_is_recorded_failed(world: World)
                      dest="OFFLINE")
     assert final_has(result, "A702"), result.output
     assert re.search(rf"Failed Suboperations\s*:\s*{expected}", result.final)
+    # the Failed SOP Instance UID List names every instance of the study, and only those
+    named = set(re.findall(r"\b\d+(?:\.\d+){4,}\b", identifier_of(result.final)))
+    assert named == {m.sop_uid for m in world.data if m.study_uid == study}, result.final
     job = job_rows(world)[-1]
     assert job["state"] == "failed" and job["failed"] == expected
     assert "OFFLINE" in str(job["error"])
