@@ -327,11 +327,14 @@ class Stack:
     def heartbeat_file(self, name: str) -> str:
         return str(self.config.base_dir / f"{name}.alive")
 
-    def start_service(self, name: str, replica: int = 1) -> str:
+    def start_service(self, name: str, replica: int = 1,
+                      env: Mapping[str, str] | None = None) -> str:
         """Start a service; ``replica`` > 1 starts another process of it beside the first
-        (named ``<name>-<replica>``), as ``docker compose up --scale <name>=N`` does."""
+        (named ``<name>-<replica>``), as ``docker compose up --scale <name>=N`` does. ``env``
+        overrides the stack's environment for this process."""
         proc_name = name if replica == 1 else f"{name}-{replica}"
-        env = {**self.env, "MINIPACS_HEARTBEAT_FILE": self.heartbeat_file(proc_name)}
+        env = {**self.env, **(env or {}),
+               "MINIPACS_HEARTBEAT_FILE": self.heartbeat_file(proc_name)}
         self._spawn(proc_name, [sys.executable, "-m", f"services.{name}"], env)
         return proc_name
 

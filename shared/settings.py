@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Self
 
+from shared import crash
+
 PREFIX = "MINIPACS_"
 _SECRET = re.compile(r"(password|secret|key|url|dsn)$", re.I)
 _AET = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5 AE VR: no backslash, no control
@@ -167,8 +169,13 @@ class Common(EnvSettings):
     confirm_timeout: float = 10.0
     startup_timeout: float = 60.0
     heartbeat_file: str = ""
+    crash_at: str = ""  # fault tests only: the process kills itself there (shared/crash.py)
 
     def __post_init__(self) -> None:
+        try:
+            crash.parse(self.crash_at)
+        except ValueError as exc:
+            raise SettingsError(f"{PREFIX}CRASH_AT: {exc}") from exc
         # a typo ("TRAC") would otherwise log at INFO without a word
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"{PREFIX}LOG_LEVEL={self.log_level!r} is not one of "

@@ -20,7 +20,7 @@ from services.gateway.find import Finder
 from services.gateway.handlers import AssociationIds, Gateway
 from services.gateway.retrieve import install, open_retrieve
 from services.gateway.server import build_ae, start
-from shared import broker, nodes
+from shared import broker, crash, nodes
 from shared.ingest import Ingest
 from shared.lifecycle import heartbeat, heartbeat_path, retry_until, stop_event
 from shared.messages import InstanceReceived
@@ -55,7 +55,9 @@ async def run(settings: GatewaySettings, stop: asyncio.Event | None = None) -> N
         settings.announce_linger_ms / 1000, on_the_way)
     book = await open_nodes(settings, pool)
     follow = asyncio.create_task(book.follow(settings.database_url))
-    gateway = Gateway(settings, Ingest(spool, announcer.announce), AssociationIds(), book)
+    announce = crash.after(crash.parse(settings.crash_at), "gateway.confirmed",
+                           announcer.announce)
+    gateway = Gateway(settings, Ingest(spool, announce), AssociationIds(), book)
     ae = build_ae(settings)
     receive.install(gateway.store_file)  # C-STORE requests read by the DUL threads
     finder = Finder(settings, pool, bridge, gateway.ids, gateway.may,

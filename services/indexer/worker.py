@@ -22,6 +22,7 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
 from services.indexer.store import write_batch
+from shared import crash
 from shared.broker import delivered_on_live_channel, settle
 from shared.messages import BadMessage, InstanceStored, read_batch
 from shared.settings import IndexerSettings
@@ -45,6 +46,9 @@ class IndexerWorker:
     stop: asyncio.Event
     pending: list[Held] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.crash = crash.parse(self.settings.crash_at)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -120,6 +124,7 @@ class IndexerWorker:
                 await self.flush(batch[:half])
                 await self.flush(batch[half:])
                 return
+            crash.reached(self.crash, "indexer.committed")
             unacked = 0
             for message, _ in batch:
                 unacked += not await settle(message, "ack")

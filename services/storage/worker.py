@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from minio import Minio
 
 from services.storage.batch import StoredBatcher
-from shared import s3
+from shared import crash, s3
 from shared.broker import Publisher, PublishFailed, delivered_on_live_channel, settle
 from shared.cache import HotCache, hot_cache
 from shared.dicom import InvalidInstance, header_json
@@ -76,6 +76,7 @@ class StorageWorker:
     def __post_init__(self) -> None:
         self.raw = RawS3.from_settings(self.settings)
         self.cache = hot_cache(self.settings.spool_dir, self.settings.cache_mb)
+        self.crash = crash.parse(self.settings.crash_at)
         self.batcher = StoredBatcher(
             lambda body: self.publisher.publish_body(body, InstanceStored.routing_key),
             self.settings.announce_batch, self.settings.stored_linger_ms / 1000)
@@ -97,9 +98,11 @@ class StorageWorker:
             await settle(message, "requeue")
         elif "permanent" in outcomes:
             await settle(message, "reject")
-        elif not await settle(message, "ack"):
-            log.warning("%d instance(s) stored, but the ack was lost with the broker "
-                        "connection: the redelivery will find them stored", len(events))
+        else:
+            crash.reached(self.crash, "storage.announced")
+            if not await settle(message, "ack"):
+                log.warning("%d instance(s) stored, but the ack was lost with the broker "
+                            "connection: the redelivery will find them stored", len(events))
 
     async def handle_event(self, message: AbstractIncomingMessage, received: InstanceReceived,
                            key: str) -> str:
@@ -141,6 +144,7 @@ class StorageWorker:
             raise Permanent("spool file is gone and the object is not in S3")
         header = await asyncio.to_thread(self._put_and_read_header, path, key, received,
                                          existing != received.size)
+        crash.reached(self.crash, "storage.uploaded")
         await self.batcher.announce(received.stored(key, header))
         if not self.cache.adopt(path, key, received.size):
             self.spool.remove(received.spool_name)
