@@ -365,6 +365,9 @@ class MoverWorker:
             state = "canceled"
         elif error:
             state = "failed"
+        elif failed and not completed and not warning:  # the requester hears 0xA702
+            state, error = "failed", (f"none of the {failed} instances could be sent (the "
+                                      f"mover's log says why for each)")
         else:
             state = "done"
         await self._finish(job.job_id, state, remaining, completed, failed, warning,

@@ -883,6 +883,28 @@ def test_an_instance_missing_from_s3_is_counted_failed_and_the_rest_arrive(world
     assert row["failed_uids"] == [lost.sop_uid] and row["completed"] == 11
 
 
+def test_a_series_whose_every_object_is_gone_is_a_failed_job(world: World) -> None:
+    """Nothing can be sent (every object lost from S3 and from the hot cache): the requester
+    hears 0xA702 with every UID, and the job is recorded failed, as when the destination is
+    down (not "done" with everything failed)."""
+    made, lost = store_series_missing_one_object(world, "mvnone", 3)
+    for m in made:
+        if m is not lost:
+            key = pg(dsn(world.stack), "SELECT object_key FROM instance WHERE "
+                     "sop_instance_uid = $1", m.sop_uid)[0]["object_key"]
+            s3_client(world.stack).remove_object(world.stack.env["MINIPACS_S3_BUCKET"], key)
+            hot_copy(world.stack, key).unlink(missing_ok=True)
+    result = movescu(world.port, {"QueryRetrieveLevel": "SERIES",
+                                  "StudyInstanceUID": made[0].study_uid,
+                                  "SeriesInstanceUID": made[0].series_uid})
+    assert final_has(result, "A702"), result.output
+    assert set(re.findall(r"\b\d+(?:\.\d+){4,}\b", identifier_of(result.final))) == {
+        m.sop_uid for m in made}
+    row = job_rows(world)[-1]
+    assert (row["state"], row["completed"], row["failed"]) == ("failed", 0, 3), row
+    assert "none of the 3 instances could be sent" in row["error"]
+
+
 def test_the_mover_reads_the_hot_cache_first(world: World) -> None:
     """An instance whose S3 object is gone but whose hot copy is not still reaches the
     ARCHIVE: the mover read the cache."""
