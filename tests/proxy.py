@@ -82,6 +82,10 @@ class CuttableProxy:
             s.close()
 
     def restore(self) -> None:
+        """Listen again (nothing to do if not cut)."""
+        with self._lock:
+            if self._listener is not None:
+                return
         self.start()
 
     def close(self) -> None:

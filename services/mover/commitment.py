@@ -8,7 +8,10 @@ A report the requester does not take is tried 4 times (pauses of 2, 10 and 30 s)
 dead-lettered to ``mover.commitments.dead``, where the dashboard shows it: moved back to
 ``mover.commitments``, it is reported again, from the index as it is then. A mover stopped or
 killed before its ack leaves the message to the next mover (or to itself, restarted), which
-reports it: a modality may get a report twice, never none.
+reports it: a modality may get a report twice, never none. An index that cannot be read
+(PostgreSQL unavailable) when the deadline comes is waited for, the message held, as storage
+and the indexer hold theirs: a report cannot say what the index does not, and putting the
+message back would use up the queue's delivery limit on a fault that is not the message's.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ log = logging.getLogger("minipacs.mover")
 INDEXED = ("SELECT sop_instance_uid, sop_class_uid FROM instance "
            "WHERE sop_instance_uid = ANY($1::text[])")
 RETRY_PAUSES = (2.0, 10.0, 30.0)  # s between the attempts to deliver a report
-INDEX_RETRY = 5.0  # s before a request whose index could not be read goes back to the queue
 
 
 def read(body: bytes) -> tuple[CommitmentRequested, CommitRequest]:
@@ -51,10 +53,6 @@ def read(body: bytes) -> tuple[CommitmentRequested, CommitRequest]:
     return job, CommitRequest(job.transaction_uid, refs)
 
 
-class IndexUnreadable(Exception):
-    """The index did not answer until the request's deadline: nothing can be reported yet."""
-
-
 class Reporter:
     def __init__(self, settings: MoverSettings, pool: asyncpg.Pool) -> None:
         self.settings = settings
@@ -67,22 +65,14 @@ class Reporter:
             log.error("dead-lettering unreadable storage commitment request: %s", exc)
             await message.reject(requeue=False)
             return
-        try:
-            delivered = await self.settle(job, request)
-        except IndexUnreadable as exc:
-            log.warning("storage commitment for %s: index not readable (%s); back to the "
-                        "queue", job.report_aet, exc)
-            await asyncio.sleep(INDEX_RETRY)
-            await message.nack(requeue=True)
-            return
-        if delivered:
+        if await self.settle(job, request):
             await message.ack()
         else:
             await message.reject(requeue=False)  # to mover.commitments.dead, where it shows
 
     async def settle(self, job: CommitmentRequested, request: CommitRequest) -> bool:
         """Wait for the index, then send the report: True once the requester took it."""
-        indexed = await self._wait_indexed(request, job.report_by)
+        indexed = await self._wait_indexed(request, job.report_by, job.report_aet)
         event_type, info = report(request, indexed, self.settings.gateway_aet)
         failed = len(info.get("FailedSOPSequence") or [])
         where = f"{job.report_aet} ({job.report_host}:{job.report_port})"
@@ -106,11 +96,15 @@ class Reporter:
                   "its copies and may ask again", where)
         return False
 
-    async def _wait_indexed(self, request: CommitRequest, deadline: float) -> dict[str, str]:
+    async def _wait_indexed(self, request: CommitRequest, deadline: float,
+                            requester: str) -> dict[str, str]:
         """The referenced instances in the index (with their class), polled until all are
-        there or ``deadline`` (epoch seconds) passes."""
+        there or ``deadline`` (epoch seconds) passes; past it, until the index can be read
+        (0.5 s, doubling up to 10 s; a stopping mover cancels this, and the message goes
+        back to the queue with its connection)."""
         wanted = [uid for _, uid in request.refs]
         pause = 0.1
+        held = 0.5
         indexed: dict[str, str] = {}
         while True:
             try:
@@ -122,9 +116,14 @@ class Reporter:
                 error = exc
             if error is None and len(indexed) == len(set(wanted)):
                 return indexed
+            if error is not None and time.time() + pause > deadline:
+                log.warning("storage commitment for %s: index not readable (%s: %s); held, "
+                            "trying again in %.1fs", requester, type(error).__name__, error,
+                            held)
+                await asyncio.sleep(held)
+                held = min(held * 2, 10.0)
+                continue
             if time.time() + pause > deadline:
-                if error is not None:
-                    raise IndexUnreadable(str(error))
                 return indexed
             await asyncio.sleep(pause)
             pause = min(pause * 2, 2.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from tests.conftest import TEST_NODES, dsn, make_stack, teardown
 from tests.dicomgen import CT_IMAGE, MR_IMAGE, Made, small_set, uid
 from tests.helpers import commitment_request, pg, storescu, wait_until
 from tests.orthanc import Orthanc, start_orthanc
+from tests.proxy import CuttableProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -190,6 +192,58 @@ def test_a_request_taken_is_reported_after_the_gateway_and_the_mover_restart(
         what="the storage commitment report at Orthanc")
     assert report["Status"] == "Success", report
     assert uids(report["Success"]) == {m.sop_uid for m in made}
+
+
+def test_a_report_waits_for_an_index_it_cannot_read_and_is_not_dead_lettered(
+        site: Site) -> None:
+    """PostgreSQL unreachable from the mover (its connections go through a proxy that is cut)
+    from before the request until well past its deadline, for more attempts than
+    ``mover.commitments``' delivery limit: the request is held by the mover, not put back
+    until it is dead-lettered; once the index answers, Orthanc is told the study is
+    committed. (Until this change each attempt put the message back, and the fifth parked it
+    in ``mover.commitments.dead``: the modality waited for ever.)"""
+    made = small_set(site.tmp / "pgdown", patients=1, studies=1, series=1, per_series=2,
+                     tag="pgdown")
+    stack = site.stack
+    assert storescu(stack.config.gateway_port, [m.path for m in made]).successes == len(made)
+    wait_until(lambda: indexed(stack, made) == len(made), 60, what="the instances indexed")
+    proxy = CuttableProxy(5432).start()
+    stack.kill("mover")
+    start = len(stack.log_text("mover"))
+    stack.start_service("mover", env={"MINIPACS_DATABASE_URL": f"postgresql://minipacs@"
+                                      f"127.0.0.1:{proxy.port}/{stack.config.database}"})
+    try:
+        wait_until(lambda: "consuming" in stack.log_text("mover")[start:], 60,
+                   what="the mover consuming")
+        proxy.cut()
+        answer = site.modality.rest("POST", "/modalities/minipacs/storage-commitment", {
+            "DicomInstances": [{"SOPClassUID": MR_IMAGE, "SOPInstanceUID": m.sop_uid}
+                               for m in made]})
+        limit = topology.COMMITMENTS.delivery_limit
+        # a message is delivered at most limit + 1 times: one attempt more than that
+        wait_until(lambda: stack.log_text("mover")[start:].count("index not readable")
+                   > limit + 1, 90, what=f"more than {limit + 1} attempts to read the index")
+        assert site.modality.rest("GET", answer["Path"])["Status"] == "Pending"
+        assert queue_depth(stack, topology.COMMITMENTS.dead_letter_queue) == 0
+        proxy.restore()
+        report: dict[str, Any] = wait_until(
+            lambda: (r := site.modality.rest("GET", answer["Path"]))["Status"] != "Pending"
+            and r, 60, what="the storage commitment report at Orthanc")
+        assert report["Status"] == "Success", report
+        assert uids(report["Success"]) == {m.sop_uid for m in made}
+    finally:
+        proxy.restore()
+        stack.kill("mover")
+        stack.start_service("mover")
+        proxy.close()
+
+
+def queue_depth(stack: Stack, queue: str) -> int:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost, "name",
+                          "messages", "--no-table-headers"], capture_output=True, text=True,
+                         check=True).stdout
+    return sum(int(line.split()[-1]) for line in out.splitlines()
+               if line.split() and line.split()[0] == queue)
 
 
 def test_a_request_the_broker_refuses_is_not_promised(site: Site) -> None:
