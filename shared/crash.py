@@ -16,9 +16,13 @@ log = logging.getLogger("minipacs.crash")
 
 POINTS = {
     "gateway.confirmed": "the broker confirmed a received instance; its C-STORE response not sent",
+    "storage.taken": "an instance.received message taken; nothing done with it yet",
     "storage.uploaded": "an instance is in S3; its instance.stored event not published",
     "storage.announced": "instance.stored confirmed by the broker; instance.received not acked",
+    "storage.acked": "an instance.received message acked (others may be in flight)",
+    "indexer.taken": "a batch taken; nothing written yet",
     "indexer.committed": "a batch committed to PostgreSQL; its messages not acked",
+    "indexer.acked": "a batch's messages acked (others may be in flight)",
 }
 
 P = ParamSpec("P")

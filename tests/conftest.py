@@ -58,7 +58,13 @@ def make_stack(tmp: Path, name: str, **env: str) -> Stack:
 
 
 def teardown(stack: Stack) -> None:
+    """Stop the services, then the S3 store with SIGKILL: its data is thrown away, and
+    SeaweedFS sometimes takes over 30 s to stop on SIGTERM."""
+    s3 = stack.procs.pop("s3", None)
     stack.stop()
+    if s3 is not None and s3.poll() is None:
+        s3.kill()
+        s3.wait(30)
     drop_database(stack.config.database)
     drop_vhost(stack.config.vhost)
 

@@ -125,6 +125,27 @@ def queue_counts(vhost: str, column: str = "messages") -> dict[str, int]:
     return {row[0]: int(row[1]) for row in rows if len(row) == 2}
 
 
+def ready_now(amqp_url: str, queues: Sequence[str]) -> dict[str, int]:
+    """Messages ready in each queue now, by AMQP passive declare: exact, where
+    ``rabbitmqctl list_queues`` and the dashboard show quorum queues' figures as last sampled
+    (every 5 s). Messages delivered and not yet acked are not counted."""
+    from shared import broker
+
+    async def run() -> dict[str, int]:
+        conn = await broker.connect(amqp_url, 10, name="test-depth")
+        try:
+            channel = await conn.channel()
+            counts = {}
+            for queue in queues:
+                declared = await channel.declare_queue(queue, passive=True)
+                counts[queue] = int(declared.declaration_result.message_count or 0)
+            return counts
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def commitment_request(transaction: str | None, refs: Sequence[tuple[str, str]]) -> Dataset:
     """The Action Information of a storage commitment N-ACTION: Transaction UID (left out if
     None) and a Referenced SOP Sequence of (SOP Class UID, SOP Instance UID)."""

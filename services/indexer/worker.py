@@ -97,6 +97,7 @@ class IndexerWorker:
                 await self.flush(live)
 
     async def flush(self, batch: list[Held]) -> None:
+        crash.reached(self.crash, "indexer.taken")
         delay = 0.5
         while True:
             started = time.perf_counter()
@@ -132,6 +133,7 @@ class IndexerWorker:
                 log.warning("%d of %d indexed messages could not be acked (broker connection "
                             "lost); their redelivery will be counted as duplicates", unacked,
                             len(batch))
+            crash.reached(self.crash, "indexer.acked")
             log.info("indexed batch of %d: %d new, %d duplicate, %d conflict%s (%.1f ms)",
                      result.inserted + result.duplicates + result.conflicts, result.inserted,
                      result.duplicates, result.conflicts,

@@ -85,6 +85,7 @@ class StorageWorker:
         """One ``instance.received`` message: one event, or a batch from the gateway. Its
         events are stored side by side; the message is acked when all are stored, dead-lettered
         if one can never be (replaying it is idempotent: the others are found stored)."""
+        crash.reached(self.crash, "storage.taken")
         try:
             events = read_batch(InstanceReceived, message.body)
             keys = [object_key(event.sha256) for event in events]
@@ -103,6 +104,7 @@ class StorageWorker:
             if not await settle(message, "ack"):
                 log.warning("%d instance(s) stored, but the ack was lost with the broker "
                             "connection: the redelivery will find them stored", len(events))
+            crash.reached(self.crash, "storage.acked")
 
     async def handle_event(self, message: AbstractIncomingMessage, received: InstanceReceived,
                            key: str) -> str:

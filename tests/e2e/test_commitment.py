@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from shared import topology
 from shared.commitment import STORAGE_COMMITMENT_INSTANCE
 from tests.conftest import TEST_NODES, dsn, make_stack, teardown
 from tests.dicomgen import CT_IMAGE, MR_IMAGE, Made, small_set, uid
-from tests.helpers import commitment_request, pg, storescu, wait_until
+from tests.helpers import commitment_request, pg, ready_now, storescu, wait_until
 from tests.orthanc import Orthanc, start_orthanc
 from tests.proxy import CuttableProxy
 
@@ -224,7 +223,8 @@ def test_a_report_waits_for_an_index_it_cannot_read_and_is_not_dead_lettered(
         wait_until(lambda: stack.log_text("mover")[start:].count("index not readable")
                    > limit + 1, 90, what=f"more than {limit + 1} attempts to read the index")
         assert site.modality.rest("GET", answer["Path"])["Status"] == "Pending"
-        assert queue_depth(stack, topology.COMMITMENTS.dead_letter_queue) == 0
+        dead = topology.COMMITMENTS.dead_letter_queue
+        assert ready_now(stack.env["MINIPACS_AMQP_URL"], [dead]) == {dead: 0}
         proxy.restore()
         report: dict[str, Any] = wait_until(
             lambda: (r := site.modality.rest("GET", answer["Path"]))["Status"] != "Pending"
@@ -236,14 +236,6 @@ def test_a_report_waits_for_an_index_it_cannot_read_and_is_not_dead_lettered(
         stack.kill("mover")
         stack.start_service("mover")
         proxy.close()
-
-
-def queue_depth(stack: Stack, queue: str) -> int:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", stack.config.vhost, "name",
-                          "messages", "--no-table-headers"], capture_output=True, text=True,
-                         check=True).stdout
-    return sum(int(line.split()[-1]) for line in out.splitlines()
-               if line.split() and line.split()[0] == queue)
 
 
 def test_a_request_the_broker_refuses_is_not_promised(site: Site) -> None:

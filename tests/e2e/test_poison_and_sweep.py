@@ -48,6 +48,7 @@ from tests.helpers import (
     dcmtk,
     dcmtk_env,
     pg,
+    ready_now,
     s3_objects,
     s3_read,
     storescu,
@@ -298,18 +299,7 @@ def test_a_redelivery_of_an_instance_already_stored_is_acked_not_dead_lettered(
 
 
 def _ready_count(stack: Stack, queue: str) -> int:
-    """Messages ready in ``queue`` now (AMQP passive declare: exact, where the dashboard's
-    figures are sampled every few seconds)."""
-    async def run() -> int:
-        conn = await broker.connect(stack.env["MINIPACS_AMQP_URL"], 10, name="test-depth")
-        try:
-            channel = await conn.channel()
-            declared = await channel.declare_queue(queue, passive=True)
-            return int(declared.declaration_result.message_count or 0)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
+    return ready_now(stack.env["MINIPACS_AMQP_URL"], [queue])[queue]
 
 
 @pytest.mark.slow
