@@ -146,6 +146,17 @@ def ready_now(amqp_url: str, queues: Sequence[str]) -> dict[str, int]:
     return asyncio.run(run())
 
 
+def dead_letters(vhost: str) -> dict[str, int]:
+    """Messages in each dead-letter queue of ``vhost`` now (exact: ``ready_now``), on the
+    test broker directly (not through a service's proxy)."""
+    from urllib.parse import quote
+
+    from shared.topology import QUEUES
+
+    return ready_now(f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}",
+                     [q.dead_letter_queue for q in QUEUES])
+
+
 def commitment_request(transaction: str | None, refs: Sequence[tuple[str, str]]) -> Dataset:
     """The Action Information of a storage commitment N-ACTION: Transaction UID (left out if
     None) and a Referenced SOP Sequence of (SOP Class UID, SOP Instance UID)."""

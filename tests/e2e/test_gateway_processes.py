@@ -18,7 +18,7 @@ from scripts.native import Stack
 from tests.conftest import make_stack, teardown
 from tests.dicomgen import ct_series, small_set
 from tests.e2e.test_ingest import assert_stored_byte_identical, indexed
-from tests.helpers import dcmtk, dcmtk_env, queue_counts, storescu_at_once, wait_until
+from tests.helpers import dcmtk, dcmtk_env, dead_letters, storescu_at_once, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -186,8 +186,7 @@ def test_a_worker_killed_mid_transfer_with_storage_and_indexer(tmp_path: Path) -
         everything = [m for group in groups for m in group]
         wait_until(lambda: indexed(stack, studies) == len(everything), 180, what="all indexed")
         assert_stored_byte_identical(stack, everything)
-        dead = {name: n for name, n in queue_counts(stack.config.vhost).items()
-                if name.endswith(".dead")}
-        assert dead and not any(dead.values()), dead
+        dead = dead_letters(stack.config.vhost)
+        assert not any(dead.values()), dead
     finally:
         teardown(stack)
