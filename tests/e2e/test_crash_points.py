@@ -44,6 +44,18 @@ def crashed(stack: Stack, service: str, point: str) -> None:
     stack.kill(service)
 
 
+def ingest_until_the_crash(stack: Stack, tmp_path: Path, acknowledged: int = COUNT
+                           ) -> list[Made]:
+    """A CT series sent with ``storescu``, ``acknowledged`` of it acknowledged, then the armed
+    service's death at its point."""
+    point = stack.config.extra_env["MINIPACS_CRASH_AT"]
+    made = ct_series(tmp_path / "ct", count=COUNT, tag=f"crash-{point}", size=64)
+    sent = storescu(stack.config.gateway_port, [m.path for m in made])
+    assert sent.successes == acknowledged, sent.output[-1500:]
+    crashed(stack, point.split(".")[0], point)
+    return made
+
+
 def restart(stack: Stack, service: str) -> int:
     """Start ``service`` again, disarmed; returns where its new log lines begin."""
     start = len(stack.log_text(service))
@@ -83,12 +95,8 @@ def unindexed_keys(stack: Stack) -> set[str]:
 def test_a_consumer_killed_before_its_work_or_after_its_ack(crashing: Stack,
                                                            tmp_path: Path) -> None:
     stack = crashing
-    point = stack.config.extra_env["MINIPACS_CRASH_AT"]
-    service, step = point.split(".")
-    made = ct_series(tmp_path / "ct", count=COUNT, tag=f"crash-{service}-{step}", size=64)
-    sent = storescu(stack.config.gateway_port, [m.path for m in made])
-    assert sent.successes == COUNT, sent.output[-1500:]
-    crashed(stack, service, point)
+    service, step = stack.config.extra_env["MINIPACS_CRASH_AT"].split(".")
+    made = ingest_until_the_crash(stack, tmp_path)
     done = (len(s3_objects(s3_client(stack), "minipacs")) if service == "storage"
             else len(pg(dsn(stack), "SELECT 1 FROM instance")))
     # killed at its first message: before it, nothing of its work is done; after its ack,
@@ -101,10 +109,7 @@ def test_a_consumer_killed_before_its_work_or_after_its_ack(crashing: Stack,
 @pytest.mark.parametrize("crashing", ["storage.uploaded"], indirect=True)
 def test_storage_killed_between_upload_and_announce(crashing: Stack, tmp_path: Path) -> None:
     stack = crashing
-    made = ct_series(tmp_path / "ct", count=COUNT, tag="crash-up", size=64)
-    sent = storescu(stack.config.gateway_port, [m.path for m in made])
-    assert sent.successes == COUNT, sent.output[-1500:]  # the gateway acknowledged every one
-    crashed(stack, "storage", "storage.uploaded")
+    made = ingest_until_the_crash(stack, tmp_path)
     # an object is in S3 whose event never left storage: the index does not know it (yet)
     assert unindexed_keys(stack)
     restart(stack, "storage")
@@ -114,10 +119,7 @@ def test_storage_killed_between_upload_and_announce(crashing: Stack, tmp_path: P
 @pytest.mark.parametrize("crashing", ["storage.announced"], indirect=True)
 def test_storage_killed_between_announce_and_ack(crashing: Stack, tmp_path: Path) -> None:
     stack = crashing
-    made = ct_series(tmp_path / "ct", count=COUNT, tag="crash-ann", size=64)
-    sent = storescu(stack.config.gateway_port, [m.path for m in made])
-    assert sent.successes == COUNT, sent.output[-1500:]
-    crashed(stack, "storage", "storage.announced")
+    made = ingest_until_the_crash(stack, tmp_path)
     # what it announced is indexed although its message was never acked...
     wait_until(lambda: indexed(stack, [made[0].study_uid]) > 0, 60, what="announced indexed")
     start = restart(stack, "storage")
@@ -130,10 +132,7 @@ def test_storage_killed_between_announce_and_ack(crashing: Stack, tmp_path: Path
 @pytest.mark.parametrize("crashing", ["indexer.committed"], indirect=True)
 def test_indexer_killed_between_commit_and_ack(crashing: Stack, tmp_path: Path) -> None:
     stack = crashing
-    made = ct_series(tmp_path / "ct", count=COUNT, tag="crash-ix", size=64)
-    sent = storescu(stack.config.gateway_port, [m.path for m in made])
-    assert sent.successes == COUNT, sent.output[-1500:]
-    crashed(stack, "indexer", "indexer.committed")
+    made = ingest_until_the_crash(stack, tmp_path)
     committed = indexed(stack, [made[0].study_uid])
     assert committed > 0  # the batch's rows are in, its messages not acked
     start = restart(stack, "indexer")
@@ -152,10 +151,7 @@ def test_gateway_killed_between_confirm_and_response(crashing: Stack, tmp_path: 
     """The first instance is durable (confirmed by the broker) but never acknowledged: it is
     stored and indexed anyway; sent again by the modality, it converges to one copy."""
     stack = crashing
-    made = ct_series(tmp_path / "ct", count=COUNT, tag="crash-gw", size=64)
-    sent = storescu(stack.config.gateway_port, [m.path for m in made])
-    assert sent.successes == 0, sent.output[-1500:]  # no response: the gateway died first
-    crashed(stack, "gateway", "gateway.confirmed")
+    made = ingest_until_the_crash(stack, tmp_path, acknowledged=0)  # it died before answering
     wait_until(lambda: indexed(stack, [made[0].study_uid]) == 1, 60,
                what="the confirmed instance indexed")
     rows = pg(dsn(stack), "SELECT sop_instance_uid FROM instance")
